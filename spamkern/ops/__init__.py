@@ -1,0 +1,11 @@
+"""Hot operations, each one function with a pure-torch reference and a dispatch point.
+
+Fast versions (Triton in ``spamkern.kernels``, C++/CUDA in ``spamkern._C``) register
+themselves under the same op name with :func:`spamkern.dispatch.register_impl`.
+"""
+
+from spamkern.ops.factors import conv_patch_gram, gram
+from spamkern.ops.precision import kron_curvature_diag, precision_and_opd
+from spamkern.ops.select import kth_smallest
+
+__all__ = ["conv_patch_gram", "gram", "kron_curvature_diag", "kth_smallest", "precision_and_opd"]
