@@ -1,0 +1,45 @@
+"""spamkern: fast Laplace marginal-likelihood training and OPD pruning (SpaM).
+
+Pipeline: curvature → prior → posterior → marginal likelihood → scores → masks →
+compression → sparse inference. See README.md for the API in twenty lines.
+"""
+
+from spamkern.curvature import CURVATURES, LIKELIHOODS, STRUCTURES
+from spamkern.posterior import LaplacePosterior, fit_laplace
+from spamkern.prior import PRIORS, Prior, make_prior
+
+__version__ = "0.1.0"
+
+# Names whose modules pull in more (pruning, sparse kernels, training loop) load lazily.
+_LAZY = {
+    "marglik_train": "spamkern.marglik",
+    "MarglikResult": "spamkern.marglik",
+    "opd_scores": "spamkern.pruning",
+    "prune": "spamkern.pruning",
+    "compress": "spamkern.pruning",
+    "BlockSparseLinear": "spamkern.sparse",
+    "load_dataset": "spamkern.data",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'spamkern' has no attribute {name!r}")
+
+
+__all__ = [
+    "CURVATURES",
+    "LIKELIHOODS",
+    "PRIORS",
+    "STRUCTURES",
+    "LaplacePosterior",
+    "Prior",
+    "fit_laplace",
+    "make_prior",
+    *_LAZY,
+]

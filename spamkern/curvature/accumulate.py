@@ -1,0 +1,320 @@
+"""One pass over the data that accumulates every curvature block.
+
+Per batch: one forward with hooks that record each Linear/Conv2d input and output, then one
+backward of the (B, K, C) pseudo-gradients to those outputs only (no weight gradients are
+formed; exact GGN's K = C columns go through a single batched backward). From inputs a and
+output gradients g:
+
+* Kronecker blocks: A += Σ a aᵀ / S and G += Σ g gᵀ (S = weight-sharing positions, the
+  "expand" convention); A is divided by N at the end — laplace-torch's scaling;
+* exact diagonal blocks of Linear/Conv2d: Σ_{n,k} (per-sample gradient)² formed from a and g;
+* any other tensor: exact per-sample, per-column gradients through ``torch.func``.
+
+Every batch counts; N is the number of samples actually seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from spamkern.curvature.likelihood import (
+    check_curvature,
+    check_likelihood,
+    check_targets,
+    pseudo_gradients,
+    summed_loss,
+)
+from spamkern.curvature.structure import ParamBlock
+from spamkern.data.batches import split_batch
+from spamkern.ops import conv_patch_gram, gram
+
+# per-sample gradient tensors are formed in chunks of at most this many elements
+_CHUNK_ELEMENTS = 1 << 26
+
+
+@dataclass
+class Curvature:
+    """Accumulated curvature of one fit (unscaled: no temperature, no 1/σ²)."""
+
+    blocks: list[ParamBlock]
+    loss: torch.Tensor  # Σ_n ℓ_n over the whole data set
+    n_data: int
+    n_outputs: int
+    factors: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # kron: [G, A] / [G]
+    diags: dict[int, torch.Tensor] = field(default_factory=dict)  # diag: shaped like the param
+
+    def block_factors(self) -> list[list[torch.Tensor] | torch.Tensor]:
+        """Per block, in parameter order: its Kronecker factors or its diagonal."""
+        return [self.factors[i] if i in self.factors else self.diags[i] for i in range(len(self.blocks))]
+
+
+class _ModuleRecord:
+    """Inputs and outputs of every call of one hooked module during a forward."""
+
+    def __init__(self, module: nn.Module, blocks: list[tuple[int, ParamBlock]]):
+        self.module = module
+        self.blocks = blocks
+        self.inputs: list[torch.Tensor] = []
+        self.outputs: list[torch.Tensor] = []
+
+    def clear(self) -> None:
+        self.inputs.clear()
+        self.outputs.clear()
+
+
+class _Recorder:
+    """Forward hooks on the Linear/Conv2d modules whose parameters need curvature."""
+
+    def __init__(self, blocks: list[ParamBlock]):
+        self.records: dict[int, _ModuleRecord] = {}
+        for index, block in enumerate(blocks):
+            if block.via_hooks:
+                key = id(block.module)
+                if key not in self.records:
+                    self.records[key] = _ModuleRecord(block.module, [])
+                self.records[key].blocks.append((index, block))
+        self.active = True
+        self._handles = [
+            rec.module.register_forward_hook(self._hook(rec)) for rec in self.records.values()
+        ]
+
+    def _hook(self, record: _ModuleRecord):
+        def hook(module, inputs, output):
+            if self.active:
+                record.inputs.append(inputs[0].detach())
+                record.outputs.append(output)
+
+        return hook
+
+    def outputs(self) -> list[tuple[_ModuleRecord, int]]:
+        return [(rec, i) for rec in self.records.values() for i in range(len(rec.outputs))]
+
+    def clear(self) -> None:
+        for rec in self.records.values():
+            rec.clear()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def _add(store: dict[int, torch.Tensor], key: int, value: torch.Tensor) -> None:
+    if key in store:
+        store[key].add_(value)
+    else:
+        store[key] = value
+
+
+def _accumulate_linear(
+    a: torch.Tensor, g: torch.Tensor, blocks, factors: dict, raw_A: dict, diags: dict
+) -> None:
+    """a: (B, *, in); g: (K, B, *, out)."""
+    d_in, d_out = a.shape[-1], g.shape[-1]
+    positions = a[0, ..., 0].numel() if a.ndim > 2 else 1
+    kinds = {block.role: (index, block.kind) for index, block in blocks}
+    if any(kind == "kron" for _, kind in kinds.values()):
+        G = gram(g.reshape(-1, d_out))
+        for role, (index, kind) in kinds.items():
+            if kind != "kron":
+                continue
+            if role == "weight":
+                A_key = index
+                raw_A[A_key] = gram(a.reshape(-1, d_in), raw_A.get(A_key), 1.0 / positions)
+                _add(factors, index, G.clone())
+            else:
+                _add(factors, index, G.clone())
+    for role, (index, kind) in kinds.items():
+        if kind != "diag":
+            continue
+        if role == "bias":
+            per_sample = g.sum(dim=tuple(range(2, g.ndim - 1))) if g.ndim > 3 else g
+            _add(diags, index, per_sample.square().sum((0, 1)))
+        elif a.ndim == 2:
+            _add(diags, index, torch.einsum("kbo,bi->oi", g.square(), a.square()))
+        else:
+            a3, g4 = a.reshape(a.shape[0], -1, d_in), g.reshape(g.shape[0], g.shape[1], -1, d_out)
+            _add(diags, index, _chunked_sq_sum(g4, a3, "kbso,bsi->kboi", d_out * d_in))
+
+
+def _chunked_sq_sum(g: torch.Tensor, u: torch.Tensor, equation: str, per_sample: int):
+    """Σ_{k,b} (per-sample gradient)², per-sample gradients formed a chunk of samples at a time."""
+    k, b = g.shape[0], g.shape[1]
+    step = max(1, _CHUNK_ELEMENTS // max(1, k * per_sample))
+    total = None
+    for start in range(0, b, step):
+        grads = torch.einsum(equation, g[:, start : start + step], u[start : start + step])
+        part = grads.square().sum((0, 1))
+        total = part if total is None else total + part
+    return total
+
+
+def _accumulate_conv(
+    conv: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, blocks, factors, raw_A, diags
+) -> None:
+    """a: (B, c, H, W); g: (K, B, out, OH, OW)."""
+    d_out = g.shape[2]
+    positions = g.shape[3] * g.shape[4]
+    g_rows = g.permute(0, 1, 3, 4, 2)  # (K, B, OH, OW, out)
+    kinds = {block.role: (index, block.kind) for index, block in blocks}
+    if any(kind == "kron" for _, kind in kinds.values()):
+        G = gram(g_rows.reshape(-1, d_out))
+        for role, (index, kind) in kinds.items():
+            if kind != "kron":
+                continue
+            if role == "weight":
+                raw_A[index] = conv_patch_gram(
+                    a, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                    out=raw_A.get(index), alpha=1.0 / positions,
+                )
+            _add(factors, index, G.clone())
+    for role, (index, kind) in kinds.items():
+        if kind != "diag":
+            continue
+        if role == "bias":
+            _add(diags, index, g.sum((3, 4)).square().sum((0, 1)))
+        else:
+            u = F.unfold(a, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+            g3 = g.reshape(g.shape[0], g.shape[1], d_out, -1)  # (K, B, out, S)
+            sq = _chunked_sq_sum(g3, u, "kbos,bis->kboi", d_out * u.shape[1])
+            _add(diags, index, sq.reshape(conv.weight.shape))
+
+
+def _generic_diag(
+    model: nn.Module,
+    x,
+    V: torch.Tensor,
+    generic: list[tuple[int, ParamBlock]],
+    diags: dict,
+) -> None:
+    """Exact Σ_{n,k} (J_nᵀ v_nk)² for tensors outside Linear/Conv2d, through torch.func."""
+    from torch.func import functional_call, vjp, vmap
+
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+    names = [block.name for _, block in generic]
+
+    def single_output(chosen: dict, xi):
+        xb = {k: v.unsqueeze(0) for k, v in xi.items()} if isinstance(xi, dict) else xi.unsqueeze(0)
+        return functional_call(model, ({**params, **chosen}, buffers), (xb,)).squeeze(0)
+
+    def per_sample(xi, vi):
+        _, pullback = vjp(lambda chosen: single_output(chosen, xi), {n: params[n] for n in names})
+        return vmap(pullback)(vi)[0]
+
+    try:
+        grads = vmap(per_sample)(x, V)
+    except Exception as err:  # functorch raises many types; name the tensors involved
+        raise ValueError(
+            "per-sample gradients (torch.func) failed for the parameters "
+            f"{names}, which need an exact diagonal block; make the model's forward "
+            "vmap-compatible, freeze these parameters, or use Linear/Conv2d layers. "
+            f"Cause: {type(err).__name__}: {err}"
+        ) from err
+    for index, block in generic:
+        _add(diags, index, grads[block.name].square().sum((0, 1)))
+
+
+def accumulate_curvature(
+    model: nn.Module,
+    batches: Iterable,
+    blocks: list[ParamBlock],
+    likelihood: str,
+    curvature: str,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+    dict_key_y: str = "labels",
+) -> Curvature:
+    """Accumulate loss and curvature blocks over all batches (model in eval mode)."""
+    check_likelihood(likelihood)
+    check_curvature(curvature)
+    device = blocks[0].param.device
+    dtype = blocks[0].param.dtype
+    recorder = _Recorder(blocks)
+    generic = [(i, b) for i, b in enumerate(blocks) if not b.via_hooks]
+    factors: dict[int, list[torch.Tensor]] = {}
+    G_sums: dict[int, torch.Tensor] = {}
+    raw_A: dict[int, torch.Tensor] = {}
+    diags: dict[int, torch.Tensor] = {}
+    loss = torch.zeros((), dtype=dtype, device=device)
+    n_data, n_outputs = 0, None
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in tqdm(batches, desc="curvature", disable=not progress, leave=False):
+            x, y = split_batch(batch, device, dict_key_y)
+            recorder.clear()
+            recorder.active = True
+            f = model(x)
+            check_targets(likelihood, f, y)
+            n_outputs = f.shape[1]
+            n_data += f.shape[0]
+            loss += summed_loss(likelihood, f.detach(), y)
+            V = pseudo_gradients(likelihood, curvature, f, y, generator).to(f.dtype)
+            calls = recorder.outputs()
+            if calls:
+                outs = [rec.outputs[i] for rec, i in calls]
+                if V.shape[1] == 1:
+                    grads = torch.autograd.grad(f, outs, V[:, 0], allow_unused=True)
+                    grads = [None if g is None else g.unsqueeze(0) for g in grads]
+                else:
+                    grads = torch.autograd.grad(
+                        f, outs, V.transpose(0, 1).contiguous(), allow_unused=True,
+                        is_grads_batched=True,
+                    )
+                for (rec, i), g in zip(calls, grads):
+                    if g is None:  # this call does not influence the output
+                        continue
+                    a = rec.inputs[i]
+                    if isinstance(rec.module, nn.Conv2d):
+                        _accumulate_conv(rec.module, a, g, rec.blocks, G_sums, raw_A, diags)
+                    else:
+                        _accumulate_linear(a, g, rec.blocks, G_sums, raw_A, diags)
+            recorder.clear()
+            if generic:
+                recorder.active = False
+                _generic_diag(model, x, V, generic, diags)
+    finally:
+        recorder.remove()
+        model.train(was_training)
+    if n_data == 0:
+        raise ValueError("the training data yielded no batches (empty loader)")
+    for index, block in enumerate(blocks):
+        if block.kind == "kron":
+            G = G_sums.get(index)
+            if G is None:
+                G = torch.zeros(block.shape[0], block.shape[0], dtype=dtype, device=device)
+            if block.role == "weight":
+                d_in = block.param[0].numel()
+                A = raw_A.get(index, torch.zeros(d_in, d_in, dtype=dtype, device=device)) / n_data
+                factors[index] = [G, A]
+            else:
+                factors[index] = [G]
+        elif index not in diags:
+            diags[index] = torch.zeros_like(block.param, memory_format=torch.contiguous_format)
+        else:
+            diags[index] = diags[index].reshape(block.shape)
+    result = Curvature(blocks, loss, n_data, n_outputs, factors, diags)
+    check_finite(result)
+    return result
+
+
+def check_finite(result: Curvature) -> None:
+    """Non-finite loss or curvature is an error, never a silent result."""
+    if not torch.isfinite(result.loss):
+        raise ValueError(
+            f"the training loss is not finite ({float(result.loss)}); check the model's "
+            "outputs and the data for NaN/Inf"
+        )
+    for index, block in enumerate(result.blocks):
+        parts = result.factors.get(index) or [result.diags[index]]
+        if not all(bool(torch.isfinite(p).all()) for p in parts):
+            raise ValueError(
+                f"the curvature of parameter {block.name!r} contains NaN or Inf; check the "
+                "model's outputs and the data"
+            )

@@ -1,0 +1,98 @@
+"""Likelihoods: the summed loss and the per-sample pseudo-gradients w.r.t. the outputs.
+
+Every curvature type is Σ_n Σ_k J_nᵀ v_nk v_nkᵀ J_n for per-sample vectors v_nk over the
+model outputs, so one backward of the (B, K, C) tensor ``V`` gives everything:
+
+* exact GGN: the K = C columns of a square root L of the loss Hessian w.r.t. the outputs;
+  for softmax cross-entropy L = diag(√p) − p √pᵀ (L Lᵀ = diag(p) − p pᵀ because Σ p = 1),
+  for the Gaussian likelihood L = I (the 1/σ² factor is applied later, as laplace-torch does);
+* MC-GGN: one sampled label per sample, v = ∇_f ℓ(f, ŷ) with ŷ ~ p(y | f);
+* EF: the per-sample loss gradient with the true label.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+LIKELIHOODS = ("classification", "regression")
+CURVATURES = ("ggn", "ggn-mc", "ef")
+
+
+def check_likelihood(likelihood: str) -> str:
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+    return likelihood
+
+
+def check_curvature(curvature: str) -> str:
+    if curvature not in CURVATURES:
+        raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+    return curvature
+
+
+def check_targets(likelihood: str, f: torch.Tensor, y: torch.Tensor) -> None:
+    """Refuse targets that do not fit the outputs (labels out of range, shape mismatch)."""
+    if f.ndim != 2:
+        raise ValueError(f"the model must return (batch, outputs) tensors, got {tuple(f.shape)}")
+    if likelihood == "classification":
+        if y.ndim != 1 or y.shape[0] != f.shape[0]:
+            raise ValueError(
+                f"classification targets must be a (batch,) vector of class indices, got shape "
+                f"{tuple(y.shape)} for outputs {tuple(f.shape)}"
+            )
+        if y.dtype.is_floating_point or y.dtype == torch.bool:
+            raise TypeError(f"class labels must be an integer tensor, got {y.dtype}")
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or hi >= f.shape[1]:
+            raise ValueError(
+                f"labels must lie in [0, {f.shape[1] - 1}] for a model with {f.shape[1]} outputs; "
+                f"got labels in [{lo}, {hi}]"
+            )
+    elif y.shape != f.shape:
+        raise ValueError(
+            f"regression targets must have the outputs' shape {tuple(f.shape)}, got {tuple(y.shape)}"
+        )
+
+
+def summed_loss(likelihood: str, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Σ_n ℓ_n: cross-entropy, or ½ Σ (f − y)² (laplace-torch's convention, σ applied later)."""
+    if likelihood == "classification":
+        return F.cross_entropy(f, y, reduction="sum")
+    return 0.5 * (f - y).square().sum()
+
+
+def mean_loss(likelihood: str, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The per-batch training loss: mean cross-entropy, or mean ½‖f − y‖²."""
+    return summed_loss(likelihood, f, y) / f.shape[0]
+
+
+def pseudo_gradients(
+    likelihood: str,
+    curvature: str,
+    f: torch.Tensor,
+    y: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """(B, K, C) vectors v_nk with Σ_k v_nk v_nkᵀ the curvature's per-sample output Hessian."""
+    f = f.detach()
+    n, c = f.shape
+    if likelihood == "classification":
+        p = torch.softmax(f, dim=-1)
+        if curvature == "ggn":
+            sqrt_p = p.sqrt()
+            # column k of L: √p_k (e_k − p)  ->  V[n, k, :] = √p_k (e_k − p)
+            eye = torch.eye(c, dtype=f.dtype, device=f.device)
+            return sqrt_p.unsqueeze(-1) * (eye.unsqueeze(0) - p.unsqueeze(1))
+        if curvature == "ggn-mc":
+            labels = torch.multinomial(p, 1, generator=generator).squeeze(-1)
+        else:
+            labels = y
+        return (p - F.one_hot(labels, c).to(p.dtype)).unsqueeze(1)
+    if curvature == "ggn":
+        eye = torch.eye(c, dtype=f.dtype, device=f.device)
+        return eye.expand(n, c, c)
+    if curvature == "ggn-mc":
+        noise = torch.randn(f.shape, generator=generator, dtype=f.dtype, device="cpu")
+        return noise.to(f.device).unsqueeze(1)
+    return (f - y).unsqueeze(1)

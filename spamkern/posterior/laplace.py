@@ -1,0 +1,227 @@
+"""The Laplace posterior: curvature + prior at θ*, and the evidence that trains the prior.
+
+    log p(D | δ) ≈ −s·L(θ*) − c_σ − ½ θ*ᵀ diag(δ) θ* − ½ log det Π + ½ Σ_i log δ_i,
+    Π = s·H + diag(δ),   s = 1/T (classification) or 1/(T σ²) (regression),
+
+with c_σ = N·C·log(σ√(2π)) for the Gaussian likelihood (laplace-torch's convention, so
+values compare one to one). Everything is differentiable w.r.t. the prior's log
+precisions and log σ.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from spamkern.curvature.accumulate import Curvature
+from spamkern.ops import kron_curvature_diag
+from spamkern.ops.logdet import EigLogdetPlan
+from spamkern.posterior.blocks import (
+    BlockEigen,
+    KronEigenCache,
+    weight_matrix_shape,
+    whitened_unit_eigen,
+)
+from spamkern.prior.priors import Prior, TensorPrecision
+
+
+class LaplacePosterior:
+    """Posterior of a fitted model; ``structure`` is "kron" or "diag"."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        curvature: Curvature,
+        prior: Prior,
+        likelihood: str,
+        structure: str,
+        curvature_type: str,
+        temperature: float,
+        sigma_noise: float | torch.Tensor = 1.0,
+    ):
+        self.model = model
+        self.curvature = curvature
+        self.prior = prior
+        self.likelihood = likelihood
+        self.structure = structure
+        self.curvature_type = curvature_type
+        self.temperature = float(temperature)
+        self.blocks = curvature.blocks
+        self.named_params = [(b.name, b.param) for b in self.blocks]
+        self.mean = torch.cat([b.param.detach().reshape(-1) for b in self.blocks])
+        sigma = torch.as_tensor(sigma_noise, dtype=self.mean.dtype, device=self.mean.device)
+        if sigma.ndim != 0 or not bool(sigma > 0):
+            raise ValueError(f"sigma_noise must be one positive number, got {sigma_noise}")
+        if likelihood != "regression" and float(sigma) != 1.0:
+            raise ValueError("sigma_noise applies to regression only")
+        self.log_sigma = sigma.log().detach().clone()
+        self._eigen: KronEigenCache | None = None
+        self._plan: EigLogdetPlan | None = None
+
+    # -- sizes and simple quantities ------------------------------------------------------
+    @property
+    def n_data(self) -> int:
+        return self.curvature.n_data
+
+    @property
+    def n_params(self) -> int:
+        return self.mean.numel()
+
+    @property
+    def sigma_noise(self) -> torch.Tensor:
+        return self.log_sigma.exp()
+
+    def _scale(self, log_sigma: torch.Tensor | None = None) -> torch.Tensor:
+        ls = self.log_sigma if log_sigma is None else log_sigma
+        if self.likelihood == "regression":
+            return torch.exp(-2.0 * ls) / self.temperature
+        return torch.ones((), dtype=self.mean.dtype, device=self.mean.device) / self.temperature
+
+    @property
+    def curvature_scale(self) -> float:
+        """s in Π = s·H + δ: 1/T, or 1/(T σ²) for regression."""
+        return float(self._scale())
+
+    @property
+    def kron_factors(self) -> list:
+        """Per parameter tensor: ``(G, A)`` for a weight, ``(G,)`` for a bias, or the exact
+        diagonal (a tensor shaped like the parameter) for tensors outside Linear/Conv2d."""
+        if self.structure != "kron":
+            raise AttributeError("kron_factors exists for structure='kron' only")
+        return [
+            tuple(f) if isinstance(f, list) else f for f in self.curvature.block_factors()
+        ]
+
+    def curvature_diag(self) -> torch.Tensor:
+        """(P,) diagonal of the GGN/EF approximation (no temperature, no 1/σ²)."""
+        return kron_curvature_diag(self.curvature.block_factors())
+
+    def precision_diag(self) -> torch.Tensor:
+        """(P,) diag Π = s·diag(H) + δ, exact for every prior."""
+        return self.curvature_diag() * self.curvature_scale + self.prior.precision_diag().detach()
+
+    # -- evidence ----------------------------------------------------------------------------
+    def log_likelihood(self, log_sigma: torch.Tensor | None = None) -> torch.Tensor:
+        value = -self._scale(log_sigma) * self.curvature.loss
+        if self.likelihood == "regression":
+            ls = self.log_sigma if log_sigma is None else log_sigma
+            value = value - self.n_data * self.curvature.n_outputs * (ls + 0.5 * math.log(2 * math.pi))
+        return value
+
+    def _eigen_cache(self) -> KronEigenCache:
+        if self._eigen is None:
+            names = {i: b.name for i, b in enumerate(self.blocks)}
+            self._eigen = KronEigenCache(self.curvature.factors, names)
+        return self._eigen
+
+    def _uses_plan(self, index: int) -> bool:
+        """Blocks whose log det goes through the packed eigenvalue plan (fixed eigenbasis)."""
+        return index not in self.curvature.factors or self.prior.kind != "unitwise"
+
+    def _logdet_plan(self) -> EigLogdetPlan:
+        if self._plan is None:
+            l1, l2 = [], []
+            for index in range(len(self.blocks)):
+                if not self._uses_plan(index):
+                    continue
+                if index in self.curvature.factors:
+                    a, b = self._eigen_cache().eigenvalues(index)
+                else:
+                    a = self.curvature.diags[index].reshape(-1)
+                    b = a.new_ones(1)
+                l1.append(a)
+                l2.append(b)
+            self._plan = EigLogdetPlan(l1, l2)
+        return self._plan
+
+    def _plan_delta(self, index: int, tp: TensorPrecision) -> torch.Tensor:
+        shape = self.blocks[index].shape
+        if index not in self.curvature.factors:
+            return tp.expand(shape).exp().reshape(-1, 1)
+        if tp.kind == "scalar":
+            return tp.log_delta.exp()
+        D = tp.expand(shape).exp().reshape(weight_matrix_shape(shape))
+        return self._eigen_cache().projected_delta(index, D)
+
+    def log_det_posterior_precision(
+        self, log_precision: torch.Tensor | None = None, log_sigma: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """log det Π (exact for scalar/layerwise/unitwise/diag, the upper bound of
+        :mod:`spamkern.posterior.blocks` for parameterwise Kronecker blocks)."""
+        scale = self._scale(log_sigma)
+        tps = self.prior.per_tensor(log_precision)
+        deltas, total = [], None
+        for index, tp in enumerate(tps):
+            if self._uses_plan(index):
+                deltas.append(self._plan_delta(index, tp))
+            else:
+                block = whitened_unit_eigen(
+                    self.curvature.factors[index], tp, self.blocks[index].shape, scale
+                )
+                term = block.logdet()
+                total = term if total is None else total + term
+        plan_value = self._logdet_plan()(deltas, scale) if deltas else None
+        parts = [t for t in (plan_value, total) if t is not None]
+        return sum(parts[1:], parts[0])
+
+    def log_marginal_likelihood(
+        self,
+        prior_precision=None,
+        sigma_noise: torch.Tensor | float | None = None,
+    ) -> torch.Tensor:
+        """Laplace log evidence (0-d), differentiable w.r.t. the prior and σ.
+
+        ``prior_precision`` (optional) evaluates it at other precisions — any shape
+        :meth:`Prior.to_log_precision` accepts, differentiable if it requires grad; by default
+        the prior's own ``log_precision`` parameter is used (so ``.backward()`` reaches it).
+        Nothing is overwritten.
+        """
+        if prior_precision is None:
+            lp = self.prior.log_precision
+        else:
+            lp = self.prior.to_log_precision(prior_precision)
+        log_sigma = None
+        if sigma_noise is not None:
+            if self.likelihood != "regression":
+                raise ValueError("sigma_noise can only be given for regression")
+            log_sigma = torch.as_tensor(sigma_noise, dtype=self.mean.dtype).log()
+        return self._log_marglik(lp, log_sigma)
+
+    def _log_marglik(self, log_precision: torch.Tensor, log_sigma: torch.Tensor | None):
+        log_delta = self.prior.log_precision_diag(log_precision)
+        scatter = (log_delta.exp() * self.mean.square()).sum()
+        log_det_ratio = self.log_det_posterior_precision(log_precision, log_sigma) - log_delta.sum()
+        return self.log_likelihood(log_sigma) - 0.5 * (log_det_ratio + scatter)
+
+    # -- predictive --------------------------------------------------------------------------
+    def _block_eigen(self, index: int, tp: TensorPrecision, scale) -> BlockEigen:
+        shape = self.blocks[index].shape
+        if index not in self.curvature.factors:
+            h = self.curvature.diags[index].reshape(-1, 1)
+            return BlockEigen(None, None, scale * h + tp.expand(shape).exp().reshape(-1, 1), None)
+        if self.prior.kind == "unitwise":
+            return whitened_unit_eigen(self.curvature.factors[index], tp, shape, scale)
+        delta = tp.log_delta.exp() if tp.kind == "scalar" else tp.expand(shape).exp().reshape(
+            weight_matrix_shape(shape)
+        )
+        return self._eigen_cache().eigen(index, delta, scale)
+
+    @torch.no_grad()
+    def functional_variance(self, J: torch.Tensor) -> torch.Tensor:
+        """(B, C, C) J Σ Jᵀ for the (B, C, P) Jacobian J of the outputs w.r.t. θ.
+
+        Exact for diag, scalar/layerwise and unitwise posteriors; for parameterwise Kronecker
+        blocks Σ uses the same eigenbasis-diagonal approximation as the log det.
+        """
+        if J.ndim != 3 or J.shape[-1] != self.n_params:
+            raise ValueError(f"J must be (batch, outputs, {self.n_params}), got {tuple(J.shape)}")
+        scale = self._scale()
+        out = J.new_zeros(J.shape[0], J.shape[1], J.shape[1])
+        for index, tp in enumerate(self.prior.per_tensor()):
+            block = self.blocks[index]
+            p, q = weight_matrix_shape(block.shape)
+            Jb = J[..., block.offset : block.offset + block.numel].reshape(J.shape[0], J.shape[1], p, q)
+            out += self._block_eigen(index, tp, scale).quadratic(Jb)
+        return out
