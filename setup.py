@@ -67,7 +67,7 @@ def _extensions():
             f"(torch.version.cuda={torch.version.cuda}, CUDA_HOME={cpp_extension.CUDA_HOME})"
         )
 
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-march=x86-64-v2"]
+    cxx_flags = ["-O3", "-fopenmp", "-march=x86-64-v2"]
     if os.uname().machine != "x86_64":
         cxx_flags.remove("-march=x86-64-v2")
     include_dirs = [str(ROOT / "csrc")]
