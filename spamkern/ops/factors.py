@@ -17,7 +17,12 @@ Pair = tuple[int, int]
 
 @register_impl("gram", "torch")
 def gram_reference(x: torch.Tensor, out: torch.Tensor | None, alpha: float) -> torch.Tensor:
-    """``out += alpha · xᵀx`` for ``x`` of shape (n, d); allocates ``out`` when None."""
+    """``out += alpha · xᵀx`` for ``x`` of shape (n, d); allocates ``out`` when None.
+
+    16-bit inputs are multiplied in float32 (a new ``out`` is float32), as the kernels do.
+    """
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
     prod = x.T @ x
     if out is None:
         return prod.mul_(alpha)

@@ -10,6 +10,9 @@ hyperstep is one call (one launch for the fast backends) instead of one per laye
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 
 from spamkern.dispatch import register_impl, select_impl
@@ -28,6 +31,14 @@ def eig_logdet_reference(
     return total
 
 
+@register_impl("eig_logdet_plan", "torch")
+def eig_logdet_plan_reference(
+    l1: list[torch.Tensor], l2: list[torch.Tensor]
+) -> Callable[[list[torch.Tensor], torch.Tensor | float], torch.Tensor]:
+    """The reference has nothing to pack: it evaluates the blocks one by one."""
+    return functools.partial(eig_logdet_reference, l1, l2)
+
+
 class EigLogdetPlan:
     """Σ_i Σ_pq log(scale·l1_i[p]·l2_i[q] + delta_i[p, q]) over many blocks.
 
@@ -41,9 +52,10 @@ class EigLogdetPlan:
             raise ValueError(f"l1 and l2 must list the same blocks, got {len(l1)} and {len(l2)}")
         self.l1 = [x.detach() for x in l1]
         self.l2 = [x.detach() for x in l2]
-        self._impl = select_impl("eig_logdet", *self.l1)
+        # the fast backends pack the eigenvalues here, once per fit
+        self._impl = select_impl("eig_logdet_plan", *self.l1)(self.l1, self.l2)
 
     def __call__(self, delta: list[torch.Tensor], scale: torch.Tensor | float) -> torch.Tensor:
         if len(delta) != len(self.l1):
             raise ValueError(f"expected {len(self.l1)} delta blocks, got {len(delta)}")
-        return self._impl(self.l1, self.l2, delta, scale)
+        return self._impl(delta, scale)
