@@ -16,6 +16,28 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
+def all_reduce_sum(value: float) -> float:
+    """Sum a Python number over ranks (float64 on the CPU for gloo, on the GPU for NCCL)."""
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t)
+
+
+def all_reduce_gradients(params: list[torch.Tensor]) -> None:
+    """Average the gradients of ``params`` over ranks with one all-reduce."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    pos = 0
+    for g in grads:
+        g.copy_(flat[pos : pos + g.numel()].reshape(g.shape))
+        pos += g.numel()
+
+
 def all_reduce_curvature(result: Curvature) -> None:
     """Sum loss, N and every factor/diagonal over ranks in place, in ONE all-reduce.
 
