@@ -1,0 +1,333 @@
+"""Turn masks into a model that is really smaller or faster (SPEC §6), and measure it.
+
+* ``unit`` masks: removed units disappear — a Linear row / Conv2d filter and its bias
+  leave the layer, and the matching inputs leave the next layer (through activations,
+  pooling, dropout and Flatten). Works on residual-free :class:`torch.nn.Sequential`
+  stacks (nested Sequentials included); anything that cannot be shrunk exactly raises a
+  ValueError naming the module. The result computes exactly what the masked model does.
+* ``block`` masks: the masked weights go to
+  ``spamkern.sparse.convert_to_block_sparse`` (Linear layers become BlockSparseLinear).
+* ``unstructured`` and ``2:4`` masks: a masked dense copy (no faster kernel is used here;
+  a 2:4 GPU layer belongs to ``spamkern.sparse``).
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from spamkern.pruning.masks import PATTERNS, apply_masks
+
+__all__ = ["compress", "compression_report", "count_flops", "count_params", "measure_latency"]
+
+# Modules through which a removed unit stays exactly zero and channels stay independent:
+# f(0) = 0 per element or per channel, so its inputs in the next layer can be dropped.
+_ZERO_PRESERVING = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Tanh,
+    nn.Hardtanh,
+    nn.Softsign,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+)
+
+
+def _leaves(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module, nn.Module, str]]:
+    """(qualified name, leaf, parent, attribute) of a (nested) Sequential, in order."""
+    if not isinstance(module, nn.Sequential):
+        raise ValueError(
+            f"compress shrinks residual-free nn.Sequential stacks; {prefix or 'the model'} is "
+            f"a {type(module).__name__}"
+        )
+    out = []
+    for attr, child in module.named_children():
+        name = f"{prefix}.{attr}" if prefix else attr
+        if isinstance(child, nn.Sequential):
+            out.extend(_leaves(child, name))
+        elif any(True for _ in child.children()):
+            raise ValueError(
+                f"module {name!r} ({type(child).__name__}) is a container compress cannot "
+                "follow; build the model as a flat or nested nn.Sequential"
+            )
+        else:
+            out.append((name, child, module, attr))
+    return out
+
+
+def _kept_units(name: str, module: nn.Module, masks: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Bool (out,) of the units a unit mask keeps; checks the mask is all-or-nothing per row."""
+    w = module.weight
+    wm = masks.get(f"{name}.weight")
+    keep = torch.ones(w.shape[0], dtype=torch.bool, device=w.device)
+    if wm is not None:
+        rows = wm.reshape(wm.shape[0], -1).to(w.device)
+        keep = rows.any(dim=1)
+        if not bool((rows.all(dim=1) == keep).all()):
+            raise ValueError(
+                f"the mask of {name}.weight is not a unit mask (some rows are partly pruned); "
+                "compress needs masks from prune(..., pattern='unit')"
+            )
+    bm = masks.get(f"{name}.bias")
+    if bm is not None and module.bias is not None:
+        if wm is None:
+            keep = bm.to(w.device).clone()
+        elif not bool((bm.to(w.device) == keep).all()):
+            raise ValueError(f"the masks of {name}.weight and {name}.bias disagree on units")
+    return keep
+
+
+def _new_linear(old: nn.Linear, rows: torch.Tensor, cols: torch.Tensor | None) -> nn.Linear:
+    w = old.weight.detach()[rows]
+    if cols is not None:
+        w = w[:, cols]
+    new = nn.Linear(
+        w.shape[1], w.shape[0], bias=old.bias is not None, device=w.device, dtype=w.dtype
+    )
+    with torch.no_grad():
+        new.weight.copy_(w)
+        if old.bias is not None:
+            new.bias.copy_(old.bias.detach()[rows])
+    new.weight.requires_grad_(old.weight.requires_grad)
+    return new
+
+
+def _new_conv(old: nn.Conv2d, rows: torch.Tensor, cols: torch.Tensor | None) -> nn.Conv2d:
+    w = old.weight.detach()[rows]
+    if cols is not None:
+        w = w[:, cols]
+    new = nn.Conv2d(
+        w.shape[1],
+        w.shape[0],
+        old.kernel_size,
+        stride=old.stride,
+        padding=old.padding,
+        dilation=old.dilation,
+        bias=old.bias is not None,
+        padding_mode=old.padding_mode,
+        device=w.device,
+        dtype=w.dtype,
+    )
+    with torch.no_grad():
+        new.weight.copy_(w)
+        if old.bias is not None:
+            new.bias.copy_(old.bias.detach()[rows])
+    return new
+
+
+def _direct_input(mod: nn.Module, layout: str) -> bool:
+    """Whether the kept indices of the previous layer index ``mod``'s inputs directly."""
+    if isinstance(mod, nn.Linear):
+        return layout == "features"
+    return layout == "channels"
+
+
+def _compress_units(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
+    new_model = copy.deepcopy(model)
+    apply_masks(new_model, masks)
+    leaves = _leaves(new_model)
+    layer_names = [n for n, m, _, _ in leaves if isinstance(m, nn.Linear | nn.Conv2d)]
+    known = {f"{n}.{a}" for n in layer_names for a in ("weight", "bias")}
+    unknown = sorted(set(masks) - known)
+    if unknown:
+        raise ValueError(f"unit masks for parameters compress cannot shrink: {unknown}")
+    # State of the tensor flowing between leaves: which input features/channels survive.
+    keep_idx: torch.Tensor | None = None  # indices of the kept features/channels
+    n_orig = 0  # their number before pruning
+    layout = "features"  # "features" (last dim), "channels" (dim 1), or "flat_channels"
+    for name, mod, parent, attr in leaves:
+        pruned_upstream = keep_idx is not None
+        if isinstance(mod, nn.Linear | nn.Conv2d):
+            if isinstance(mod, nn.Conv2d) and mod.groups != 1:
+                raise ValueError(f"cannot shrink grouped convolution {name!r}")
+            cols = None
+            if pruned_upstream:
+                if isinstance(mod, nn.Linear) and layout == "flat_channels":
+                    if mod.in_features % n_orig:
+                        raise ValueError(
+                            f"cannot map the flattened channels onto {name!r}: in_features "
+                            f"{mod.in_features} is not a multiple of {n_orig} channels"
+                        )
+                    hw = mod.in_features // n_orig
+                    base = keep_idx.unsqueeze(1) * hw
+                    cols = (base + torch.arange(hw, device=base.device)).reshape(-1)
+                elif _direct_input(mod, layout):
+                    cols = keep_idx
+                else:
+                    raise ValueError(
+                        f"cannot shrink the inputs of {name!r}: its input is laid out as "
+                        f"{layout!r} after pruned units (a Flatten is missing or misplaced)"
+                    )
+            keep = _kept_units(name, mod, masks)
+            is_last = name == layer_names[-1]
+            if is_last and not bool(keep.all()):
+                raise ValueError(
+                    f"unit masks remove outputs of the last layer {name!r}; that would change "
+                    "the model's output size (prune with prune_output_layer=False)"
+                )
+            rows = torch.nonzero(keep).squeeze(1)
+            build = _new_linear if isinstance(mod, nn.Linear) else _new_conv
+            setattr(parent, attr, build(mod, rows, cols))
+            n_out = keep.numel()
+            keep_idx, n_orig = (None, 0) if bool(keep.all()) else (rows, n_out)
+            layout = "features" if isinstance(mod, nn.Linear) else "channels"
+        elif isinstance(mod, nn.Flatten):
+            if pruned_upstream and layout == "channels":
+                if mod.start_dim != 1 or mod.end_dim != -1:
+                    raise ValueError(f"cannot shrink through {name!r}: only Flatten(1, -1)")
+                layout = "flat_channels"
+            elif layout == "channels":
+                layout = "features"
+        elif isinstance(mod, _ZERO_PRESERVING):
+            continue
+        elif pruned_upstream:
+            raise ValueError(
+                f"cannot shrink through module {name!r} ({type(mod).__name__}): removed units "
+                "would not stay exactly zero or independent there"
+            )
+        elif any(True for _ in mod.parameters()):
+            raise ValueError(
+                f"module {name!r} ({type(mod).__name__}) holds parameters compress cannot handle"
+            )
+    return new_model
+
+
+def _is_unit_mask(model: nn.Module, masks: dict[str, torch.Tensor]) -> bool:
+    for m in masks.values():
+        if m.ndim >= 2:
+            rows = m.reshape(m.shape[0], -1)
+            if not bool((rows.all(dim=1) == rows.any(dim=1)).all()):
+                return False
+    return True
+
+
+def compress(
+    model: nn.Module,
+    masks: dict[str, torch.Tensor],
+    pattern: str | None = None,
+    block: tuple[int, int] | None = None,
+) -> nn.Module:
+    """A new model equivalent to ``model`` with ``masks`` applied, as small/fast as the
+    pattern allows (see the module docs). ``model`` itself is not modified.
+
+    ``pattern`` and ``block`` default to what :func:`spamkern.pruning.prune` recorded on
+    the masks; plain dicts are treated as unit masks when every row is all-or-nothing.
+    """
+    pattern = pattern or getattr(masks, "pattern", None)
+    if pattern is None:
+        pattern = "unit" if _is_unit_mask(model, masks) else "unstructured"
+    if pattern not in PATTERNS:
+        raise ValueError(f"pattern must be one of {PATTERNS}, got {pattern!r}")
+    if pattern == "unit":
+        return _compress_units(model, masks)
+    if pattern == "block":
+        from spamkern.sparse import convert_to_block_sparse
+
+        block = block or getattr(masks, "block", None)
+        if block is None:
+            raise ValueError("block masks need the block size: pass block=(r, c)")
+        dense = apply_masks(copy.deepcopy(model), masks)
+        return convert_to_block_sparse(dense, masks, tuple(block))
+    return apply_masks(copy.deepcopy(model), masks)
+
+
+# ---------------------------------------------------------------------------- measuring
+def count_params(model: nn.Module, nonzero: bool = False) -> int:
+    """Number of parameters (or of non-zero parameter entries)."""
+    if nonzero:
+        return sum(int((p != 0).sum()) for p in model.parameters())
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """FLOPs of one sample's forward pass: 2 × multiply–adds of every Linear and Conv2d.
+
+    Dense counting: zeros inside a weight still count (only physical shrinking saves).
+    """
+    total = 0
+
+    def hook(mod: nn.Module, _inp, out: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(mod, nn.Linear):
+            total += 2 * (out.numel() // out.shape[-1]) * mod.in_features * mod.out_features
+        else:
+            k = mod.weight[0].numel()  # (in / groups) · kh · kw
+            total += 2 * out.numel() * k
+
+    handles = [
+        m.register_forward_hook(hook)
+        for m in model.modules()
+        if isinstance(m, nn.Linear | nn.Conv2d)
+    ]
+    p = next(model.parameters())
+    was_training = model.training
+    model.eval()
+    try:
+        model(torch.zeros((1, *input_shape), dtype=p.dtype, device=p.device))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return total
+
+
+@torch.no_grad()
+def measure_latency(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    batch_size: int = 256,
+    repeats: int = 30,
+    threads: int = 1,
+) -> float:
+    """Median wall time in milliseconds of one forward pass on the CPU with ``threads``."""
+    p = next(model.parameters())
+    x = torch.randn((batch_size, *input_shape), dtype=p.dtype, device=p.device)
+    old_threads = torch.get_num_threads()
+    was_training = model.training
+    torch.set_num_threads(threads)
+    model.eval()
+    try:
+        for _ in range(3):
+            model(x)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(old_threads)
+        model.train(was_training)
+    return 1e3 * statistics.median(times)
+
+
+def compression_report(
+    before: nn.Module,
+    after: nn.Module,
+    input_shape: tuple[int, ...],
+    batch_size: int = 256,
+    repeats: int = 30,
+) -> dict[str, float]:
+    """Parameters, FLOPs and CPU latency (1 thread, median) before and after compression."""
+    return {
+        "params_before": count_params(before),
+        "params_after": count_params(after),
+        "flops_before": count_flops(before, input_shape),
+        "flops_after": count_flops(after, input_shape),
+        "latency_ms_before": measure_latency(before, input_shape, batch_size, repeats),
+        "latency_ms_after": measure_latency(after, input_shape, batch_size, repeats),
+    }
