@@ -20,11 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
-BLOCK_SIZES = tuple(range(16, 129, 16))
+BLOCK_SIZES = (16, 32, 64, 128)  # powers of two: Triton tiles need them
 
 
 def check_block(block: tuple[int, int] | int) -> tuple[int, int]:
-    """Normalise ``block`` to ``(bn, bk)``; each side must be a multiple of 16 in [16, 128]."""
+    """Normalise ``block`` to ``(bn, bk)``; each side one of 16, 32, 64, 128 (rectangular ok)."""
     if isinstance(block, int):
         block = (block, block)
     if (

@@ -1,0 +1,77 @@
+"""Loads the compiled extension ``spamkern._C`` and registers its kernels for dispatch.
+
+If the extension is missing or fails to load, spamkern keeps working on its torch and
+Triton implementations; one warning says why and how to rebuild (never one per call).
+Importing this module also gives the extension's custom ops fake implementations, so they
+trace under ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from spamkern.dispatch import register_impl
+
+REBUILD_HINT = (
+    "rebuild it with `python setup.py build_ext --inplace` in the source tree, or reinstall "
+    "with `pip install --no-build-isolation .` (needs a C++17 compiler with OpenMP)"
+)
+
+try:
+    from spamkern import _C  # noqa: N812
+except ImportError as err:  # not built, or built against another torch
+    _C = None
+    LOAD_ERROR: str | None = f"{type(err).__name__}: {err}"
+    warnings.warn(
+        f"spamkern._C could not be loaded ({LOAD_ERROR}); the C++/CUDA kernels are off and "
+        f"the torch/Triton versions run instead. To get them, {REBUILD_HINT}.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+else:
+    LOAD_ERROR = None
+
+AVAILABLE = _C is not None
+HAS_CUDA_KERNELS = bool(AVAILABLE and _C.has_cuda())
+
+
+def cpu_isa() -> str | None:
+    """Vector instruction set the CPU kernel uses here ("avx512", "avx2", "generic")."""
+    return _C.cpu_isa() if AVAILABLE else None
+
+
+if AVAILABLE:
+
+    @torch.library.register_fake("spamkern::bsr_linear")
+    def _bsr_linear_fake(x, row_ptr, col_idx, blocks, row_order, bias, out_features):
+        return x.new_empty(x.shape[0], out_features)
+
+    def _cpp_supports(x: torch.Tensor, blocks_t: torch.Tensor | None = None, *rest) -> bool:
+        return x.dtype == torch.float32 and (blocks_t is None or blocks_t.dtype == x.dtype)
+
+    @register_impl("bsr_linear", "cpp", supports=_cpp_supports)
+    def bsr_linear_cpp(x, row_ptr, col_idx, blocks_t, row_order, bias, out_features):
+        return torch.ops.spamkern.bsr_linear(
+            x, row_ptr, col_idx, blocks_t, row_order, bias, out_features
+        )
+
+    if HAS_CUDA_KERNELS:
+
+        def _cuda_supports(x: torch.Tensor, blocks_t: torch.Tensor | None = None, *rest) -> bool:
+            if x.dtype not in (torch.float16, torch.bfloat16):
+                return False
+            if blocks_t is None:
+                return True
+            return (
+                blocks_t.dtype == x.dtype
+                and blocks_t.shape[2] in (32, 64, 128)
+                and x.shape[-1] % 8 == 0
+            )
+
+        @register_impl("bsr_linear", "cuda", supports=_cuda_supports)
+        def bsr_linear_cuda(x, row_ptr, col_idx, blocks_t, row_order, bias, out_features):
+            return torch.ops.spamkern.bsr_linear(
+                x, row_ptr, col_idx, blocks_t, row_order, bias, out_features
+            )

@@ -1,0 +1,123 @@
+"""Sparse or dense? Decided per shape and density from timings measured on this card.
+
+A sparse kernel only pays above some sparsity that depends on the card, the shape and the
+dtype, so a layer never guesses: it looks up timings of both paths recorded for this card
+(:mod:`spamkern.sparse.tables`; the nearest entry with the same n, k, block and dtype, rows
+within a factor 2 and density within 0.05). Without one it measures both paths once on the
+real inputs, records the result and reuses it. ``SPAMKERN_SPARSE_MEASURE=0`` forbids measuring
+(then: sparse, and the choice says that nothing was measured).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from spamkern.sparse import tables
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What a layer runs for one input shape, and why."""
+
+    path: str  # "sparse" | "dense"
+    backend: str  # the sparse backend, or "dense"
+    reason: str
+    sparse_ms: float | None = None
+    dense_ms: float | None = None
+
+
+def _measure_enabled() -> bool:
+    return os.environ.get("SPAMKERN_SPARSE_MEASURE", "1") != "0"
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, reps: int = 10) -> float:
+    """Median time of ``fn`` in milliseconds (CUDA: do_bench; CPU: perf_counter)."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=10, rep=50))
+    fn()
+    fn()
+    samples = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    samples.sort()
+    return samples[len(samples) // 2] * 1e3
+
+
+def lookup(
+    card: str, op: str, m: int, n: int, k: int, block, density: float, dtype: torch.dtype
+) -> dict | None:
+    """The nearest recorded timing for this case, or None."""
+    dt = str(dtype).replace("torch.", "")
+    best, best_dist = None, math.inf
+    for entry in tables.load(card)["timings"]:
+        if (
+            entry.get("op") != op
+            or entry.get("n") != n
+            or entry.get("k") != k
+            or list(entry.get("block", [])) != list(block)
+            or entry.get("dtype") != dt
+        ):
+            continue
+        dm = abs(math.log2(max(1, entry["m"])) - math.log2(max(1, m)))
+        dd = abs(entry["density"] - density)
+        if dm > 1.0 or dd > 0.05:
+            continue
+        dist = dm + 20 * dd
+        if dist <= best_dist:  # later (user) entries win ties
+            best, best_dist = entry, dist
+    return best
+
+
+def decide(
+    *,
+    op: str,
+    x: torch.Tensor,
+    n: int,
+    block,
+    density: float,
+    backend: str,
+    run_sparse: Callable[[], object],
+    run_dense: Callable[[], object],
+) -> Choice:
+    """Choose sparse or dense for input ``x`` (2-D) from recorded or fresh measurements."""
+    m, k = x.shape
+    card = tables.card_name(x.device)
+    entry = lookup(card, op, m, n, k, block, density, x.dtype)
+    if entry is not None:
+        sparse_ms, dense_ms = entry["sparse_ms"], entry["dense_ms"]
+        how = f"recorded on {card} for m={entry['m']}, density {entry['density']:.2f}"
+    elif not _measure_enabled() or torch.compiler.is_compiling():
+        return Choice("sparse", backend, f"no timing recorded for {card}; measuring is off")
+    else:
+        with torch.no_grad():
+            sparse_ms = time_ms(run_sparse, x.device)
+            dense_ms = time_ms(run_dense, x.device)
+        tables.record(
+            card,
+            timing={
+                "op": op,
+                "m": m,
+                "n": n,
+                "k": k,
+                "block": list(block),
+                "density": round(density, 4),
+                "dtype": str(x.dtype).replace("torch.", ""),
+                "sparse_ms": sparse_ms,
+                "dense_ms": dense_ms,
+                "backend": backend,
+            },
+        )
+        how = f"measured now on {card}"
+    path = "sparse" if sparse_ms < dense_ms else "dense"
+    reason = f"{how}: sparse {sparse_ms:.4g} ms vs dense {dense_ms:.4g} ms"
+    return Choice(path, backend if path == "sparse" else "dense", reason, sparse_ms, dense_ms)
