@@ -12,5 +12,5 @@ except ImportError:  # the reference implementations still work without triton
     HAS_TRITON = False
 else:
     HAS_TRITON = True
-    for _name in ("factors", "opd", "select", "logdet"):
+    for _name in ("factors", "opd", "select", "logdet", "block_sparse"):
         importlib.import_module(f"{__name__}.{_name}")
