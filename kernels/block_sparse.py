@@ -262,7 +262,7 @@ def bsr_linear_triton(
 
 
 # A custom op so torch.compile treats the launch as one opaque call with a known output.
-@torch.library.custom_op("spamkern::bsr_linear_triton", mutates_args=())
+# (Defined once per process even if this file is imported under two module names.)
 def _bsr_linear_triton_op(
     x: torch.Tensor,
     row_ptr: torch.Tensor,
@@ -275,9 +275,17 @@ def _bsr_linear_triton_op(
     return bsr_linear_triton(x, row_ptr, col_idx, blocks_t, row_order, bias, out_features)
 
 
-@_bsr_linear_triton_op.register_fake
-def _(x, row_ptr, col_idx, blocks_t, row_order, bias, out_features):
+def _bsr_linear_triton_fake(x, row_ptr, col_idx, blocks_t, row_order, bias, out_features):
     return x.new_empty(x.shape[0], out_features)
+
+
+if hasattr(torch.ops.spamkern, "bsr_linear_triton"):
+    _bsr_linear_triton_op = torch.ops.spamkern.bsr_linear_triton
+else:
+    _bsr_linear_triton_op = torch.library.custom_op("spamkern::bsr_linear_triton", mutates_args=())(
+        _bsr_linear_triton_op
+    )
+    _bsr_linear_triton_op.register_fake(_bsr_linear_triton_fake)
 
 
 def _supports(x: torch.Tensor, blocks_t: torch.Tensor | None = None, *rest) -> bool:
