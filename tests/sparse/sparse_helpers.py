@@ -33,7 +33,8 @@ def make_case(n, k, m, block, density, dtype, seed, bias=True, device="cpu"):
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((y.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+    y, ref = y.detach().double(), ref.detach()
+    return float((y - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
 
 
 # Tolerances against a float64 reference (DESIGN.md): narrower operands, looser bound.
