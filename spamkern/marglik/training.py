@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,6 +108,7 @@ def marglik_train(
     checkpoint_path: str | None = None,
     resume: bool = False,
     dict_key_y: str = "labels",
+    on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
 ) -> MarglikResult:
     """Train ``model`` with Laplace marginal-likelihood prior selection (SpaM, SPEC §5).
 
@@ -115,6 +117,8 @@ def marglik_train(
     every optimiser step; ``online_pruning`` (see :mod:`spamkern.pruning`) updates them after
     each marglik step. With ``checkpoint_path`` a checkpoint is written after every epoch;
     ``resume=True`` continues from it and reproduces the uninterrupted run.
+    ``on_epoch_end(record)`` is called after each epoch (and its checkpoint) with the
+    history record, e.g. for logging or early stopping by raising.
     """
     _check_schedule(n_epochs, n_epochs_burnin, marglik_frequency, n_hypersteps, lr, lr_hyp)
     if optimizer not in OPTIMIZERS:
@@ -278,6 +282,8 @@ def marglik_train(
                     "rng": rng_state(generators),
                 },
             )
+        if on_epoch_end is not None:
+            on_epoch_end(record)
 
     if fit_final_posterior and (posterior is None or history[-1]["marglik"] is None):
         posterior = fit_laplace(
