@@ -7,8 +7,10 @@
   ValueError naming the module. The result computes exactly what the masked model does.
 * ``block`` masks: the masked weights go to
   ``spamkern.sparse.convert_to_block_sparse`` (Linear layers become BlockSparseLinear).
-* ``unstructured`` and ``2:4`` masks: a masked dense copy (no faster kernel is used here;
-  a 2:4 GPU layer belongs to ``spamkern.sparse``).
+* ``2:4`` masks: masked Linear layers become ``spamkern.sparse.SemiStructuredLinear``
+  (cuSPARSELt on GPUs where it pays, the masked dense weight otherwise); masked Conv2d
+  layers stay masked dense.
+* ``unstructured`` masks: a masked dense copy (no faster kernel exists for them here).
 """
 
 from __future__ import annotations
@@ -242,7 +244,27 @@ def compress(
             raise ValueError("block masks need the block size: pass block=(r, c)")
         dense = apply_masks(copy.deepcopy(model), masks)
         return convert_to_block_sparse(dense, masks, tuple(block))
+    if pattern == "2:4":
+        return _compress_two_four(model, masks)
     return apply_masks(copy.deepcopy(model), masks)
+
+
+def _compress_two_four(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
+    from spamkern.sparse import SemiStructuredLinear
+
+    new_model = apply_masks(copy.deepcopy(model), masks)
+    targets = [
+        (name, mod)
+        for name, mod in new_model.named_modules()
+        if isinstance(mod, nn.Linear) and f"{name}.weight" in masks
+    ]
+    for name, mod in targets:
+        parent_name, _, attr = name.rpartition(".")
+        parent = new_model.get_submodule(parent_name) if parent_name else new_model
+        if not parent_name and not attr:
+            return SemiStructuredLinear.from_dense(mod, masks[f"{name}.weight"])
+        setattr(parent, attr, SemiStructuredLinear.from_dense(mod, masks[f"{name}.weight"]))
+    return new_model
 
 
 # ---------------------------------------------------------------------------- measuring
