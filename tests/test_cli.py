@@ -1,0 +1,86 @@
+"""The main job on a tiny configuration, and its errors for bad input."""
+
+from __future__ import annotations
+
+import csv
+import re
+import subprocess
+import sys
+
+import pytest
+
+from spamkern.cli import METHODS, main
+
+
+def _rows(path) -> list[dict]:
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_quick_run_writes_consistent_results(tmp_path, capsys):
+    out = tmp_path / "res"
+    rc = main(
+        [
+            "--data", "breast_cancer", "digits",
+            "--quick", "--sparsities", "50", "90",
+            "--methods", "SpaM+OPD", "MAP+magnitude", "MAP+SNIP",
+            "--finetune-epochs", "1",
+            "--latency-repeats", "2",
+            "--out", str(out), "--no-progress",
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    rows = _rows(out / "results.csv")
+    assert (out / "accuracy_vs_sparsity.png").stat().st_size > 1000
+    assert "SpaM+OPD vs MAP+magnitude" in (out / "summary.md").read_text()
+    printed = capsys.readouterr().out
+    assert "| SpaM+OPD |" in printed
+    for ds in ("breast_cancer", "digits"):
+        mine = [r for r in rows if r["dataset"] == ds]
+        dense = [r for r in mine if r["pattern"] == "dense"]
+        assert {(r["method"], r["predictive"]) for r in dense} == {
+            (m, p) for m in ("MAP", "SpaM") for p in ("map", "glm")
+        }
+        pruned = [r for r in mine if r["pattern"] != "dense"]
+        assert len(pruned) == 3 * 2 * 2  # methods × patterns × sparsities
+        for r in pruned:
+            assert 0.0 <= float(r["accuracy"]) <= 1.0 and float(r["nll"]) > 0
+            assert r["finetune_epochs"] == "1"
+            target = float(r["sparsity"]) / 100
+            if r["pattern"] == "unstructured":
+                assert abs(float(r["achieved_sparsity"]) - target) < 1e-3
+                assert int(r["params"]) == int(dense[0]["params"])
+            else:  # unit: compressed, so fewer parameters and FLOPs than dense
+                assert abs(float(r["achieved_sparsity"]) - target) < 0.05
+                assert int(r["params"]) < int(dense[0]["params"])
+                assert int(r["flops"]) < int(dense[0]["flops"])
+                assert float(r["latency_ms"]) > 0
+        assert {r["method"] for r in pruned} == {"SpaM+OPD", "MAP+magnitude", "MAP+SNIP"}
+    assert set(METHODS) >= {"SpaM+OPD", "MAP+OBD", "MAP+GraSP", "MAP+SynFlow", "MAP+random"}
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--data", "imagenet"], "unknown data set 'imagenet'"),
+        (["--data", "mnist=/nonexistent/folder"], "does not exist"),
+        (["--data", "cifar10"], "local folder"),
+        (["--sparsities", "100"], r"\[0, 100\)"),
+        (["--patterns", "2:4"], "invalid choice"),
+        (["--threads", "0"], "--threads"),
+    ],
+)
+def test_bad_input_is_a_clear_error(argv, message, capsys, monkeypatch):
+    monkeypatch.delenv("SPAMKERN_DATA", raising=False)
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--no-progress"])
+    assert exc.value.code == 2
+
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_module_entry_point():
+    res = subprocess.run(
+        [sys.executable, "-m", "spamkern", "--help"], capture_output=True, text=True, check=False
+    )
+    assert res.returncode == 0 and "--finetune-epochs" in res.stdout
