@@ -115,3 +115,16 @@ def test_errors_name_the_module():
     out_masks = prune(mlp, random_scores(mlp), 0.5, pattern="unit", prune_output_layer=True)
     with pytest.raises(ValueError, match="last layer '4'"):
         compress(mlp, out_masks)
+
+
+def test_two_four_compress_uses_semi_structured_linear():
+    sparse = pytest.importorskip("spamkern.sparse")
+    if not hasattr(sparse, "SemiStructuredLinear"):
+        pytest.skip("spamkern.sparse.SemiStructuredLinear is not available")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+    masks = prune(model, random_scores(model), 0.5, pattern="2:4")
+    out = compress(model, masks)
+    assert type(out[0]).__name__ == "SemiStructuredLinear" and isinstance(out[2], nn.Linear)
+    x = torch.randn(5, 12, dtype=torch.float64)
+    torch.testing.assert_close(out(x), _masked(model, masks)(x), rtol=0, atol=1e-12)
