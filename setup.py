@@ -54,7 +54,12 @@ def _extensions():
         return [], {}
 
     cpu_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))
-    cuda_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
+    # csrc/cuda: torch-free kernels (*.cu, compile-checked with nvcc alone) and their torch
+    # glue (*.cpp), both only built with a CUDA torch.
+    cuda_dir = ROOT / "csrc" / "cuda"
+    cuda_sources = sorted(
+        str(p.relative_to(ROOT)) for p in [*cuda_dir.glob("*.cu"), *cuda_dir.glob("*.cpp")]
+    )
     if not cpu_sources:
         return [], {}
 
@@ -73,7 +78,7 @@ def _extensions():
     include_dirs = [str(ROOT / "csrc")]
     if build_cuda:
         archs = os.environ.get("SPAMKERN_CUDA_ARCHS", "80;90").replace(",", ";").split(";")
-        nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        nvcc_flags = ["-O3", "-std=c++17", "-lineinfo"]
         for arch in filter(None, (a.strip() for a in archs)):
             nvcc_flags += [f"-gencode=arch=compute_{arch},code=sm_{arch}"]
         ext = cpp_extension.CUDAExtension(
