@@ -128,7 +128,7 @@ class Prior(nn.Module):
             raise ValueError("prior precisions must be finite and > 0")
         n_hyper, n_tensors = lp.numel(), len(self.slots)
         if value.ndim == 0 or value.numel() == 1:
-            return value.reshape(()).log().expand(n_hyper).clone()
+            return self._from_scalar(value.reshape(()).log())
         if value.ndim != 1:
             raise ValueError(f"prior precision must be a scalar or a vector, got {tuple(value.shape)}")
         if value.numel() == n_hyper:
@@ -143,6 +143,10 @@ class Prior(nn.Module):
             + (f" or {self.n_params} (one per parameter)" if self.kind == "parameterwise" else "")
             + f"; got length {value.numel()}"
         )
+
+    def _from_scalar(self, log_value: torch.Tensor) -> torch.Tensor:
+        """One precision for every parameter."""
+        return log_value.expand(self.log_precision.numel()).clone()
 
     def _from_per_tensor(self, log_values: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"a {self.kind} prior cannot take one precision per parameter tensor")
@@ -207,6 +211,10 @@ class UnitwisePrior(Prior):
         if len(slot.shape) >= 2:
             return TensorPrecision("unit", a=values[: slot.rows], b=values[slot.rows :])
         return TensorPrecision("full", log_delta=values.reshape(slot.shape))
+
+    def _from_scalar(self, log_value):
+        # a_m + b_n must equal the value, not twice it: split it as for one value per tensor
+        return self._from_per_tensor(log_value.expand(len(self.slots)))
 
     def _from_per_tensor(self, log_values):
         parts = []
