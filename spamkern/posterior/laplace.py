@@ -198,9 +198,10 @@ class LaplacePosterior:
     # -- predictive --------------------------------------------------------------------------
     def _block_eigen(self, index: int, tp: TensorPrecision, scale) -> BlockEigen:
         shape = self.blocks[index].shape
-        if index not in self.curvature.factors:
-            h = self.curvature.diags[index].reshape(-1, 1)
-            return BlockEigen(None, None, scale * h + tp.expand(shape).exp().reshape(-1, 1), None)
+        if index not in self.curvature.factors:  # laid out like J's (p, q) view of the block
+            h = self.curvature.diags[index].reshape(weight_matrix_shape(shape))
+            delta = tp.expand(shape).exp().reshape(h.shape)
+            return BlockEigen(None, None, scale * h + delta, None)
         if self.prior.kind == "unitwise":
             return whitened_unit_eigen(self.curvature.factors[index], tp, shape, scale)
         delta = tp.log_delta.exp() if tp.kind == "scalar" else tp.expand(shape).exp().reshape(
