@@ -1,0 +1,79 @@
+"""functional_variance against J Π⁻¹ Jᵀ with a dense posterior precision."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import torch
+
+import spamkern as sk
+
+from . import models as M
+from .dense import dense_precision, expected_log_prior, jacobians, perturb_prior, rel_err
+
+T = 0.7
+CASES = {
+    "mlp": (M.mlp, "classification"),
+    "cnn": (partial(M.cnn, n=5), "classification"),
+    "mixed": (M.mixed, "classification"),
+    "reg-mlp": (M.regression_mlp, "regression"),
+}
+
+
+def _setup(case, prior, structure, seed):
+    factory, likelihood = CASES[case]
+    model, X, y = factory(seed=seed)
+    sigma = 1.3 if likelihood == "regression" else 1.0
+    post = sk.fit_laplace(
+        model,
+        (X, y),
+        likelihood=likelihood,
+        structure=structure,
+        prior=prior,
+        temperature=T,
+        sigma_noise=sigma,
+        batch_size=4,
+    )
+    perturb_prior(post, seed=seed + 20)
+    _, X_test, _ = factory(seed=seed + 1)
+    _, J = jacobians(model, X_test[:3])
+    return post, J
+
+
+@pytest.mark.parametrize("structure", ["kron", "diag"])
+@pytest.mark.parametrize("prior", ["scalar", "layerwise", "unitwise"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_functional_variance_is_exact(case, prior, structure):
+    post, J = _setup(case, prior, structure, seed=3)
+    expected = J @ torch.linalg.solve(dense_precision(post), J.transpose(1, 2))
+    ours = post.functional_variance(J)
+    assert ours.shape == (J.shape[0], J.shape[1], J.shape[1])
+    assert rel_err(ours, expected) < 1e-8
+
+
+def test_functional_variance_parameterwise_uses_the_eigenbasis_diagonal():
+    """Per Kronecker block Π̃ = Q diag(s·λ1 ⊗ λ2 + diag(Qᵀ D Q)) Qᵀ; exact diagonal blocks."""
+    post, J = _setup("mixed", "parameterwise", "kron", seed=4)
+    delta = expected_log_prior(post.prior).exp()
+    s = post.curvature_scale
+    blocks = []
+    for block, factors in zip(post.blocks, post.kron_factors):
+        sl = slice(block.offset, block.offset + block.numel)
+        if isinstance(factors, torch.Tensor):
+            blocks.append(torch.diag(s * factors.reshape(-1) + delta[sl]))
+            continue
+        lam, Q = torch.linalg.eigh(factors[0])
+        if len(factors) == 2:
+            lam2, Q2 = torch.linalg.eigh(factors[1])
+            lam, Q = torch.outer(lam, lam2).reshape(-1), torch.kron(Q, Q2)
+        d = (Q.T @ torch.diag(delta[sl]) @ Q).diagonal()
+        blocks.append(Q @ torch.diag(s * lam.clamp_min(0) + d) @ Q.T)
+    expected = J @ torch.linalg.solve(torch.block_diag(*blocks), J.transpose(1, 2))
+    assert rel_err(post.functional_variance(J), expected) < 1e-8
+
+
+def test_functional_variance_rejects_wrong_jacobian_shape():
+    post, J = _setup("mlp", "layerwise", "kron", seed=5)
+    with pytest.raises(ValueError, match=rf"J must be \(batch, outputs, {post.n_params}\)"):
+        post.functional_variance(J[..., :-1])
