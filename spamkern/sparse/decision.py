@@ -54,9 +54,17 @@ def time_ms(fn: Callable[[], object], device: torch.device, reps: int = 10) -> f
 
 
 def lookup(
-    card: str, op: str, m: int, n: int, k: int, block, density: float, dtype: torch.dtype
+    card: str,
+    op: str,
+    m: int,
+    n: int,
+    k: int,
+    block,
+    density: float,
+    dtype: torch.dtype,
+    backend: str | None = None,
 ) -> dict | None:
-    """The nearest recorded timing for this case, or None."""
+    """The nearest recorded timing for this case (and sparse ``backend``), or None."""
     dt = str(dtype).replace("torch.", "")
     best, best_dist = None, math.inf
     for entry in tables.load(card)["timings"]:
@@ -66,6 +74,7 @@ def lookup(
             or entry.get("k") != k
             or list(entry.get("block", [])) != list(block)
             or entry.get("dtype") != dt
+            or (backend is not None and entry.get("backend", backend) != backend)
         ):
             continue
         dm = abs(math.log2(max(1, entry["m"])) - math.log2(max(1, m)))
@@ -92,7 +101,7 @@ def decide(
     """Choose sparse or dense for input ``x`` (2-D) from recorded or fresh measurements."""
     m, k = x.shape
     card = tables.card_name(x.device)
-    entry = lookup(card, op, m, n, k, block, density, x.dtype)
+    entry = lookup(card, op, m, n, k, block, density, x.dtype, backend)
     if entry is not None:
         sparse_ms, dense_ms = entry["sparse_ms"], entry["dense_ms"]
         how = f"recorded on {card} for m={entry['m']}, density {entry['density']:.2f}"

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from sparse_helpers import rel_err
 from torch import nn
 
+from spamkern.dispatch import select_impl
 from spamkern.sparse import (
     BlockSparseLinear,
     SemiStructuredLinear,
@@ -18,6 +19,7 @@ from spamkern.sparse import (
     tables,
 )
 from spamkern.sparse.decision import lookup
+from spamkern.sparse.layer import _backend_name
 
 
 def _pruned_linear(n, k, block, density, seed):
@@ -72,6 +74,7 @@ def test_recorded_timings_decide(dense_faster):
     layer = BlockSparseLinear.from_dense(lin, 64, bmask)
     x = torch.randn(40, 192)
     card = tables.card_name(x.device)
+    backend = _backend_name("bsr_linear", select_impl("bsr_linear", x, layer.blocks_t))
     tables.record(
         card,
         timing={
@@ -84,7 +87,7 @@ def test_recorded_timings_decide(dense_faster):
             "dtype": "float32",
             "sparse_ms": 2.0 if dense_faster else 1.0,
             "dense_ms": 1.0 if dense_faster else 2.0,
-            "backend": "cpp",
+            "backend": backend,
         },
     )
     with torch.no_grad():
