@@ -104,6 +104,14 @@ class _Recorder:
             handle.remove()
 
 
+def _per_call_blocks(record: _ModuleRecord) -> list[tuple[int, ParamBlock]]:
+    """Blocks that can be accumulated call by call: all of them for a module called once,
+    only the Kronecker ones (sums over calls) for a module called several times."""
+    if len(record.outputs) == 1:
+        return record.blocks
+    return [(index, block) for index, block in record.blocks if block.kind == "kron"]
+
+
 def _add(store: dict[int, torch.Tensor], key: int, value: torch.Tensor) -> None:
     if key in store:
         store[key].add_(value)
@@ -271,14 +279,24 @@ def accumulate_curvature(
                     if g is None:  # this call does not influence the output
                         continue
                     a = rec.inputs[i]
+                    own = _per_call_blocks(rec)
                     if isinstance(rec.module, nn.Conv2d):
-                        _accumulate_conv(rec.module, a, g, rec.blocks, G_sums, raw_A, diags)
+                        _accumulate_conv(rec.module, a, g, own, G_sums, raw_A, diags)
                     else:
-                        _accumulate_linear(a, g, rec.blocks, G_sums, raw_A, diags)
+                        _accumulate_linear(a, g, own, G_sums, raw_A, diags)
+            # a module called more than once: its per-sample gradient is the sum over the
+            # calls, so squaring call by call would be wrong; take those diagonals exactly
+            shared = [
+                item
+                for rec in recorder.records.values()
+                if len(rec.outputs) > 1
+                for item in rec.blocks
+                if item[1].kind == "diag"
+            ]
             recorder.clear()
-            if generic:
+            if generic or shared:
                 recorder.active = False
-                _generic_diag(model, x, V, generic, diags)
+                _generic_diag(model, x, V, generic + shared, diags)
     finally:
         recorder.remove()
         model.train(was_training)
