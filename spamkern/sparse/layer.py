@@ -4,7 +4,8 @@ The weight lives as BSR buffers (spamkern/sparse/format.py), so ``.to(device)`` 
 ``.half()`` move and cast it like any module. ``mode``: ``"auto"`` decides per input shape
 and dtype from measured timings (spamkern/sparse/decision.py), ``"sparse"`` and ``"dense"``
 force a path. ``last_choice`` says what the latest call ran and why. Inference only: the
-compiled kernels have no backward.
+compiled kernels have no backward. Under ``torch.compile`` nothing is measured while
+tracing: run one eager call per input shape first so the measured choice is in place.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class BlockSparseLinear(nn.Module):
         self.last_choice: Choice | None = None
         self._choices: dict[tuple, Choice] = {}
         self._dense: tuple[tuple, torch.Tensor] | None = None
+        dispatch.available_backends("bsr_linear")  # import the kernels now, not while tracing
 
     @classmethod
     def from_dense(
