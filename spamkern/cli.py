@@ -7,7 +7,7 @@ unit (structured) pattern, optionally fine-tune with masks enforced, and evaluat
 test split. Writes ``results.csv``, ``summary.md`` and ``accuracy_vs_sparsity.png`` into
 ``--out`` and prints the tables.
 
-    spamkern                      # breast cancer (CancerNet) and digits (CNN), seed 0
+    spamkern                      # breast cancer (CancerNet) and digits (CNN), seeds 0 1 2
     spamkern --data mnist=/data --seeds 0 1 2 --finetune-epochs 5
 """
 
@@ -151,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data-root", default=None, help="folder of the local data sets")
     p.add_argument("--out", default="spamkern-results", help="output folder")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds (one run each)")
+    p.add_argument(
+        "--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds, one run each (0 1 2)"
+    )
     p.add_argument(
         "--prior",
         default="unitwise",
@@ -173,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PERCENT",
     )
     p.add_argument("--patterns", nargs="+", choices=PATTERNS, default=list(PATTERNS))
+    p.add_argument(
+        "--scope",
+        default="global",
+        choices=("global", "layerwise"),
+        help="one threshold over all layers (default) or the same sparsity in every layer",
+    )
     p.add_argument("--methods", nargs="+", choices=tuple(METHODS), default=list(METHODS))
     p.add_argument(
         "--finetune-epochs",
@@ -399,7 +407,7 @@ def run_one(
             scores[method] = _scores(method, trained, split, seed).detach()
         which, _ = METHODS[method]
         base = trained.spam_model if which == "spam" else trained.map_model
-        masks = prune(base, scores[method], pct / 100.0, pattern=pattern, scope="global")
+        masks = prune(base, scores[method], pct / 100.0, pattern=pattern, scope=args.scope)
         pruned = apply_masks(copy.deepcopy(base), masks)
         if args.finetune_epochs > 0:
             finetune(
@@ -669,7 +677,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         [
             f"# spamkern main job — {', '.join(n for n, _ in args.data)}; seeds "
             f"{' '.join(map(str, args.seeds))}; prior {args.prior}, structure {args.structure}; "
-            f"fine-tune epochs {args.finetune_epochs}; {total:.0f} s on {args.threads} thread(s)",
+            f"{args.scope} scope; fine-tune epochs {args.finetune_epochs}; {total:.0f} s on "
+            f"{args.threads} thread(s)",
             accuracy_tables(rows),
             dense_table(rows),
             compression_table(rows),
