@@ -118,3 +118,16 @@ def test_map_and_glm_predictive():
         glm_predictive(post, x, link="mc")
     with pytest.raises(TypeError, match="functional_variance"):
         glm_predictive(object(), x)
+
+
+def test_glm_predictive_with_a_fitted_diag_posterior():
+    import spamkern as sk
+
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3)).double()
+    x = torch.randn(23, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (23,))
+    post = sk.fit_laplace(model, (x, y), structure="diag", prior_precision=0.5, progress=False)
+    variances = 1.0 / post.precision_diag().detach()
+    expected = glm_predictive(_Posterior(model, variances), x)
+    torch.testing.assert_close(glm_predictive(post, x), expected, rtol=1e-10, atol=1e-12)
