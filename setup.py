@@ -114,7 +114,7 @@ setup(
     packages=find_packages(include=["spamkern", "spamkern.*"]) + ["spamkern.kernels"],
     package_dir={"spamkern.kernels": "kernels"},
     # measured per-card data of the sparse layers (decision tables, tuned Triton configs)
-    package_data={"spamkern.sparse": ["tables/*.json"]},
+    package_data={"spamkern.sparse": ["measured/*.json"]},
     install_requires=REQUIRES,
     extras_require=EXTRAS,
     ext_modules=ext_modules,

@@ -7,7 +7,7 @@ it the spamkern CUDA column is skipped), then from the repository root::
     python bench/run_sparse_gpu.py --quick          # fewer shapes (smoke run, ~1 min)
     python bench/run_sparse_gpu.py --write-tables   # also store the measured sparse/dense
                                                     # timings and tuned Triton configurations
-                                                    # in spamkern/sparse/tables/<card>.json
+                                                    # in spamkern/sparse/measured/<card>.json
 
 Every time is the median of ``triton.testing.do_bench`` (CUDA events, warm-up, L2 flushed
 between repetitions), fp16 unless stated; every ratio is against dense ``F.linear`` with the
@@ -255,7 +255,7 @@ def main() -> None:
         sys.exit("run_sparse_gpu.py needs a CUDA GPU")
     if args.write_tables:
         # measured data goes straight into the package's table for this card
-        os.environ["SPAMKERN_CACHE_DIR"] = str(ROOT / "spamkern" / "sparse" / "tables")
+        os.environ["SPAMKERN_CACHE_DIR"] = str(ROOT / "spamkern" / "sparse" / "measured")
     from spamkern import _ext
     from spamkern.dispatch import available_backends
     from spamkern.sparse import tables

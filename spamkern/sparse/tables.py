@@ -1,7 +1,7 @@
 """Measured data per card: tuned Triton configurations and sparse-vs-dense timings.
 
 Every machine kind ("card": a GPU name, or the CPU model with its thread count) has one JSON
-file. Files shipped with the package live in ``spamkern/sparse/tables/``; what is measured at
+file. Files shipped with the package live in ``spamkern/sparse/measured/``; what is measured at
 run time is added to a file of the same name in the user cache (``$SPAMKERN_CACHE_DIR``, else
 ``~/.cache/spamkern``), which takes precedence. A file holds::
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-_PACKAGE_DIR = Path(__file__).with_name("tables")
+_PACKAGE_DIR = Path(__file__).with_name("measured")
 _LOCK = threading.Lock()
 
 
