@@ -130,9 +130,17 @@ def _ensure_loaded() -> None:
         return
     _LOADED = True
     import importlib
+    import warnings
 
     for module in ("spamkern.kernels", "spamkern._ext"):
         try:
             importlib.import_module(module)
-        except ImportError:
-            pass
+        except ModuleNotFoundError as err:
+            if err.name != module:  # the module exists but something it needs is missing
+                warnings.warn(
+                    f"{module} could not be imported ({err}); its kernels are off",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            # spamkern.kernels is absent when running from a source tree without an
+            # (editable) install: the reference implementations run instead
