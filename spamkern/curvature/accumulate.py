@@ -162,10 +162,25 @@ def _chunked_sq_sum(g: torch.Tensor, u: torch.Tensor, equation: str, per_sample:
     return total
 
 
+def _explicit_padding(conv: nn.Conv2d, a: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Input and integer padding for unfolding; padding='same'/'valid' (possibly asymmetric,
+    which unfold cannot express) is applied to the input here, as Conv2d does."""
+    if not isinstance(conv.padding, str):
+        return a, tuple(conv.padding)
+    if conv.padding == "valid":
+        return a, (0, 0)
+    pads: list[int] = []
+    for k, d in reversed(list(zip(conv.kernel_size, conv.dilation))):  # F.pad: last dim first
+        total = d * (k - 1)
+        pads += [total // 2, total - total // 2]
+    return F.pad(a, pads), (0, 0)
+
+
 def _accumulate_conv(
     conv: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, blocks, factors, raw_A, diags
 ) -> None:
     """a: (B, c, H, W); g: (K, B, out, OH, OW)."""
+    a, padding = _explicit_padding(conv, a)
     d_out = g.shape[2]
     positions = g.shape[3] * g.shape[4]
     g_rows = g.permute(0, 1, 3, 4, 2)  # (K, B, OH, OW, out)
@@ -177,7 +192,7 @@ def _accumulate_conv(
                 continue
             if role == "weight":
                 raw_A[index] = conv_patch_gram(
-                    a, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                    a, conv.kernel_size, conv.stride, padding, conv.dilation,
                     out=raw_A.get(index), alpha=1.0 / positions,
                 )
             _add(factors, index, G.clone())
@@ -187,7 +202,7 @@ def _accumulate_conv(
         if role == "bias":
             _add(diags, index, g.sum((3, 4)).square().sum((0, 1)))
         else:
-            u = F.unfold(a, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+            u = F.unfold(a, conv.kernel_size, conv.dilation, padding, conv.stride)
             g3 = g.reshape(g.shape[0], g.shape[1], d_out, -1)  # (K, B, out, S)
             sq = _chunked_sq_sum(g3, u, "kbos,bis->kboi", d_out * u.shape[1])
             _add(diags, index, sq.reshape(conv.weight.shape))
