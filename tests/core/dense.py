@@ -84,13 +84,12 @@ def dense_curvature(
 
 def _patches(x: torch.Tensor, conv: nn.Conv2d) -> list[torch.Tensor]:
     """Input patches of one sample (c, H, W), one per output position, row-major."""
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (
-        conv.kernel_size,
-        conv.stride,
-        conv.padding,
-        conv.dilation,
-    )
-    xp = F.pad(x, (pw, pw, ph, ph))
+    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+    if isinstance(conv.padding, str):  # "same"/"valid": the pads Conv2d itself applies
+        xp = F.pad(x, conv._reversed_padding_repeated_twice)
+    else:
+        ph, pw = conv.padding
+        xp = F.pad(x, (pw, pw, ph, ph))
     oh = (xp.shape[1] - dh * (kh - 1) - 1) // sh + 1
     ow = (xp.shape[2] - dw * (kw - 1) - 1) // sw + 1
     out = []

@@ -247,3 +247,58 @@ def test_mc_ggn_is_unbiased(likelihood):
         if len(ours) == 2:
             assert rel_err(ours[1], theirs[1]) < TOL
         assert float(ours[0].trace()) / reps == pytest.approx(float(theirs[0].trace()), rel=0.15)
+
+
+class _Shared(nn.Module):
+    """A Conv2d and a Linear each applied twice: per-sample gradients sum over the calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, kernel_size=3, padding=1)
+        self.lin = nn.Linear(5, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = self.conv(torch.tanh(self.conv(x.view(-1, 1, 1, 5)))).view(-1, 5)
+        return self.head(torch.tanh(self.lin(torch.tanh(self.lin(h)))))
+
+
+@pytest.mark.parametrize("curvature", ["ggn", "ef"])
+def test_module_called_twice_has_the_exact_diagonal(curvature):
+    torch.manual_seed(13)
+    model = _Shared().double()
+    X, y = torch.randn(9, 5, dtype=torch.float64), torch.randint(0, 3, (9,))
+    H, _ = dense_curvature(model, X, y, curvature=curvature)
+    post = sk.fit_laplace(model, (X, y), structure="diag", curvature=curvature, batch_size=4)
+    assert rel_err(post.curvature_diag(), H.diagonal()) < TOL
+
+
+def test_float32_model_agrees_with_float64():
+    model, X, y = M.cnn(seed=14)
+    ref = sk.fit_laplace(model, (X, y), structure="kron", prior="unitwise")
+    model32 = model.float()
+    post = sk.fit_laplace(model32, (X.float(), y), structure="kron", prior="unitwise")
+    assert post.precision_diag().dtype == torch.float32
+    assert rel_err(post.precision_diag().double(), ref.precision_diag()) < 1e-5
+    lml, lml32 = ref.log_marginal_likelihood().detach(), post.log_marginal_likelihood().detach()
+    assert float(lml32) == pytest.approx(float(lml), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("padding", "kernel", "dilation"), [("same", (2, 3), (1, 2)), ("same", 3, 1), ("valid", 2, 1)]
+)
+def test_string_padding(padding, kernel, dilation):
+    """padding='same' may be asymmetric (even kernels): both structures stay exact."""
+    torch.manual_seed(15)
+    conv = nn.Conv2d(2, 3, kernel, padding=padding, dilation=dilation).double()
+    X, y = torch.randn(6, 2, 4, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    width = conv(X)[0].numel()
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(width, 3)).double()
+    H, _ = dense_curvature(model, X, y)
+    ref = naive_kfac(model, X, y)
+    diag = sk.fit_laplace(model, (X, y), structure="diag", batch_size=4)
+    assert rel_err(diag.curvature_diag(), H.diagonal()) < TOL
+    kron = sk.fit_laplace(model, (X, y), structure="kron", batch_size=4)
+    for block, factors in zip(kron.blocks, kron.kron_factors):
+        for ours, theirs in zip(factors, ref[block.name], strict=True):
+            assert rel_err(ours, theirs) < TOL

@@ -77,3 +77,16 @@ def test_functional_variance_rejects_wrong_jacobian_shape():
     post, J = _setup("mlp", "layerwise", "kron", seed=5)
     with pytest.raises(ValueError, match=rf"J must be \(batch, outputs, {post.n_params}\)"):
         post.functional_variance(J[..., :-1])
+
+
+@pytest.mark.parametrize("prior", ["layerwise", "unitwise"])
+def test_functional_variance_with_a_two_dimensional_diagonal_block(prior):
+    """An Embedding table under structure='kron' is an exact (vocab, dim) diagonal block."""
+    model, tokens, y = M.embedding(seed=6)
+    post = sk.fit_laplace(
+        model, M.dict_loader(tokens, y, 4), structure="kron", prior=prior, temperature=T
+    )
+    perturb_prior(post, seed=26)
+    _, J = jacobians(model, {"tokens": tokens[:3], "labels": y[:3]})
+    expected = J @ torch.linalg.solve(dense_precision(post), J.transpose(1, 2))
+    assert rel_err(post.functional_variance(J), expected) < 1e-8
