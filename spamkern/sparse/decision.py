@@ -94,39 +94,49 @@ def decide(
     n: int,
     block,
     density: float,
-    backend: str,
-    run_sparse: Callable[[], object],
+    candidates: dict[str, Callable[[], object]],
     run_dense: Callable[[], object],
 ) -> Choice:
-    """Choose sparse or dense for input ``x`` (2-D) from recorded or fresh measurements."""
+    """Choose dense or the fastest sparse backend among ``candidates`` (name → run) for
+    input ``x`` (2-D), from recorded timings or, without any, fresh measurements."""
+    if not candidates:
+        raise ValueError("decide needs at least one sparse candidate backend")
     m, k = x.shape
     card = tables.card_name(x.device)
-    entry = lookup(card, op, m, n, k, block, density, x.dtype, backend)
-    if entry is not None:
+    found = {}
+    for backend in candidates:
+        entry = lookup(card, op, m, n, k, block, density, x.dtype, backend)
+        if entry is not None:
+            found[backend] = entry
+    if found:
+        backend, entry = min(found.items(), key=lambda item: item[1]["sparse_ms"])
         sparse_ms, dense_ms = entry["sparse_ms"], entry["dense_ms"]
         how = f"recorded on {card} for m={entry['m']}, density {entry['density']:.2f}"
     elif not _measure_enabled() or torch.compiler.is_compiling():
+        backend = next(iter(candidates))
         return Choice("sparse", backend, f"no timing recorded for {card}; measuring is off")
     else:
         with torch.no_grad():
-            sparse_ms = time_ms(run_sparse, x.device)
             dense_ms = time_ms(run_dense, x.device)
-        tables.record(
-            card,
-            timing={
-                "op": op,
-                "m": m,
-                "n": n,
-                "k": k,
-                "block": list(block),
-                "density": round(density, 4),
-                "dtype": str(x.dtype).replace("torch.", ""),
-                "sparse_ms": sparse_ms,
-                "dense_ms": dense_ms,
-                "backend": backend,
-            },
-        )
+            timings = {name: time_ms(run, x.device) for name, run in candidates.items()}
+        for name, ms in timings.items():
+            tables.record(
+                card,
+                timing={
+                    "op": op,
+                    "m": m,
+                    "n": n,
+                    "k": k,
+                    "block": list(block),
+                    "density": round(density, 4),
+                    "dtype": str(x.dtype).replace("torch.", ""),
+                    "sparse_ms": ms,
+                    "dense_ms": dense_ms,
+                    "backend": name,
+                },
+            )
+        backend, sparse_ms = min(timings.items(), key=lambda item: item[1])
         how = f"measured now on {card}"
     path = "sparse" if sparse_ms < dense_ms else "dense"
-    reason = f"{how}: sparse {sparse_ms:.4g} ms vs dense {dense_ms:.4g} ms"
+    reason = f"{how}: sparse ({backend}) {sparse_ms:.4g} ms vs dense {dense_ms:.4g} ms"
     return Choice(path, backend if path == "sparse" else "dense", reason, sparse_ms, dense_ms)

@@ -92,14 +92,29 @@ class BlockSparseLinear(nn.Module):
             self._dense = (key, self.weight_bsr.to_dense())
         return self._dense[1]
 
+    def _candidates(self, x2: torch.Tensor) -> list[str]:
+        """Sparse backends to choose among: the one ``SPAMKERN_BACKEND`` names, else every
+        fast backend that can run on x (the torch reference only when there is none)."""
+        if dispatch.requested_backend() != "auto":
+            fn = dispatch.select_impl("bsr_linear", x2, self.blocks_t)
+            return [_backend_name("bsr_linear", fn)]
+        order = ("cuda", "triton") if x2.device.type == "cuda" else ("cpp",)
+        found = []
+        for name in order:
+            try:
+                dispatch.select_impl("bsr_linear", x2, self.blocks_t, backend=name)
+            except ValueError:
+                continue
+            found.append(name)
+        return found or ["torch"]
+
     def _choose(self, x2: torch.Tensor) -> Choice:
         if self.mode == "dense":
             return Choice("dense", "dense", "mode='dense'")
-        fn = dispatch.select_impl("bsr_linear", x2, self.blocks_t)
-        backend = _backend_name("bsr_linear", fn)
+        candidates = self._candidates(x2)
         if self.mode == "sparse":
-            return Choice("sparse", backend, "mode='sparse'")
-        key = (x2.shape[0], x2.dtype, x2.device, backend)
+            return Choice("sparse", candidates[0], "mode='sparse'")
+        key = (x2.shape[0], x2.dtype, x2.device, tuple(candidates))
         choice = self._choices.get(key)
         if choice is None:
             w, b = self.weight_bsr, self.bias
@@ -109,8 +124,10 @@ class BlockSparseLinear(nn.Module):
                 n=self.out_features,
                 block=self.block,
                 density=w.density,
-                backend=backend,
-                run_sparse=lambda: bsr_linear(x2, w, b, backend=backend),
+                candidates={
+                    name: (lambda name=name: bsr_linear(x2, w, b, backend=name))
+                    for name in candidates
+                },
                 run_dense=lambda: F.linear(x2, self.dense_weight(), b),
             )
             if choice.path == "sparse":

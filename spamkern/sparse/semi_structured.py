@@ -128,8 +128,7 @@ class SemiStructuredLinear(nn.Module):
                         n=self.out_features,
                         block=(2, 4),
                         density=0.5,
-                        backend="cusparselt",
-                        run_sparse=lambda: self._sparse(x2),
+                        candidates={"cusparselt": lambda: self._sparse(x2)},
                         run_dense=lambda: F.linear(x2, self.weight, self.bias),
                     )
             self._choices[key] = choice

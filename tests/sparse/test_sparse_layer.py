@@ -210,3 +210,23 @@ def test_2to4_layer_on_gpu_matches_dense():
         y = layer(x)
     ref = F.linear(x.double(), (lin.weight * mask).double(), lin.bias.double())
     assert rel_err(y, ref) < 1e-2
+
+
+def test_decide_picks_the_fastest_sparse_backend():
+    import time
+
+    from spamkern.sparse.decision import decide
+
+    x = torch.randn(8, 32)
+    kwargs = {"op": "toy", "x": x, "n": 16, "block": (16, 16), "density": 0.25}
+    choice = decide(
+        **kwargs,
+        candidates={"slow": lambda: time.sleep(0.004), "fast": lambda: None},
+        run_dense=lambda: time.sleep(0.002),
+    )
+    assert choice.path == "sparse" and choice.backend == "fast" and "measured now" in choice.reason
+    # the records now exist for both backends: the next decision reads them
+    again = decide(**kwargs, candidates={"slow": None, "fast": None}, run_dense=None)
+    assert again.backend == "fast" and "recorded" in again.reason
+    slow_only = decide(**kwargs, candidates={"slow": None}, run_dense=None)
+    assert slow_only.path == "dense" and slow_only.sparse_ms > slow_only.dense_ms
