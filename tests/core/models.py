@@ -141,3 +141,23 @@ def dict_loader(tokens, y, batch_size: int):
         {"tokens": tokens[i : i + batch_size], "labels": y[i : i + batch_size]}
         for i in range(0, len(y), batch_size)
     ]
+
+
+class SequenceNet(nn.Module):
+    """A Linear applied at every position of a (batch, length, features) input."""
+
+    def __init__(self, d_in: int = 5, width: int = 4, classes: int = 3):
+        super().__init__()
+        self.lin = nn.Linear(d_in, width)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.lin(x)).mean(-2))
+
+
+def sequence(seed: int = 0, n: int = 9, length: int = 6, classes: int = 3):
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    model = SequenceNet(classes=classes).to(DTYPE)
+    X = torch.randn(n, length, 5, generator=gen, dtype=DTYPE)
+    return model, X, _labels(n, classes, gen)

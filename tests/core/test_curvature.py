@@ -168,7 +168,9 @@ def test_batch_splitting_and_data_forms_agree(case):
         DataLoader(TensorDataset(X, y), batch_size=2, shuffle=False),
         (X, y),
     ]
+    model.train()  # fitting evaluates in eval mode (BatchNorm statistics) and restores the mode
     posts = [sk.fit_laplace(model, data, structure="kron", batch_size=3) for data in forms]
+    assert model.training
     reference = _curvature_arrays(posts[0])
     for post in posts[1:]:
         assert post.n_data == n

@@ -39,6 +39,7 @@ MODELS = {
     "mlp": (M.mlp, "classification"),
     "cnn": (partial(M.cnn, n=9, dilated=False), "classification"),
     "cnn-dilated": (M.cnn, "classification"),  # ASDL refuses dilation
+    "sequence": (M.sequence, "classification"),  # weight sharing over positions
     "reg-mlp": (M.regression_mlp, "regression"),
     "reg-cnn": (M.regression_cnn, "regression"),
 }
@@ -46,12 +47,14 @@ MODELS = {
 
 def _cases():
     """Every model with every backend and structure, except that the plain CNN goes to ASDL
-    and the dilated one (which ASDL refuses) to curvlinops."""
+    and the dilated one (which ASDL refuses) to curvlinops; the sequence model goes to
+    curvlinops only, whose "expand" KFAC divides A by the number of positions as spamkern
+    does (ASDL does not divide)."""
+    asdl_only, curvlinops_only = {"cnn"}, {"cnn-dilated", "sequence"}
     for model_name in MODELS:
         for backend_name in BACKENDS:
-            if model_name == "cnn" and not backend_name.startswith("asdl"):
-                continue
-            if model_name == "cnn-dilated" and backend_name.startswith("asdl"):
+            asdl = backend_name.startswith("asdl")
+            if (model_name in asdl_only and not asdl) or (model_name in curvlinops_only and asdl):
                 continue
             for structure in ("kron", "diag"):
                 yield model_name, backend_name, structure
