@@ -25,11 +25,13 @@ from torch import nn
 from spamkern.curvature.accumulate import Curvature
 
 __all__ = [
+    "all_gather_object",
     "all_reduce_curvature",
     "all_reduce_gradients",
     "all_reduce_sum",
     "barrier",
     "broadcast_module",
+    "check_same_on_all_ranks",
     "distributed_loader",
     "init_distributed",
     "is_distributed",
@@ -103,6 +105,34 @@ def all_reduce_sum(value: float | torch.Tensor) -> float | torch.Tensor:
     t = torch.tensor([float(value)], dtype=torch.float64, device=_collective_device())
     dist.all_reduce(t)
     return float(t)
+
+
+def all_gather_object(obj: object) -> list:
+    """Every rank's ``obj`` (picklable), indexed by rank; ``[obj]`` without a process group.
+
+    For per-rank state that rank 0 must save, e.g. each rank's random-generator states.
+    """
+    if not is_distributed():
+        return [obj]
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def check_same_on_all_ranks(value: int, what: str) -> None:
+    """Raise on every rank if ``value`` differs between ranks (e.g. optimiser steps per
+    epoch: unequal counts leave ranks waiting in different collectives)."""
+    if not is_distributed():
+        return
+    t = torch.tensor([int(value), -int(value)], dtype=torch.int64, device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    high, low = int(t[0]), -int(t[1])
+    if high != low:
+        raise ValueError(
+            f"the {what} differ between ranks (from {low} to {high}); every rank must do the "
+            "same: give each rank the same number of samples (a data set size divisible by "
+            "the world size, or a DistributedSampler) or the same number of batches"
+        )
 
 
 def all_reduce_gradients(params: Iterable[nn.Parameter], weight: float | None = None) -> None:

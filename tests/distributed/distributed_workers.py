@@ -112,9 +112,11 @@ def fit_worker(rank: int, out_dir: str) -> None:
     """Per-rank fits on exact shards and on a DistributedSampler loader, plus collectives."""
     import spamkern as sk
     from spamkern.distributed import (
+        all_gather_object,
         all_reduce_gradients,
         all_reduce_sum,
         broadcast_module,
+        check_same_on_all_ranks,
         distributed_loader,
         shard,
     )
@@ -126,6 +128,13 @@ def fit_worker(rank: int, out_dir: str) -> None:
     post = sk.fit_laplace(mlp(2), loader, structure="kron", prior="layerwise")
     out["loader"] = fit_summary(post)
     out["sum"] = all_reduce_sum(float(rank + 1))
+    out["gathered"] = all_gather_object({"rank": rank})
+    check_same_on_all_ranks(5, "batches")
+    try:
+        check_same_on_all_ranks(3 + rank, "optimiser steps per epoch")
+        out["mismatch"] = None
+    except ValueError as err:
+        out["mismatch"] = str(err)
     # a differently initialised model on rank 1, made identical by the broadcast
     model = broadcast_module(mlp(5 + rank))
     out["broadcast"] = [p.detach().clone() for p in model.parameters()]

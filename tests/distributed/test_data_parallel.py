@@ -90,6 +90,8 @@ def test_fit_two_ranks_equals_one(two_ranks):
         one = sk.fit_laplace(mlp(2), (X, y), structure="kron", prior="layerwise", batch_size=5)
         assert_fit_equal(got["loader"], fit_summary(one), f"rank {r}, loader")
         assert got["sum"] == 3.0
+        assert got["gathered"] == [{"rank": 0}, {"rank": 1}]
+        assert "optimiser steps per epoch differ between ranks (from 3 to 4)" in got["mismatch"]
         for p, q in zip(got["broadcast"], mlp(5).parameters()):
             assert torch.equal(p, q.detach())
     # weighted gradient average over shards of 19 and 18 = gradient of the global mean
