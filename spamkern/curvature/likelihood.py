@@ -67,6 +67,12 @@ def mean_loss(likelihood: str, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor
     return summed_loss(likelihood, f, y) / f.shape[0]
 
 
+def _draw_device(generator: torch.Generator | None, like: torch.Tensor) -> torch.device:
+    """Random draws happen where the generator lives (a CPU generator with CUDA outputs is
+    allowed); without one, on the outputs' device."""
+    return generator.device if generator is not None else like.device
+
+
 def pseudo_gradients(
     likelihood: str,
     curvature: str,
@@ -85,7 +91,9 @@ def pseudo_gradients(
             eye = torch.eye(c, dtype=f.dtype, device=f.device)
             return sqrt_p.unsqueeze(-1) * (eye.unsqueeze(0) - p.unsqueeze(1))
         if curvature == "ggn-mc":
-            labels = torch.multinomial(p, 1, generator=generator).squeeze(-1)
+            device = _draw_device(generator, p)
+            labels = torch.multinomial(p.to(device), 1, generator=generator)
+            labels = labels.squeeze(-1).to(p.device)
         else:
             labels = y
         return (p - F.one_hot(labels, c).to(p.dtype)).unsqueeze(1)
@@ -93,6 +101,7 @@ def pseudo_gradients(
         eye = torch.eye(c, dtype=f.dtype, device=f.device)
         return eye.expand(n, c, c)
     if curvature == "ggn-mc":
-        noise = torch.randn(f.shape, generator=generator, dtype=f.dtype, device="cpu")
+        device = _draw_device(generator, f)
+        noise = torch.randn(f.shape, generator=generator, dtype=f.dtype, device=device)
         return noise.to(f.device).unsqueeze(1)
     return (f - y).unsqueeze(1)
