@@ -31,6 +31,8 @@ CASES = {
     "mixed": (M.mixed, "classification"),
     "reg-mlp": (M.regression_mlp, "regression"),
     "reg-cnn": (M.regression_cnn, "regression"),
+    # fewer samples than inputs: rank-deficient A, eigenvalues clamped at 0
+    "mlp-few": (partial(M.mlp, n=3, d_in=6), "classification"),
 }
 
 
