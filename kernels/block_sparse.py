@@ -7,9 +7,11 @@ Two kernels over the same format (spamkern/sparse/format.py; blocks pre-transpos
   x tile (BLOCK_M, bk) by each block (bk, bn) into a float32 accumulator, and writes one
   (BLOCK_M, bn) tile of y. Block-rows run heaviest first (``row_order``), which balances the
   tail of the launch when rows hold different numbers of blocks.
-* ``_bsr_linear_splitk_kernel`` — the decode path (few rows, m ≤ 64): too few programs
-  would run above, so each block-row's block list is also split over SPLIT programs that
-  add their partial tiles into a float32 buffer atomically.
+* decode (few rows, m ≤ 64): one row tile gives too few programs to fill the GPU, so either
+  the tiled kernel splits each block-row's columns over COL_SPLIT programs (one launch), or
+  ``_bsr_linear_splitk_kernel`` splits each block-row's block list over SPLIT programs that
+  add their partial tiles into a float32 buffer atomically (three launches: zero, add,
+  cast). The tuner measures both.
 
 The launch configuration (BLOCK_M, warps, stages, split) is measured per (shape, density,
 dtype, card) and cached in a JSON file per card (:mod:`spamkern.sparse.tuning`); under
@@ -57,18 +59,20 @@ def _bsr_linear_kernel(
     EVEN_K: tl.constexpr,
     UPCAST: tl.constexpr,
     F32_PRECISION: tl.constexpr,
+    COL_SPLIT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    brow = tl.load(row_order + tl.program_id(1))
+    brow = tl.load(row_order + tl.program_id(1) // COL_SPLIT)
     start = tl.load(row_ptr + brow).to(tl.int64)  # 64-bit block offsets below
     end = tl.load(row_ptr + brow + 1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BN)
+    # COL_SPLIT programs share a block-row, each owning BN / COL_SPLIT of its columns
+    offs_n = (tl.program_id(1) % COL_SPLIT) * (BN // COL_SPLIT) + tl.arange(0, BN // COL_SPLIT)
     offs_k = tl.arange(0, BK)
     m_ok = offs_m[:, None] < M
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
     w_tile = offs_k[:, None] * BN + offs_n[None, :]
-    acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BN // COL_SPLIT), dtype=tl.float32)
     for p in range(start, end):
         k = tl.load(col_idx + p) * BK + offs_k
         if EVEN_K:
@@ -158,9 +162,18 @@ def candidate_configs(m: int, bn: int, bk: int) -> list[dict]:
         block_m = max(16, triton.next_power_of_2(m))
         for warps in (2, 4):
             for stages in (2, 3, 4):
-                configs.append(
-                    {"kind": "tiled", "BLOCK_M": block_m, "num_warps": warps, "num_stages": stages}
-                )
+                for col_split in (1, 2, 4):
+                    if bn // col_split < 16:
+                        continue
+                    configs.append(
+                        {
+                            "kind": "tiled",
+                            "BLOCK_M": block_m,
+                            "COL_SPLIT": col_split,
+                            "num_warps": warps,
+                            "num_stages": stages,
+                        }
+                    )
             for split in (2, 4, 8):
                 configs.append(
                     {
@@ -237,10 +250,13 @@ def launch(
     y = torch.empty(m, out_features, device=x.device, dtype=x.dtype)
     if m == 0 or n_rows == 0:
         return y
-    grid = (triton.cdiv(m, config["BLOCK_M"]), n_rows)
+    col_split = config.get("COL_SPLIT", 1)
+    if bn % col_split or bn // col_split < 16:
+        raise ValueError(f"COL_SPLIT={col_split} must leave ≥ 16 of the {bn} block columns")
+    grid = (triton.cdiv(m, config["BLOCK_M"]), n_rows * col_split)
     _bsr_linear_kernel[grid](
         x, blocks_t, row_ptr, col_idx, row_order, bias_arg, y, m, out_features, k,
-        x.stride(0), y.stride(0), **common,
+        x.stride(0), y.stride(0), COL_SPLIT=col_split, **common,
     )  # fmt: skip
     return y
 

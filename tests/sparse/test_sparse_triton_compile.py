@@ -55,7 +55,7 @@ _COMPILE = textwrap.dedent(
     for cap in (80, 90):
         cases = (("fp16", 64, 64, 128), ("bf16", 128, 32, 64), ("fp32", 32, 16, 64))
         for dtype, bn, bk, bm in cases:
-            c = dict(base, BN=bn, BK=bk, BLOCK_M=bm)
+            c = dict(base, BN=bn, BK=bk, BLOCK_M=bm, COL_SPLIT=2 if dtype == "bf16" else 1)
             found = compile_one(kb._bsr_linear_kernel, dtype, c, cap, 4, 3)
             out.append([cap, dtype, "tiled", found])
         c = dict(base, BN=64, BK=64, BLOCK_M=16, SPLIT=4)

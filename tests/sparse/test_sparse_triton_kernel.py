@@ -67,9 +67,20 @@ def test_decode_split_k(dtype, split):
     assert rel_err(y.cpu(), ref.cpu()) < TOL[dtype]
 
 
+@pytest.mark.parametrize("col_split", [2, 4])
+def test_decode_column_split(col_split):
+    x, w, b, ref = make_case(200, 96, 3, (64, 32), 0.5, torch.float16, col_split, device=DEVICE)
+    config = {
+        "kind": "tiled", "BLOCK_M": 16, "COL_SPLIT": col_split, "num_warps": 2, "num_stages": 1
+    }  # fmt: skip
+    y = kb.launch(x, w.row_ptr, w.col_idx, w.blocks_t, w.row_order, b, 200, config)
+    assert rel_err(y.cpu(), ref.cpu()) < TOL[torch.float16]
+
+
 def test_candidate_configs_cover_decode_and_large_inputs():
     decode = kb.candidate_configs(48, 64, 64)
     assert {c["kind"] for c in decode} == {"tiled", "splitk"}
+    assert {c.get("COL_SPLIT", 1) for c in decode} == {1, 2, 4}
     assert all(c["BLOCK_M"] == 64 for c in decode)
     large = kb.candidate_configs(4096, 64, 64)
     assert large and all(c["kind"] == "tiled" and c["BLOCK_M"] >= 64 for c in large)
