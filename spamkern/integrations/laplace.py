@@ -60,6 +60,11 @@ __all__ = [
 _KFAC_APPROX = ("expand",)
 
 
+def _likelihood_name(likelihood) -> str:
+    """laplace-torch passes plain strings or its ``Likelihood`` str-enum."""
+    return str(getattr(likelihood, "value", likelihood))
+
+
 class _SpamkernCurvature(CurvatureInterface):
     """Shared ``kron``/``diag`` of the spamkern backends (mixed in before GGN/EF)."""
 
@@ -105,7 +110,7 @@ class _SpamkernCurvature(CurvatureInterface):
             self.model,
             [(x, y)],
             self._blocks(structure),
-            str(self.likelihood),
+            _likelihood_name(self.likelihood),
             self._curvature_name,
             generator=self.generator,
             dict_key_y=self.dict_key_y,
@@ -326,7 +331,7 @@ def from_laplace(la: BaseLaplace) -> LaplaceTorchPosterior:
         curvature_diag=h.to(mean.dtype),
         prior_diag=la.prior_precision_diag.detach().to(mean.dtype).expand(n_params),
         curvature_scale=float(la._H_factor),
-        likelihood=str(la.likelihood),
+        likelihood=_likelihood_name(la.likelihood),
         temperature=float(la.temperature),
     )
 

@@ -21,6 +21,7 @@ from laplace import DiagLaplace, FullLaplace, KronLaplace, Laplace  # noqa: E402
 from laplace.curvature import AsdlGGN, CurvlinopsEF, CurvlinopsGGN  # noqa: E402
 from laplace.curvature.curvature import GGNInterface  # noqa: E402
 from laplace.marglik_training import marglik_training  # noqa: E402
+from laplace.utils.enums import Likelihood  # noqa: E402
 
 from spamkern.integrations.laplace import SpamkernEF, SpamkernGGN, SpamkernGGNMC  # noqa: E402
 
@@ -211,6 +212,7 @@ def test_marglik_training_end_to_end(likelihood):
     hyperparameters as with CurvlinopsGGN (training itself does not depend on the backend)."""
     model = mlp(13)
     X, y = data("mlp", likelihood, 31, seed=14)
+    likelihood = Likelihood(likelihood)  # what marglik_training passes on by default
     runs = []
     for backend in (SpamkernGGN, CurvlinopsGGN):
         torch.manual_seed(0)
