@@ -304,3 +304,45 @@ def test_layernorm_gets_its_exact_diagonal_in_kron():
         assert rel(block, torch.diag(block.diagonal())) == 0.0
         assert rel(block.diagonal(), H.diagonal()[ln_offset : ln_offset + size]) < RTOL
         ln_offset += size
+
+
+class DictModel(nn.Module):
+    """A model fed dict batches, as Hugging Face models are (targets under "labels")."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = mlp(22)
+
+    def forward(self, batch):
+        return self.body(batch["input_ids"])
+
+
+def test_dict_batches():
+    X, y = data("mlp", "classification", 14, seed=23)
+    batches = [{"input_ids": X[i : i + 5], "labels": y[i : i + 5]} for i in range(0, 14, 5)]
+
+    class DictLoader(list):
+        dataset = range(14)
+
+    las = []
+    for backend in (SpamkernGGN, CurvlinopsGGN):
+        torch.manual_seed(0)
+        la = KronLaplace(DictModel(), "classification", backend=backend, prior_precision=0.3)
+        la.fit(DictLoader(batches))
+        las.append(la)
+    assert rel(las[0].log_marginal_likelihood(), las[1].log_marginal_likelihood()) < RTOL
+    assert rel(precision_diag(las[0]), precision_diag(las[1])) < RTOL
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", [SpamkernGGN, SpamkernEF])
+def test_on_cuda_matches_cpu_reference(backend):
+    """The backend on a GPU (float64) against laplace-torch's Curvlinops backend on the CPU."""
+    model = cnn(24)
+    X, y = data("cnn", "classification", 33, seed=25)
+    ref = CurvlinopsGGN if backend is SpamkernGGN else CurvlinopsEF
+    b = fitted(KronLaplace, model, "classification", ref, loader(X, y, 8), prior_precision=0.6)
+    a = fitted(KronLaplace, model.cuda(), "classification", backend, loader(X.cuda(), y.cuda(), 8),
+               prior_precision=0.6)  # fmt: skip
+    assert rel(a.log_marginal_likelihood().cpu(), b.log_marginal_likelihood()) < RTOL
+    assert rel(precision_diag(a).cpu(), precision_diag(b)) < RTOL
