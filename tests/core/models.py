@@ -161,3 +161,23 @@ def sequence(seed: int = 0, n: int = 9, length: int = 6, classes: int = 3):
     model = SequenceNet(classes=classes).to(DTYPE)
     X = torch.randn(n, length, 5, generator=gen, dtype=DTYPE)
     return model, X, _labels(n, classes, gen)
+
+
+class SharedNet(nn.Module):
+    """One Linear applied twice (tied weights) before a head."""
+
+    def __init__(self, width: int = 5, classes: int = 3):
+        super().__init__()
+        self.lin = nn.Linear(width, width)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.lin(torch.tanh(self.lin(x)))))
+
+
+def shared(seed: int = 0, n: int = 9, classes: int = 3):
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    model = SharedNet(classes=classes).to(DTYPE)
+    X = torch.randn(n, 5, generator=gen, dtype=DTYPE)
+    return model, X, _labels(n, classes, gen)
