@@ -76,6 +76,7 @@ CSV_FIELDS = (
     "zero_fraction",
     "finetune_epochs",
     "predictive",
+    "chance",
     "accuracy",
     "nll",
     "ece",
@@ -371,11 +372,13 @@ def run_one(
     dense_flops = count_flops(trained.map_model, shape)
     dense_latency = measure_latency(trained.map_model, shape, repeats=args.latency_repeats)
     x_test, y_test = split.test
+    chance = float(torch.bincount(y_test).max()) / y_test.numel()
     for which, model, post in (
         ("MAP", trained.map_model, trained.map_posterior),
         ("SpaM", trained.spam_model, trained.spam_posterior),
     ):
         common = {
+            "chance": chance,
             "achieved_sparsity": 0.0,
             "zero_fraction": _zero_fraction(model),
             "finetune_epochs": 0,
@@ -436,6 +439,7 @@ def run_one(
                 zero_fraction=_zero_fraction(pruned),
                 finetune_epochs=args.finetune_epochs,
                 predictive="map",
+                chance=chance,
                 params=params,
                 flops=flops,
                 latency_ms=latency,
@@ -523,24 +527,20 @@ def compression_table(rows: list[dict]) -> str:
     sel = [r for r in rows if r["pattern"] == "unit" and r["method"] == "SpaM+OPD"]
     if not sel:
         return ""
-    dense = {r["dataset"]: r for r in rows if r["method"] == "SpaM" and r["predictive"] == "map"}
+    dense = [r for r in rows if r["method"] == "SpaM" and r["predictive"] == "map"]
     lines = [
         "\n**Structured SpaM+OPD, compressed** — parameters, FLOPs per sample, CPU latency "
         "(batch 256, 1 thread, median), mean over seeds\n",
         "| data set | units removed | params | FLOPs | latency ms | accuracy % |",
         "|---|---|---|---|---|---|",
     ]
-    for ds, d in dense.items():
-        lines.append(
-            f"| {ds} | 0% | {int(d['params'])} | {int(d['flops'])} | "
-            f"{float(d['latency_ms']):.3f} | {100 * float(d['accuracy']):.1f} |"
-        )
+    keys = ("params", "flops", "latency_ms", "accuracy")
+    for ds in dict.fromkeys(r["dataset"] for r in sel):
+        groups = [(0.0, [r for r in dense if r["dataset"] == ds])]
         for s in sorted({float(r["sparsity"]) for r in sel if r["dataset"] == ds}):
-            rs = [r for r in sel if r["dataset"] == ds and float(r["sparsity"]) == s]
-            avg = {
-                k: sum(float(r[k]) for r in rs) / len(rs)
-                for k in ("params", "flops", "latency_ms", "accuracy")
-            }
+            groups.append((s, [r for r in sel if r["dataset"] == ds and float(r["sparsity"]) == s]))
+        for s, rs in groups:
+            avg = {k: sum(float(r[k]) for r in rs) / len(rs) for k in keys}
             lines.append(
                 f"| {ds} | {s:g}% | {avg['params']:.0f} | {avg['flops']:.0f} | "
                 f"{avg['latency_ms']:.3f} | {100 * avg['accuracy']:.1f} |"
@@ -549,40 +549,65 @@ def compression_table(rows: list[dict]) -> str:
 
 
 def verdict(rows: list[dict], ours: str = "SpaM+OPD", theirs: str = "MAP+magnitude") -> str:
-    """Plain statement, per data set and pattern, of where ``ours`` beats ``theirs`` at 80–99 %."""
-    acc = _group(
-        rows, lambda r: (r["dataset"], r["pattern"], r["method"], float(r["sparsity"])), "accuracy"
-    )
-    lines = [f"\n**{ours} vs {theirs} at 80–99 % sparsity** (mean test accuracy)\n"]
+    """Plain statement, per data set and pattern, of where ``ours`` beats ``theirs`` at 80–99 %.
+
+    Seeds pair the two (same split, same initialisation). "Better" means not lower on any
+    seed and at least 1 point higher on average ("worse" likewise); anything else is
+    "mixed". Levels where both stay within 5 points of the majority-class rate are "both
+    at chance level" (no winner there). Each level shows the mean difference and the
+    seeds won-tied-lost.
+    """
+    per_seed: dict[tuple, float] = {}
+    for r in rows:
+        if r["pattern"] in PATTERNS:
+            key = (r["dataset"], r["pattern"], r["method"], float(r["sparsity"]), r["seed"])
+            per_seed[key] = float(r["accuracy"])
+    chance = {r["dataset"]: float(r["chance"]) for r in rows if r["chance"] != ""}
+    seeds = list(dict.fromkeys(r["seed"] for r in rows))
+    lines = [
+        f"\n**{ours} vs {theirs} at 80–99 % sparsity** (mean accuracy difference in points "
+        f"over {len(seeds)} paired seed(s); seeds won-tied-lost)\n"
+    ]
+    order = ("better", "mixed", "worse", "both at chance level")
     for ds in dict.fromkeys(r["dataset"] for r in rows):
         for pattern in PATTERNS:
             levels = sorted(
-                s
-                for (d, p, m, s) in acc
-                if d == ds
-                and p == pattern
-                and m == ours
-                and 80 <= s <= 99
-                and (d, p, theirs, s) in acc
+                {
+                    k[3]
+                    for k in per_seed
+                    if k[:3] == (ds, pattern, ours)
+                    and 80 <= k[3] <= 99
+                    and (ds, pattern, theirs, k[3], k[4]) in per_seed
+                }
             )
             if not levels:
                 continue
-            wins = [
-                s
-                for s in levels
-                if acc[(ds, pattern, ours, s)][0] > acc[(ds, pattern, theirs, s)][0]
-            ]
-            ties = [
-                s
-                for s in levels
-                if acc[(ds, pattern, ours, s)][0] == acc[(ds, pattern, theirs, s)][0]
-            ]
-            losses = [s for s in levels if s not in wins and s not in ties]
-            fmt = lambda ss: ", ".join(f"{s:g}%" for s in ss) or "none"  # noqa: E731
-            lines.append(
-                f"- {ds}, {pattern}: better at {fmt(wins)}; equal at {fmt(ties)}; "
-                f"worse at {fmt(losses)}"
-            )
+            verdicts: dict[str, list[str]] = {}
+            for s in levels:
+                pairs = [
+                    (per_seed[(ds, pattern, ours, s, sd)], per_seed[(ds, pattern, theirs, s, sd)])
+                    for sd in seeds
+                    if (ds, pattern, ours, s, sd) in per_seed
+                    and (ds, pattern, theirs, s, sd) in per_seed
+                ]
+                diffs = [100 * (a - b) for a, b in pairs]
+                mean_diff = sum(diffs) / len(diffs)
+                top = max(max(sum(a for a, _ in pairs), sum(b for _, b in pairs)) / len(pairs), 0)
+                if top <= chance.get(ds, 0.0) + 0.05:
+                    kind = "both at chance level"
+                elif all(d >= 0 for d in diffs) and mean_diff >= 1.0:
+                    kind = "better"
+                elif all(d <= 0 for d in diffs) and mean_diff <= -1.0:
+                    kind = "worse"
+                else:
+                    kind = "mixed"
+                wtl = "-".join(
+                    str(sum(1 for d in diffs if test(d)))
+                    for test in (lambda d: d > 0, lambda d: d == 0, lambda d: d < 0)
+                )
+                verdicts.setdefault(kind, []).append(f"{s:g}% ({mean_diff:+.1f}, {wtl})")
+            parts = [f"{k} at {', '.join(verdicts[k])}" for k in order if k in verdicts]
+            lines.append(f"- {ds}, {pattern}: " + "; ".join(parts))
     return "\n".join(lines)
 
 
