@@ -181,3 +181,25 @@ def shared(seed: int = 0, n: int = 9, classes: int = 3):
     model = SharedNet(classes=classes).to(DTYPE)
     X = torch.randn(n, 5, generator=gen, dtype=DTYPE)
     return model, X, _labels(n, classes, gen)
+
+
+def cnn_norm(seed: int = 0, n: int = 7, classes: int = 3):
+    """Convolutions with BatchNorm2d (running statistics) and GroupNorm between them."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.Tanh(),
+        nn.GroupNorm(2, 4),
+        nn.Conv2d(4, 3, 3, stride=2),
+        nn.Flatten(),
+        nn.Linear(3 * 2 * 2, classes),
+    ).to(DTYPE)
+    with torch.no_grad():
+        model[1].running_mean.normal_(0.0, 0.5, generator=gen)
+        model[1].running_var.uniform_(0.5, 2.0, generator=gen)
+        for p in (model[1].weight, model[3].weight, model[3].bias):
+            p.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=DTYPE))
+    X = torch.randn(n, 2, 5, 6, generator=gen, dtype=DTYPE)
+    return model, X, _labels(n, classes, gen)

@@ -31,6 +31,7 @@ CASES = {
     "mlp-no-last-bias": (partial(M.mlp, widths=(6,), bias_last=False), "classification"),
     "cnn": (M.cnn, "classification"),
     "mixed": (M.mixed, "classification"),
+    "cnn-norm": (M.cnn_norm, "classification"),
     "reg-mlp": (M.regression_mlp, "regression"),
     "reg-cnn": (M.regression_cnn, "regression"),
 }
@@ -52,7 +53,7 @@ def test_diag_structure_is_the_dense_diagonal(case, curvature):
 
 
 @pytest.mark.parametrize("curvature", ["ggn", "ef"])
-@pytest.mark.parametrize("case", ["mlp", "mlp-no-last-bias", "cnn", "reg-cnn", "mixed"])
+@pytest.mark.parametrize("case", ["mlp", "mlp-no-last-bias", "cnn", "reg-cnn", "mixed", "cnn-norm"])
 def test_kron_factors_equal_naive_kfac(case, curvature):
     factory, likelihood = CASES[case]
     model, X, y = factory(seed=6)
