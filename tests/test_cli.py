@@ -22,7 +22,7 @@ def test_quick_run_writes_consistent_results(tmp_path, capsys):
     rc = main(
         [
             "--data", "breast_cancer", "digits",
-            "--quick", "--sparsities", "50", "90",
+            "--quick", "--seeds", "3", "--sparsities", "50", "90",
             "--methods", "SpaM+OPD", "MAP+magnitude", "MAP+SNIP",
             "--finetune-epochs", "1",
             "--latency-repeats", "2",
