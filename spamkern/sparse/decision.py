@@ -37,15 +37,19 @@ def _measure_enabled() -> bool:
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, reps: int = 10) -> float:
-    """Median time of ``fn`` in milliseconds (CUDA: do_bench; CPU: perf_counter)."""
+    """Median time of ``fn`` in milliseconds (CUDA: do_bench; CPU: perf_counter, with fewer
+    repetitions for slow calls so a decision never costs more than about a second)."""
     if device.type == "cuda":
         import triton.testing
 
         return float(triton.testing.do_bench(fn, warmup=10, rep=50))
     fn()
+    start = time.perf_counter()
     fn()
-    samples = []
-    for _ in range(reps):
+    first = time.perf_counter() - start
+    reps = max(1, min(reps, int(0.25 / max(first, 1e-6))))
+    samples = [first]
+    for _ in range(reps - 1):
         start = time.perf_counter()
         fn()
         samples.append(time.perf_counter() - start)
