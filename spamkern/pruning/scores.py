@@ -210,9 +210,20 @@ def iterate_batches(data, batch_size: int = 256) -> Iterator[Batch]:
         )
     for batch in data:
         if isinstance(batch, dict):
-            yield batch["x"] if "x" in batch else batch["input"], batch["y"]
+            yield _pick(batch, _X_KEYS), _pick(batch, _Y_KEYS)
         else:
             yield batch[0], batch[1]
+
+
+_X_KEYS = ("x", "input", "inputs")
+_Y_KEYS = ("y", "labels", "label", "targets", "target")
+
+
+def _pick(batch: dict, keys: tuple[str, ...]) -> torch.Tensor:
+    for k in keys:
+        if k in batch:
+            return batch[k]
+    raise ValueError(f"a dict batch needs one of the keys {keys}, got {sorted(batch)}")
 
 
 def _mean_loss_grad(

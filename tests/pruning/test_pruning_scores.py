@@ -171,3 +171,17 @@ def test_scores_alignment_errors():
         scores_to_dict(model, {"0.weight": torch.zeros(7, 13)})
     with pytest.raises(TypeError):
         scores_to_dict(model, [1.0, 2.0])
+
+
+def test_scores_accept_batch_iterables():
+    model = make_mlp()
+    x, y = classification_data(20, (7,), 3)
+    tuples = [(x[:12], y[:12]), (x[12:], y[12:])]
+    dicts = [{"input": a, "labels": b} for a, b in tuples]
+    expected = snip_scores(model, (x, y))
+    torch.testing.assert_close(snip_scores(model, tuples), expected)
+    torch.testing.assert_close(snip_scores(model, dicts), expected)
+    with pytest.raises(ValueError, match="keys"):
+        snip_scores(model, [{"features": x, "y": y}])
+    with pytest.raises(TypeError, match="tuple"):
+        snip_scores(model, 3)
