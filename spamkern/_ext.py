@@ -48,8 +48,10 @@ if AVAILABLE:
     def _bsr_linear_fake(x, row_ptr, col_idx, blocks, row_order, bias, out_features):
         return x.new_empty(x.shape[0], out_features)
 
+    _CPP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
     def _cpp_supports(x: torch.Tensor, blocks_t: torch.Tensor | None = None, *rest) -> bool:
-        return x.dtype == torch.float32 and (blocks_t is None or blocks_t.dtype == x.dtype)
+        return x.dtype in _CPP_DTYPES and (blocks_t is None or blocks_t.dtype == x.dtype)
 
     @register_impl("bsr_linear", "cpp", supports=_cpp_supports)
     def bsr_linear_cpp(x, row_ptr, col_idx, blocks_t, row_order, bias, out_features):

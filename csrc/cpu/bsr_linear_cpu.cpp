@@ -195,9 +195,19 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& row_ptr,
                           const at::Tensor& row_order, const std::optional<at::Tensor>& bias,
                           int64_t out_features) {
   check_bsr_args(x, row_ptr, col_idx, blocks, row_order, bias, out_features);
-  TORCH_CHECK(x.scalar_type() == at::kFloat && blocks.scalar_type() == at::kFloat,
-              "spamkern::bsr_linear on the CPU computes in float32; got x ", x.scalar_type(),
-              " and blocks ", blocks.scalar_type(), " (cast both to float32)");
+  const auto st = x.scalar_type();
+  TORCH_CHECK(blocks.scalar_type() == st, "bsr_linear: blocks dtype ", blocks.scalar_type(),
+              " differs from x dtype ", st);
+  if (st == at::kHalf || st == at::kBFloat16) {
+    // 16-bit operands: products and sums in float32, result rounded once at the end
+    std::optional<at::Tensor> bias32;
+    if (bias.has_value()) bias32 = bias->to(at::kFloat);
+    return bsr_linear_cpu(x.to(at::kFloat), row_ptr, col_idx, blocks.to(at::kFloat), row_order,
+                          bias32, out_features)
+        .to(st);
+  }
+  TORCH_CHECK(st == at::kFloat,
+              "spamkern::bsr_linear on the CPU takes float32, float16 or bfloat16, got ", st);
   const at::Tensor xc = x.contiguous();
   const at::Tensor bc = blocks.contiguous();
   const at::Tensor rp = row_ptr.contiguous();

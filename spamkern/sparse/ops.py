@@ -1,8 +1,9 @@
 """``bsr_linear``: y = x Wᵀ + b for a block-sparse W, one entry point over every backend.
 
 Backends (spamkern.dispatch, ``SPAMKERN_BACKEND``): ``torch`` (reference: the dense masked
-weight through F.linear), ``cpp`` (spamkern._C, CPU, float32), ``cuda`` (spamkern._C,
-tensor cores, fp16/bf16), ``triton`` (GPU, or CPU under ``TRITON_INTERPRET=1``).
+weight through F.linear), ``cpp`` (spamkern._C, CPU; 16-bit inputs computed in float32),
+``cuda`` (spamkern._C, tensor cores, fp16/bf16), ``triton`` (GPU, or CPU under
+``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sparse_helpers import make_case, rel_err
+from sparse_helpers import TOL, make_case, rel_err
 
 from spamkern.sparse import BlockSparseWeight, bsr_linear
 
@@ -22,6 +22,13 @@ def test_matches_masked_dense(block, m):
     y = bsr_linear(x, w, b, backend="cpp")
     assert y.shape == ref.shape
     assert rel_err(y, ref) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16_bit_inputs(dtype):
+    x, w, b, ref = make_case(150, 200, 21, (32, 64), 0.5, dtype, 17)
+    y = bsr_linear(x, w, b, backend="cpp")
+    assert y.dtype == dtype and rel_err(y, ref) < TOL[dtype]
 
 
 @pytest.mark.parametrize("density", [0.0, 1.0])
@@ -71,8 +78,12 @@ def test_opcheck_and_compile():
 def test_rejects_wrong_dtype_and_shapes():
     w = BlockSparseWeight.from_dense(torch.randn(32, 32), 16)
     args = (w.row_ptr, w.col_idx, w.blocks_t, w.row_order, None)
-    with pytest.raises(RuntimeError, match="float32"):
+    with pytest.raises(RuntimeError, match="dtype"):
         torch.ops.spamkern.bsr_linear(torch.randn(4, 32, dtype=torch.float64), *args, 32)
+    w64 = BlockSparseWeight.from_dense(torch.randn(32, 32, dtype=torch.float64), 16)
+    args64 = (w64.row_ptr, w64.col_idx, w64.blocks_t, w64.row_order, None)
+    with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
+        torch.ops.spamkern.bsr_linear(torch.randn(4, 32, dtype=torch.float64), *args64, 32)
     with pytest.raises(RuntimeError, match="row_ptr"):
         torch.ops.spamkern.bsr_linear(torch.randn(4, 32), *args, 64)
     with pytest.raises(ValueError, match="in_features"):
