@@ -46,16 +46,27 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+DOT_PRECISIONS = ("tf32x3", "ieee", "tf32")
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """``input_precision`` for ``tl.dot`` on ``dtype`` operands.
 
-    float32 products use TF32 tensor cores only when torch allows it for matmuls
-    (``torch.backends.cuda.matmul.allow_tf32``, off by default); otherwise they are exact
-    IEEE float32 products (relative error ~1e-7 instead of TF32's ~1e-3).
+    float32 products default to ``tf32x3`` on a GPU: three TF32 tensor-core products per
+    tile (hi·hi + hi·lo + lo·hi), relative error ~1e-6 — float32 accuracy at tensor-core
+    speed. ``torch.backends.cuda.matmul.allow_tf32 = True`` selects plain TF32 (~1e-3, 3×
+    faster); ``SPAMKERN_FP32_DOT=ieee|tf32x3|tf32`` overrides both. The interpreter always
+    computes IEEE products. Other dtypes ignore the setting (fp16/bf16 use tensor cores with
+    float32 accumulation, float64 is exact).
     """
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpreting():
-        return "tf32"
-    return "ieee"
+    if dtype != torch.float32 or interpreting():
+        return "ieee"
+    forced = os.environ.get("SPAMKERN_FP32_DOT", "").strip().lower()
+    if forced:
+        if forced not in DOT_PRECISIONS:
+            raise ValueError(f"SPAMKERN_FP32_DOT={forced!r} is not one of {DOT_PRECISIONS}")
+        return forced
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
 
 
 _SCALAR_CACHE: dict[tuple[float, torch.dtype, torch.device], torch.Tensor] = {}

@@ -12,8 +12,9 @@ One kernel serves both factors of KFAC:
 Only tiles (i, j) with i ≤ j are computed; an off-diagonal tile is added to ``out`` at (i, j)
 and, transposed, at (j, i), so ``out`` is a full symmetric matrix after every call. Products
 accumulate in float32 (float64 for float64 inputs) whatever the operand type; float32
-operands use exact IEEE products unless ``torch.backends.cuda.matmul.allow_tf32`` is set
-(TF32 tensor cores, relative error ~1e-3). Long row ranges are split over several programs
+operands go through tensor cores as 3×TF32 (float32 accuracy, ~1e-6) on a GPU, or plain TF32
+(~1e-3) when ``torch.backends.cuda.matmul.allow_tf32`` is set — see
+:func:`kernels._util.dot_precision`. Long row ranges are split over several programs
 per tile (split-K) that add into ``out`` atomically, so the summation order — and the last
 bits of the result — can vary between GPU runs.
 """
@@ -233,7 +234,10 @@ def _supported(x: torch.Tensor, *args) -> bool:
 @register_impl("gram", "triton", supports=_supported)
 def gram_triton(x: torch.Tensor, out: torch.Tensor | None, alpha: float) -> torch.Tensor:
     """Triton ``out += alpha · xᵀx``; a new matrix is float32 (float64 for float64 x)."""
-    return _accumulate(out, x, x.shape[1], lambda t: triton_gram_(x, t, float(alpha)))
+    if torch.compiler.is_compiling():
+        return _accumulate(out, x, x.shape[1], lambda t: triton_gram_(x, t, float(alpha)))
+    # eager: launch directly, a custom-op call costs tens of µs of Python per batch and layer
+    return _accumulate(out, x, x.shape[1], lambda t: _sym_gram_into(x, t, float(alpha), None))
 
 
 @register_impl("conv_patch_gram", "triton", supports=_supported)
@@ -248,11 +252,10 @@ def conv_patch_gram_triton(
 ) -> torch.Tensor:
     """Triton implicit-im2col ``out += alpha · UᵀU`` (U never materialised)."""
     d = x.shape[1] * kernel_size[0] * kernel_size[1]
-    return _accumulate(
-        out,
-        x,
-        d,
-        lambda t: triton_conv_patch_gram_(
-            x, t, list(kernel_size), list(stride), list(padding), list(dilation), float(alpha)
-        ),
-    )
+    geometry = [list(kernel_size), list(stride), list(padding), list(dilation)]
+    if torch.compiler.is_compiling():
+        return _accumulate(
+            out, x, d, lambda t: triton_conv_patch_gram_(x, t, *geometry, float(alpha))
+        )
+    conv = tuple(tuple(int(v) for v in p) for p in geometry)
+    return _accumulate(out, x, d, lambda t: _sym_gram_into(x, t, float(alpha), conv))

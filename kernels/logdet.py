@@ -57,8 +57,7 @@ def _block_size() -> int:
     return 1 << 16 if interpreting() else 1024
 
 
-@torch.library.custom_op("spamkern::triton_eig_logdet", mutates_args=())
-def triton_eig_logdet(
+def _eig_logdet_launch(
     l1: torch.Tensor,
     l2: torch.Tensor,
     delta: torch.Tensor,
@@ -79,6 +78,21 @@ def triton_eig_logdet(
             NEED_GRAD=need_grad, BLOCK=_block_size(),
         )  # fmt: skip
     return value.to(l1.dtype).reshape(()), gdelta, gscale
+
+
+@torch.library.custom_op("spamkern::triton_eig_logdet", mutates_args=())
+def triton_eig_logdet(
+    l1: torch.Tensor,
+    l2: torch.Tensor,
+    delta: torch.Tensor,
+    scale: torch.Tensor,
+    prog_block: torch.Tensor,
+    prog_start: torch.Tensor,
+    meta: torch.Tensor,
+    need_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Custom-op form of the packed log det, differentiable (what ``torch.compile`` traces)."""
+    return _eig_logdet_launch(l1, l2, delta, scale, prog_block, prog_start, meta, need_grad)
 
 
 @triton_eig_logdet.register_fake
@@ -108,6 +122,26 @@ def _backward(ctx, grad_value, _grad_gdelta, _grad_gscale):
 
 
 triton_eig_logdet.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerEigLogdet(torch.autograd.Function):
+    """The same forward/backward without the custom-op wrapper, for eager hypersteps."""
+
+    @staticmethod
+    def forward(ctx, delta, scale, l1, l2, prog_block, prog_start, meta, need_grad):
+        value, gdelta, gscale = _eig_logdet_launch(
+            l1, l2, delta, scale, prog_block, prog_start, meta, need_grad
+        )
+        ctx.save_for_backward(gdelta, gscale)
+        ctx.dtypes = (delta.dtype, scale.dtype)
+        return value
+
+    @staticmethod
+    def backward(ctx, grad_value):
+        gdelta, gscale = ctx.saved_tensors
+        g_delta = (grad_value * gdelta).to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
+        g_scale = (grad_value * gscale).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
+        return g_delta, g_scale, None, None, None, None, None, None
 
 
 class TritonEigLogdetPlan:
@@ -166,10 +200,11 @@ class TritonEigLogdetPlan:
         else:
             scale_t = device_scalar(scale, self.dtype, self.device)
         need_grad = torch.is_grad_enabled() and (packed.requires_grad or scale_t.requires_grad)
-        value, _, _ = triton_eig_logdet(
-            self.l1, self.l2, packed, scale_t, prog_block, prog_start, meta, need_grad
-        )
-        return value
+        tables = (prog_block, prog_start, meta)
+        if torch.compiler.is_compiling():
+            value, _, _ = triton_eig_logdet(self.l1, self.l2, packed, scale_t, *tables, need_grad)
+            return value
+        return _EagerEigLogdet.apply(packed, scale_t, self.l1, self.l2, *tables, need_grad)
 
 
 def _supported(*tensors) -> bool:

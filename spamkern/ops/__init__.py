@@ -5,7 +5,16 @@ themselves under the same op name with :func:`spamkern.dispatch.register_impl`.
 """
 
 from spamkern.ops.factors import conv_patch_gram, gram
-from spamkern.ops.precision import kron_curvature_diag, precision_and_opd
-from spamkern.ops.select import kth_smallest
+from spamkern.ops.precision import kron_curvature_diag, kron_precision_and_opd, precision_and_opd
+from spamkern.ops.select import kth_smallest, segment_kth_smallest, threshold_for_sparsity
 
-__all__ = ["conv_patch_gram", "gram", "kron_curvature_diag", "kth_smallest", "precision_and_opd"]
+__all__ = [
+    "conv_patch_gram",
+    "gram",
+    "kron_curvature_diag",
+    "kron_precision_and_opd",
+    "kth_smallest",
+    "precision_and_opd",
+    "segment_kth_smallest",
+    "threshold_for_sparsity",
+]
