@@ -148,6 +148,8 @@ def fit_worker(rank: int, out_dir: str) -> None:
 
 
 N_TRAIN = 40  # even: full-batch shards of equal size, so averaged gradients are exact
+# resume runs: minibatches, so the restored shuffling state decides which samples meet
+RESUME_N, RESUME_BATCH = 40, 7
 
 
 def marglik_kwargs(batch_size: int, n_epochs: int = 4) -> dict:
@@ -196,27 +198,40 @@ class EpochHook:
         return None
 
 
-def marglik_worker(rank: int, out_dir: str, ckpt: str | None, resume: bool, kill_at: int | None):
-    """marglik_train on this rank's shard, full batch; optionally SIGKILLed at ``kill_at``."""
+def marglik_worker(
+    rank: int,
+    out_dir: str,
+    tag: str,
+    ckpt: str | None = None,
+    resume: bool = False,
+    kill_at: int | None = None,
+) -> None:
+    """marglik_train on this rank's shard; optionally SIGKILLed at ``kill_at``.
+
+    ``tag`` "full": N_TRAIN samples, one full-shard batch per step (comparable with one
+    process on all data); "resume": RESUME_N samples in shuffled minibatches.
+    """
     import spamkern as sk
     from spamkern.distributed import shard
 
-    X, y = shard(*problem(N_TRAIN, seed=7))
+    n, batch = (N_TRAIN, None) if tag == "full" else (RESUME_N, RESUME_BATCH)
+    X, y = shard(*problem(n, seed=7))
     hook = EpochHook(kill_at)
     result = sk.marglik_train(
         mlp(8),
         (X, y),
-        **marglik_kwargs(batch_size=X.shape[0]),
+        **marglik_kwargs(batch_size=batch or X.shape[0]),
         checkpoint_path=ckpt,
         resume=resume,
         online_pruning=hook,
     )
     summary = marglik_summary(result)
     summary["epochs_run_here"] = hook.seen
-    torch.save(summary, Path(out_dir) / f"marglik{rank}.pt")
+    torch.save(summary, Path(out_dir) / f"{tag}{rank}.pt")
 
 
 def fit_and_train_worker(rank: int, out_dir: str) -> None:
-    """One spawn for both: the fits, then an uninterrupted marglik_train run."""
+    """One spawn for all: the fits, then uninterrupted marglik_train runs of both kinds."""
     fit_worker(rank, out_dir)
-    marglik_worker(rank, out_dir, None, False, None)
+    marglik_worker(rank, out_dir, "full")
+    marglik_worker(rank, out_dir, "resume")
