@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import warnings
 from pathlib import Path
 
 import torch
@@ -127,6 +128,10 @@ def fit_worker(rank: int, out_dir: str) -> None:
     loader.sampler.set_epoch(1)
     post = sk.fit_laplace(mlp(2), loader, structure="kron", prior="layerwise")
     out["loader"] = fit_summary(post)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        distributed_loader(TensorDataset(*problem(N_FIT)), batch_size=5)
+    out["padding_warning"] = [str(w.message) for w in caught]
     out["sum"] = all_reduce_sum(float(rank + 1))
     out["gathered"] = all_gather_object({"rank": rank})
     check_same_on_all_ranks(5, "batches")

@@ -31,7 +31,7 @@ from distributed_workers import (
 from torch import nn
 
 import spamkern as sk
-from spamkern.distributed import shard
+from spamkern.distributed import init_distributed, is_distributed, set_epoch, shard
 
 pytestmark = [
     pytest.mark.distributed,
@@ -57,6 +57,23 @@ def assert_fit_equal(got: dict, ref: dict, what: str) -> None:
 
 def load_ranks(out: Path, prefix: str, world_size: int = 2) -> list[dict]:
     return [torch.load(out / f"{prefix}{r}.pt", weights_only=False) for r in range(world_size)]
+
+
+def test_single_process_helpers(monkeypatch):
+    """Without torchrun's variables init_distributed is a no-op; set_epoch finds samplers."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    device = init_distributed()
+    assert not is_distributed()
+    assert device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    data = torch.utils.data.TensorDataset(torch.arange(10.0))
+    sampler = torch.utils.data.DistributedSampler(data, num_replicas=2, rank=1, seed=3)
+    loader = torch.utils.data.DataLoader(data, batch_size=2, sampler=sampler)
+    first = [int(i) for i in sampler]
+    set_epoch(loader, 5)
+    assert sampler.epoch == 5 and [int(i) for i in sampler] != first
+    with pytest.raises(ValueError, match="'nccl' or 'gloo'"):
+        monkeypatch.setenv("WORLD_SIZE", "1")
+        init_distributed("mpi")
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +107,7 @@ def test_fit_two_ranks_equals_one(two_ranks):
         one = sk.fit_laplace(mlp(2), (X, y), structure="kron", prior="layerwise", batch_size=5)
         assert_fit_equal(got["loader"], fit_summary(one), f"rank {r}, loader")
         assert got["sum"] == 3.0
+        assert any("repeats 1 of them" in m for m in got["padding_warning"])
         assert got["gathered"] == [{"rank": 0}, {"rank": 1}]
         assert "optimiser steps per epoch differ between ranks (from 3 to 4)" in got["mismatch"]
         for p, q in zip(got["broadcast"], mlp(5).parameters()):
