@@ -172,7 +172,7 @@ def dense_precision(post) -> torch.Tensor:
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Largest absolute difference relative to the largest reference entry."""
-    a, b = torch.as_tensor(a), torch.as_tensor(b)
+    a, b = torch.as_tensor(a).detach(), torch.as_tensor(b).detach()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
 
 

@@ -290,6 +290,7 @@ def test_float32_model_agrees_with_float64():
 @pytest.mark.parametrize(
     ("padding", "kernel", "dilation"), [("same", (2, 3), (1, 2)), ("same", 3, 1), ("valid", 2, 1)]
 )
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
 def test_string_padding(padding, kernel, dilation):
     """padding='same' may be asymmetric (even kernels): both structures stay exact."""
     torch.manual_seed(15)
