@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 laplace = pytest.importorskip("laplace")
 
 from laplace import DiagLaplace, FullLaplace, KronLaplace, Laplace  # noqa: E402
-from laplace.curvature import AsdlGGN, CurvlinopsEF, CurvlinopsGGN  # noqa: E402
+from laplace.curvature import AsdlEF, AsdlGGN, CurvlinopsEF, CurvlinopsGGN  # noqa: E402
 from laplace.curvature.curvature import GGNInterface  # noqa: E402
 from laplace.marglik_training import marglik_training  # noqa: E402
 from laplace.utils.enums import Likelihood  # noqa: E402
@@ -206,15 +206,23 @@ def test_full_laplace_and_last_layer_use_the_backend():
     assert rel(las[0].posterior_precision.diag(), las[1].posterior_precision.diag()) < RTOL
 
 
-@pytest.mark.parametrize("likelihood", ["classification", "regression"])
-def test_marglik_training_end_to_end(likelihood):
+@pytest.mark.parametrize(
+    "likelihood,ours,ref",
+    [
+        ("classification", SpamkernGGN, CurvlinopsGGN),
+        ("regression", SpamkernGGN, CurvlinopsGGN),
+        ("classification", SpamkernEF, AsdlEF),
+    ],
+    ids=["classification-ggn", "regression-ggn", "classification-ef"],
+)
+def test_marglik_training_end_to_end(likelihood, ours, ref):
     """laplace-torch's marglik_training runs with the spamkern backend and learns the same
-    hyperparameters as with CurvlinopsGGN (training itself does not depend on the backend)."""
+    hyperparameters as with its own backends (training itself does not depend on them)."""
     model = mlp(13)
     X, y = data("mlp", likelihood, 31, seed=14)
     likelihood = Likelihood(likelihood)  # what marglik_training passes on by default
     runs = []
-    for backend in (SpamkernGGN, CurvlinopsGGN):
+    for backend in (ours, ref):
         torch.manual_seed(0)
         la, _, margliks, losses = marglik_training(
             copy.deepcopy(model),
