@@ -237,6 +237,8 @@ def launch(
         "num_stages": config["num_stages"],
     }
     bias_arg = bias if bias is not None else blocks_t
+    if m == 0 or n_rows == 0:
+        return torch.empty(m, out_features, device=x.device, dtype=x.dtype)
     if config["kind"] == "splitk":
         if m > config["BLOCK_M"]:
             raise ValueError(f"the split-K kernel takes at most BLOCK_M={config['BLOCK_M']} rows")
@@ -248,8 +250,6 @@ def launch(
         )  # fmt: skip
         return y32 if x.dtype == torch.float32 else y32.to(x.dtype)
     y = torch.empty(m, out_features, device=x.device, dtype=x.dtype)
-    if m == 0 or n_rows == 0:
-        return y
     col_split = config.get("COL_SPLIT", 1)
     if bn % col_split or bn // col_split < 16:
         raise ValueError(f"COL_SPLIT={col_split} must leave ≥ 16 of the {bn} block columns")

@@ -77,6 +77,12 @@ def test_decode_column_split(col_split):
     assert rel_err(y.cpu(), ref.cpu()) < TOL[torch.float16]
 
 
+def test_no_rows():
+    x, w, b, _ = make_case(48, 32, 1, (16, 16), 0.5, torch.float32, 4, device=DEVICE)
+    y = bsr_linear(x[:0], w, b, backend="triton")
+    assert y.shape == (0, 48)
+
+
 def test_candidate_configs_cover_decode_and_large_inputs():
     decode = kb.candidate_configs(48, 64, 64)
     assert {c["kind"] for c in decode} == {"tiled", "splitk"}
