@@ -354,3 +354,34 @@ def test_on_cuda_matches_cpu_reference(backend):
                prior_precision=0.6)  # fmt: skip
     assert rel(a.log_marginal_likelihood().cpu(), b.log_marginal_likelihood()) < RTOL
     assert rel(precision_diag(a).cpu(), precision_diag(b)) < RTOL
+
+
+@pytest.mark.parametrize("likelihood", ["classification", "regression"])
+@pytest.mark.parametrize("backend_cls", [SpamkernGGN, SpamkernEF], ids=["ggn", "ef"])
+def test_backend_level_invariants(likelihood, backend_cls):
+    """laplace-torch's own curvature-suite checks, on the backend's kron/diag directly:
+    summing up over batches, 7 × one point = the point repeated 7 times (normalisation),
+    and diag = the diagonal of the dense curvature (laplace-torch's torch.func ``full``)."""
+    model = cnn(26)
+    X, y = data("cnn", likelihood, 10, seed=27)
+    backend = backend_cls(model, likelihood)
+    n, m = len(X), 3
+    loss, kron = backend.kron(X, y, N=n)
+    loss1, kron1 = backend.kron(X[:m], y[:m], N=n)
+    loss2, kron2 = backend.kron(X[m:], y[m:], N=n)
+    assert rel(kron.diag(), (kron1 + kron2).diag()) < RTOL
+    assert rel(loss, loss1 + loss2) < RTOL
+    loss_d, diag = backend.diag(X, y, N=n)
+    loss_d1, diag1 = backend.diag(X[:m], y[:m], N=n)
+    loss_d2, diag2 = backend.diag(X[m:], y[m:], N=n)
+    assert rel(diag, diag1 + diag2) < RTOL and rel(loss_d, loss_d1 + loss_d2) < RTOL
+
+    xi, yi = X[:1], y[:1]
+    loss_1, kron_1 = backend.kron(xi, yi, N=1)
+    loss_7, kron_7 = backend.kron(xi.repeat_interleave(7, 0), yi.repeat_interleave(7, 0), N=7)
+    assert rel((7 * kron_1).diag(), kron_7.diag()) < RTOL
+    assert rel(7 * loss_1, loss_7) < RTOL
+
+    loss_f, full = backend.full(X, y)
+    assert rel(loss_d, loss_f) < RTOL
+    assert rel(diag, full.diagonal()) < RTOL
