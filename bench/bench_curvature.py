@@ -99,6 +99,20 @@ def test_spamkern_fit(benchmark, timed, work, sizes, device, curvature):
     timed(fit, sizes.rounds)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="on the CPU auto already is torch")
+def test_spamkern_fit_reference_ops(benchmark, timed, work, sizes, device, monkeypatch):
+    """Exact GGN with SPAMKERN_BACKEND=torch: what the Triton kernels add to the same pass."""
+    _tag(benchmark, work, "spamkern_ggn_torch_ops")
+    monkeypatch.setenv("SPAMKERN_BACKEND", "torch")
+
+    def fit():
+        return sk.fit_laplace(
+            work.model, work.staged, structure="kron", curvature="ggn", prior="layerwise"
+        )
+
+    timed(fit, sizes.rounds)
+
+
 def test_spamkern_fit_from_tensors(benchmark, timed, work, sizes, device):
     """In-memory (X, y) is batched on the device: no DataLoader collation to pay."""
     _tag(benchmark, work, "spamkern_ggn_tensors")
