@@ -271,6 +271,8 @@ def accumulate_curvature(
     try:
         for batch in tqdm(batches, desc="curvature", disable=not progress, leave=False):
             x, y = split_batch(batch, device, dict_key_y)
+            if y.ndim > 0 and y.shape[0] == 0:  # an empty batch (a trailing slice) adds nothing
+                continue
             recorder.clear()
             recorder.active = True
             f = model(x)
