@@ -123,6 +123,8 @@ def test_empty_data(mlp_data):
     model, X, y = mlp_data
     with pytest.raises(ValueError, match=re.escape("yielded no batches (empty loader)")):
         sk.fit_laplace(model, [])
+    with pytest.raises(ValueError, match=re.escape("yielded no batches (empty loader)")):
+        sk.fit_laplace(model, [(X[:0], y[:0])])
     with pytest.raises(ValueError, match=re.escape("empty (X has 0 rows)")):
         sk.fit_laplace(model, (X[:0], y[:0]))
     with pytest.raises(ValueError, match="X has 13 rows but y has 5"):
