@@ -106,15 +106,16 @@ class _SpamkernCurvature(CurvatureInterface):
         return cache[structure]
 
     def _accumulate_once(self, x, y: torch.Tensor, structure: str) -> Curvature:
-        return accumulate_curvature(
-            self.model,
-            [(x, y)],
-            self._blocks(structure),
-            _likelihood_name(self.likelihood),
-            self._curvature_name,
-            generator=self.generator,
-            dict_key_y=self.dict_key_y,
-        )
+        with torch.enable_grad():  # the pass backpropagates, even if fit() runs under no_grad
+            return accumulate_curvature(
+                self.model,
+                [(x, y)],
+                self._blocks(structure),
+                _likelihood_name(self.likelihood),
+                self._curvature_name,
+                generator=self.generator,
+                dict_key_y=self.dict_key_y,
+            )
 
     def _accumulate(self, x, y: torch.Tensor, structure: str) -> Curvature:
         """One batch; MC-GGN with ``num_samples`` > 1 averages independent draws."""

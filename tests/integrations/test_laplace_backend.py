@@ -385,3 +385,17 @@ def test_backend_level_invariants(likelihood, backend_cls):
     loss_f, full = backend.full(X, y)
     assert rel(loss_d, loss_f) < RTOL
     assert rel(diag, full.diagonal()) < RTOL
+
+
+def test_float32_and_no_grad_context():
+    """A float32 fit (inside torch.no_grad, which the pass must override) is within float32
+    accuracy of the float64 one."""
+    model = cnn(28)
+    X, y = data("cnn", "classification", 21, seed=29)
+    ref = fitted(KronLaplace, model, "classification", SpamkernGGN, loader(X, y, 8))
+    la = KronLaplace(copy.deepcopy(model).float(), "classification", backend=SpamkernGGN)
+    with torch.no_grad():
+        la.fit(loader(X.float(), y, 8))
+    assert la.posterior_precision.diag().dtype == torch.float32
+    assert rel(la.posterior_precision.diag().double(), precision_diag(ref)) < 1e-5
+    assert rel(la.log_marginal_likelihood().double(), ref.log_marginal_likelihood()) < 1e-5
