@@ -469,7 +469,11 @@ def _group(rows: list[dict], key: Callable[[dict], tuple], field_name: str) -> d
 
 
 def accuracy_tables(rows: list[dict]) -> str:
-    """Markdown: mean test accuracy (%) per method × sparsity, per data set and pattern."""
+    """Markdown: mean test accuracy (%) per method × sparsity, per data set and pattern.
+
+    Every number here is under the MAP predictive (the GLM rows go to :func:`dense_table`).
+    """
+    rows = [r for r in rows if r["predictive"] == "map"]
     acc = _group(
         rows, lambda r: (r["dataset"], r["pattern"], r["method"], float(r["sparsity"])), "accuracy"
     )

@@ -56,6 +56,8 @@ def test_quick_run_writes_consistent_results(tmp_path, capsys):
                 assert int(r["flops"]) < int(dense[0]["flops"])
                 assert float(r["latency_ms"]) > 0
         assert {r["method"] for r in pruned} == {"SpaM+OPD", "MAP+magnitude", "MAP+SNIP"}
+        dense_map = next(r for r in dense if r["method"] == "MAP" and r["predictive"] == "map")
+        assert f"dense MAP {100 * float(dense_map['accuracy']):.1f}" in printed
     assert set(METHODS) >= {"SpaM+OPD", "MAP+OBD", "MAP+GraSP", "MAP+SynFlow", "MAP+random"}
 
 
