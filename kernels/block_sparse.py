@@ -310,4 +310,8 @@ def _supports(x: torch.Tensor, blocks_t: torch.Tensor | None = None, *rest) -> b
 
 @register_impl("bsr_linear", "triton", supports=_supports)
 def bsr_linear_triton_impl(x, row_ptr, col_idx, blocks_t, row_order, bias, out_features):
-    return _bsr_linear_triton_op(x, row_ptr, col_idx, blocks_t, row_order, bias, out_features)
+    # the custom-op wrapper costs tens of microseconds of Python per call (a decode-sized
+    # kernel takes a few): eager calls launch directly, traced calls go through the op
+    if torch.compiler.is_compiling():
+        return _bsr_linear_triton_op(x, row_ptr, col_idx, blocks_t, row_order, bias, out_features)
+    return bsr_linear_triton(x, row_ptr, col_idx, blocks_t, row_order, bias, out_features)

@@ -155,7 +155,11 @@ void bsr_linear_f32(const float* x, int64_t M, int64_t K, const int32_t* row_ptr
   const int64_t chunk = static_cast<int64_t>(table.vec_width) * table.max_vecs;
   const int64_t m_tiles = (M + kMT - 1) / kMT;
   const int64_t tasks = n_block_rows * m_tiles;
-#pragma omp parallel for schedule(dynamic, 1)
+  // Small products (decode-sized inputs) run on one thread: waking a second costs more
+  // than the work (tens of microseconds, and milliseconds on a busy machine).
+  const double flops = 2.0 * static_cast<double>(M) * row_ptr[n_block_rows] * bk * bn;
+  const bool parallel = tasks > 1 && flops > 4.0e6;
+#pragma omp parallel for schedule(dynamic, 1) if (parallel)
   for (int64_t t = 0; t < tasks; ++t) {
     alignas(64) float out[kMR * kChunk];
     const int64_t brow = row_order[t / m_tiles];

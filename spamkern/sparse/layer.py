@@ -109,14 +109,16 @@ class BlockSparseLinear(nn.Module):
         return found or ["torch"]
 
     def _choose(self, x2: torch.Tensor) -> Choice:
-        if self.mode == "dense":
-            return Choice("dense", "dense", "mode='dense'")
-        candidates = self._candidates(x2)
-        if self.mode == "sparse":
-            return Choice("sparse", candidates[0], "mode='sparse'")
-        key = (x2.shape[0], x2.dtype, x2.device, tuple(candidates))
+        key = (self.mode, x2.shape[0], x2.dtype, x2.device, dispatch.requested_backend())
         choice = self._choices.get(key)
-        if choice is None:
+        if choice is not None:
+            return choice
+        if self.mode == "dense":
+            choice = Choice("dense", "dense", "mode='dense'")
+        elif self.mode == "sparse":
+            choice = Choice("sparse", self._candidates(x2)[0], "mode='sparse'")
+        else:
+            candidates = self._candidates(x2)
             w, b = self.weight_bsr, self.bias
             choice = decide(
                 op="bsr_linear",
@@ -132,6 +134,7 @@ class BlockSparseLinear(nn.Module):
             )
             if choice.path == "sparse":
                 self._dense = None  # the dense copy is not needed: free it
+        if not torch.compiler.is_compiling():  # a traced call measured nothing: ask again
             self._choices[key] = choice
         return choice
 

@@ -28,6 +28,9 @@ def _autotune_enabled() -> bool:
     return os.environ.get("SPAMKERN_AUTOTUNE", "1") != "0"
 
 
+_MEMO: dict[tuple, dict] = {}  # (device, key) -> configuration, so a call reads no file
+
+
 def triton_config(x, row_ptr, col_idx, blocks_t, row_order, bias, out_features) -> dict:
     """The configuration to launch with (measured on a GPU, default in the interpreter)."""
     from spamkern.sparse._kernels import triton_module
@@ -40,13 +43,16 @@ def triton_config(x, row_ptr, col_idx, blocks_t, row_order, bias, out_features) 
     n_blocks = (row_ptr.numel() - 1) * -(-k // bk)
     density = col_idx.numel() / max(1, n_blocks)
     key = config_key(m, out_features, k, (bn, bk), density, x.dtype)
-    card = tables.card_name(x.device)
-    found = tables.load(card)["triton_configs"].get(key)
-    if found is not None:
-        return found
-    best = tune(x, row_ptr, col_idx, blocks_t, row_order, bias, out_features)
-    tables.record(card, triton_config=(key, best))
-    return best
+    memo_key = (x.device, key)
+    found = _MEMO.get(memo_key)
+    if found is None:
+        card = tables.card_name(x.device)
+        found = tables.load(card)["triton_configs"].get(key)
+        if found is None:
+            found = tune(x, row_ptr, col_idx, blocks_t, row_order, bias, out_features)
+            tables.record(card, triton_config=(key, found))
+        _MEMO[memo_key] = found
+    return found
 
 
 def tune(x, row_ptr, col_idx, blocks_t, row_order, bias, out_features) -> dict:
