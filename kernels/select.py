@@ -149,9 +149,8 @@ def _segment_kth_smallest_launch(
     n_programs, tables = _plan(tuple(int(s) for s in sizes), scores.device)
     rounds = bits // RADIX_BITS
     hist = torch.zeros(rounds, n_seg, N_BINS, dtype=torch.int32, device=scores.device)
-    k_host = torch.tensor(list(ks), dtype=torch.int32)
-    k_dev = k_host.to(scores.device, non_blocking=True)
-    krem = k_host.clamp(min=1).to(scores.device, non_blocking=True)
+    k_dev = _k_tensor(tuple(int(k) for k in ks), scores.device)
+    krem = k_dev.clamp(min=1)  # a fresh copy: the scan kernels lower it in place
     prefix = torch.empty(n_seg, dtype=int_dtype, device=scores.device)
     out = torch.empty(n_seg, dtype=scores.dtype, device=scores.device)
     hist_warps = 1 if interpreting() else 4
@@ -168,6 +167,19 @@ def _segment_kth_smallest_launch(
             num_warps=1,
         )  # fmt: skip
     return out
+
+
+_K_CACHE: dict[tuple, torch.Tensor] = {}
+
+
+def _k_tensor(ks: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The ranks on the device, copied once per (ranks, device) rather than every call."""
+    key = (ks, device)
+    if key not in _K_CACHE:
+        if len(_K_CACHE) > 64:
+            _K_CACHE.clear()
+        _K_CACHE[key] = torch.tensor(ks, dtype=torch.int32, device=device)
+    return _K_CACHE[key]
 
 
 @torch.library.custom_op("spamkern::triton_segment_kth_smallest", mutates_args=())
