@@ -53,6 +53,7 @@ class BlockSparseLinear(nn.Module):
         self.last_choice: Choice | None = None
         self._choices: dict[tuple, Choice] = {}
         self._dense: tuple[tuple, torch.Tensor] | None = None
+        self._impls: dict[str, object] = {}
         dispatch.available_backends("bsr_linear")  # import the kernels now, not while tracing
 
     @classmethod
@@ -149,7 +150,18 @@ class BlockSparseLinear(nn.Module):
         if choice.path == "dense":
             y = F.linear(x2, self.dense_weight(), self.bias)
         else:
-            y = bsr_linear(x2, self.weight_bsr, self.bias, backend=choice.backend)
+            # the backend was validated for this shape and dtype when it was chosen: call it
+            # directly (a decode-sized GPU kernel takes microseconds; dispatch costs some too)
+            fn = self._impls.get(choice.backend)
+            if fn is None:
+                fn = dispatch.select_impl("bsr_linear", x2, self.blocks_t, backend=choice.backend)
+                self._impls[choice.backend] = fn
+            if x2.stride(-1) != 1:
+                x2 = x2.contiguous()
+            y = fn(
+                x2, self.row_ptr, self.col_idx, self.blocks_t, self.row_order, self.bias,
+                self.out_features,
+            )  # fmt: skip
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
