@@ -5,7 +5,9 @@ dtype, so a layer never guesses: it looks up timings of both paths recorded for 
 (:mod:`spamkern.sparse.tables`; the nearest entry with the same n, k, block and dtype, rows
 within a factor 2 and density within 0.05). Without one it measures both paths once on the
 real inputs, records the result and reuses it. ``SPAMKERN_SPARSE_MEASURE=0`` forbids measuring
-(then: sparse, and the choice says that nothing was measured).
+(then: sparse, and the choice says that nothing was measured). Before measuring, every
+candidate's output is compared with the dense one: a kernel that fails or disagrees on this
+card is dropped, and the choice says so.
 """
 
 from __future__ import annotations
@@ -55,6 +57,30 @@ def time_ms(fn: Callable[[], object], device: torch.device, reps: int = 10) -> f
         samples.append(time.perf_counter() - start)
     samples.sort()
     return samples[len(samples) // 2] * 1e3
+
+
+def _agreeing(
+    candidates: dict[str, Callable[[], object]], run_dense: Callable[[], object], dtype
+) -> tuple[list[str], list[str]]:
+    """Candidates whose output matches the dense path's (a kernel that fails or disagrees on
+    this card is never chosen), and why the others were dropped."""
+    ref = run_dense()
+    tol = 1e-4 if dtype in (torch.float32, torch.float64) else 2e-2
+    scale = ref.abs().max().clamp_min(1e-6) if isinstance(ref, torch.Tensor) else None
+    usable, rejected = [], []
+    for name, run in candidates.items():
+        try:
+            out = run()
+        except Exception as err:  # e.g. a kernel refusing this shape on this card
+            rejected.append(f"{name} failed ({type(err).__name__}: {str(err)[:120]})")
+            continue
+        if scale is not None and isinstance(out, torch.Tensor):
+            err = float((out.float() - ref.float()).abs().max() / scale.float())
+            if not err <= tol:
+                rejected.append(f"{name} disagrees with dense (relative error {err:.3g})")
+                continue
+        usable.append(name)
+    return usable, rejected
 
 
 def lookup(
@@ -121,8 +147,11 @@ def decide(
         return Choice("sparse", backend, f"no timing recorded for {card}; measuring is off")
     else:
         with torch.no_grad():
+            usable, rejected = _agreeing(candidates, run_dense, x.dtype)
+            if not usable:
+                return Choice("dense", "dense", "dense: " + "; ".join(rejected))
             dense_ms = time_ms(run_dense, x.device)
-            timings = {name: time_ms(run, x.device) for name, run in candidates.items()}
+            timings = {name: time_ms(candidates[name], x.device) for name in usable}
         for name, ms in timings.items():
             tables.record(
                 card,

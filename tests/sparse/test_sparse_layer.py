@@ -230,3 +230,28 @@ def test_decide_picks_the_fastest_sparse_backend():
     assert again.backend == "fast" and "recorded" in again.reason
     slow_only = decide(**kwargs, candidates={"slow": None}, run_dense=None)
     assert slow_only.path == "dense" and slow_only.sparse_ms > slow_only.dense_ms
+
+
+def test_decide_drops_failing_and_wrong_candidates():
+    from spamkern.sparse.decision import decide
+
+    x = torch.randn(8, 32)
+    ref = torch.randn(8, 16)
+
+    def broken():
+        raise RuntimeError("no kernel image for this card")
+
+    kwargs = {"op": "toy2", "x": x, "n": 16, "block": (16, 16), "density": 0.25}
+    choice = decide(
+        **kwargs,
+        candidates={"broken": broken, "wrong": lambda: ref + 1.0, "right": lambda: ref.clone()},
+        run_dense=lambda: ref,
+    )
+    assert choice.backend in ("right", "dense")
+    only_bad = decide(
+        **{**kwargs, "op": "toy3"},
+        candidates={"broken": broken, "wrong": lambda: ref * 1.5},
+        run_dense=lambda: ref,
+    )
+    assert only_bad.path == "dense"
+    assert "broken failed" in only_bad.reason and "wrong disagrees" in only_bad.reason
