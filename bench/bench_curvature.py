@@ -8,7 +8,8 @@ Per model (MLP 784-1024-1024-10 on N=20480, CNN 3 convs + linear on N=10240 3×3
 the sweep (forward + backward, staged batches and through a DataLoader), spamkern's KFAC fit
 per curvature type (staged batches, and exact GGN from in-memory tensors), the plain-torch
 batched exact-GGN KFAC, laplace-torch's KronLaplace fit per backend, and for the posterior
-the precision diagonal + OPD + global threshold pass and 100 hypersteps per prior. Each case
+the precision diagonal + OPD + global threshold pass and 100 hypersteps per prior, and the
+per-batch factor products alone (Triton against unfold + matmul). Each case
 carries ``extra_info`` (model, case) so the runner can form ratios inside one run.
 """
 
@@ -224,3 +225,38 @@ def test_eigendecomposition_and_first_step(benchmark, timed, work, sizes, device
         (-post.log_marginal_likelihood() / work.n).backward()
 
     timed(first, sizes.rounds, setup=setup)
+
+
+# ------------------------------------------------------------------ factor products alone
+# (name, kind, shape): the per-batch products of the BENCH models' KFAC pass
+FACTOR_SHAPES = [
+    ("mlp_G_1024", "gram", (10 * 256, 1024)),  # exact GGN: C·B pseudo-gradient rows
+    ("mlp_A_784", "gram", (256, 784)),
+    ("cnn_A_conv2", "conv", (128, 64, 16, 16)),  # 3×3, padding 1: (c·9)² = 576²
+    ("cnn_A_conv3", "conv", (128, 128, 8, 8)),  # 1152²
+    ("cnn_G_conv2", "gram", (10 * 128 * 16 * 16, 128)),
+]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize(
+    ("name", "kind", "shape"), FACTOR_SHAPES, ids=[s[0] for s in FACTOR_SHAPES]
+)
+def test_factor_product(benchmark, timed, sizes, device, monkeypatch, backend, name, kind, shape):
+    """One batch's factor product: Triton (upper tiles, implicit im2col) vs unfold + matmul."""
+    from spamkern.ops import conv_patch_gram, gram
+
+    if backend == "triton" and device.type != "cuda":
+        pytest.skip("Triton timings need a GPU (the interpreter is for tests)")
+    monkeypatch.setenv("SPAMKERN_BACKEND", backend)
+    benchmark.group = "factor products"
+    benchmark.extra_info.update(model="factors", case=f"{name}_{backend}", shape=list(shape))
+    if sizes.quick:  # an eighth of the rows, to check that the case runs
+        shape = (max(1, shape[0] // 8), *shape[1:])
+    x = torch.randn(*shape, device=device)
+    d = shape[1] * 9 if kind == "conv" else shape[1]
+    out = torch.zeros(d, d, device=device)
+    if kind == "conv":
+        timed(lambda: conv_patch_gram(x, (3, 3), (1, 1), (1, 1), (1, 1), out, 1.0), 20, warmup=3)
+    else:
+        timed(lambda: gram(x, out, 1.0), 20, warmup=3)

@@ -47,10 +47,11 @@ class Sizes:
     cnn_channels: tuple[int, int, int]
     cnn_hw: int
     rounds: int
+    quick: bool = False
 
 
 FULL = Sizes(1024, 20480, 256, 10240, 128, (64, 128, 128), 32, rounds=5)
-QUICK = Sizes(256, 1024, 256, 256, 128, (16, 32, 32), 16, rounds=2)
+QUICK = Sizes(256, 1024, 256, 256, 128, (16, 32, 32), 16, rounds=2, quick=True)
 
 
 @pytest.fixture(scope="session")

@@ -113,6 +113,13 @@ def summarise(data: dict, judge: bool = True) -> tuple[dict, dict, list]:
                 ratios[f"{model} / {base}"] = {
                     c: round(v["median_ms"] / b, 3) for c, v in sorted(by_case.items())
                 }
+    products = cases.get("factors", {})
+    for case, value in sorted(products.items()):
+        if case.endswith("_triton") and case[: -len("_triton")] + "_torch" in products:
+            torch_ms = products[case[: -len("_triton")] + "_torch"]["median_ms"]
+            ratios.setdefault("factor products: torch / triton", {})[case[:-7]] = round(
+                torch_ms / value["median_ms"], 3
+            )
     checks = []
     for name, model, num, den, kind, bound in TARGETS:
         by_case = cases.get(model, {})
