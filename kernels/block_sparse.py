@@ -1,12 +1,14 @@
 """Block-sparse linear ``y = x Wᵀ + b`` in Triton, W in spamkern's BSR format.
 
-Two kernels over the same format (spamkern/sparse/format.py; blocks pre-transposed):
+Kernels over the same format (spamkern/sparse/format.py; blocks pre-transposed):
 
 * ``_bsr_linear_kernel`` — one program per (tile of BLOCK_M rows of x, block-row of W): it
   walks the stored blocks of its block-row through ``row_ptr``/``col_idx``, multiplying an
   x tile (BLOCK_M, bk) by each block (bk, bn) into a float32 accumulator, and writes one
   (BLOCK_M, bn) tile of y. Block-rows run heaviest first (``row_order``), which balances the
   tail of the launch when rows hold different numbers of blocks.
+* ``_bsr_linear_t_kernel`` — the same with the operands swapped, (y tile)ᵀ = W · (x tile)ᵀ,
+  so that on Hopper the tensor-core instruction is wide along the rows of x.
 * decode (few rows, m ≤ 64): one row tile gives too few programs to fill the GPU, so either
   the tiled kernel splits each block-row's columns over COL_SPLIT programs (one launch), or
   ``_bsr_linear_splitk_kernel`` splits each block-row's block list over SPLIT programs that
@@ -89,6 +91,63 @@ def _bsr_linear_kernel(
         acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     y = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + cols[None, :]
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok & (cols[None, :] < N))
+
+
+@triton.jit
+def _bsr_linear_t_kernel(
+    x_ptr,
+    blocks_ptr,
+    row_ptr,
+    col_idx,
+    row_order,
+    bias_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_ym,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+    F32_PRECISION: tl.constexpr,
+):
+    """The tiled kernel with the operands swapped: (y tile)ᵀ = W block-row · (x tile)ᵀ.
+
+    The product is then (bn, BLOCK_M) instead of (BLOCK_M, bn): with 64-wide blocks and
+    BLOCK_M = 256, Hopper's warp-group MMA runs its wide-N shape (64×256) and reads each
+    shared-memory operand fewer times per flop.
+    """
+    pid_m = tl.program_id(0)
+    brow = tl.load(row_order + tl.program_id(1))
+    start = tl.load(row_ptr + brow).to(tl.int64)  # 64-bit block offsets below
+    end = tl.load(row_ptr + brow + 1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BN)
+    offs_k = tl.arange(0, BK)
+    m_ok = offs_m[None, :] < M
+    x_cols = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm  # (x tile)ᵀ: (BK, BLOCK_M)
+    w_tile = offs_k[None, :] * BN + offs_n[:, None]  # W block: (BN, BK)
+    acc = tl.zeros((BN, BLOCK_M), dtype=tl.float32)
+    for p in range(start, end):
+        k = tl.load(col_idx + p) * BK + offs_k
+        if EVEN_K:
+            xt = tl.load(x_cols + k[:, None], mask=m_ok, other=0.0)
+        else:
+            xt = tl.load(x_cols + k[:, None], mask=m_ok & (k[:, None] < K), other=0.0)
+        wt = tl.load(blocks_ptr + p * (BK * BN) + w_tile)
+        if UPCAST:
+            xt = xt.to(tl.float32)
+            wt = wt.to(tl.float32)
+        acc = tl.dot(wt, xt, acc, input_precision=F32_PRECISION)
+    cols = brow * BN + offs_n
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[:, None]
+    y = y_ptr + offs_m[None, :].to(tl.int64) * stride_ym + cols[:, None]
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok & (cols[:, None] < N))
 
 
 @triton.jit
@@ -185,16 +244,17 @@ def candidate_configs(m: int, bn: int, bk: int) -> list[dict]:
                     }
                 )
         return configs
-    for block_m in (64, 128, 256):
-        if block_m * bn > 256 * 64:  # accumulator would spill
-            continue
-        for warps in (4, 8):
-            for stages in (2, 3, 4, 5):
-                if block_m == 256 and warps == 4:
-                    continue
-                configs.append(
-                    {"kind": "tiled", "BLOCK_M": block_m, "num_warps": warps, "num_stages": stages}
-                )
+    for kind in ("tiled", "tiled_t"):
+        for block_m in (64, 128, 256):
+            if block_m * bn > 256 * 64:  # accumulator would spill
+                continue
+            for warps in (4, 8):
+                for stages in (2, 3, 4, 5):
+                    if block_m == 256 and warps == 4 and kind == "tiled":
+                        continue  # (the swapped kernel may: one warp group, 64×256 MMA)
+                    configs.append(
+                        {"kind": kind, "BLOCK_M": block_m, "num_warps": warps, "num_stages": stages}
+                    )
     return configs
 
 
@@ -250,6 +310,13 @@ def launch(
         )  # fmt: skip
         return y32 if x.dtype == torch.float32 else y32.to(x.dtype)
     y = torch.empty(m, out_features, device=x.device, dtype=x.dtype)
+    if config["kind"] == "tiled_t":
+        grid = (triton.cdiv(m, config["BLOCK_M"]), n_rows)
+        _bsr_linear_t_kernel[grid](
+            x, blocks_t, row_ptr, col_idx, row_order, bias_arg, y, m, out_features, k,
+            x.stride(0), y.stride(0), **common,
+        )  # fmt: skip
+        return y
     col_split = config.get("COL_SPLIT", 1)
     if bn % col_split or bn // col_split < 16:
         raise ValueError(f"COL_SPLIT={col_split} must leave ≥ 16 of the {bn} block columns")

@@ -58,6 +58,9 @@ _COMPILE = textwrap.dedent(
             c = dict(base, BN=bn, BK=bk, BLOCK_M=bm, COL_SPLIT=2 if dtype == "bf16" else 1)
             found = compile_one(kb._bsr_linear_kernel, dtype, c, cap, 4, 3)
             out.append([cap, dtype, "tiled", found])
+        c = dict(base, BN=64, BK=64, BLOCK_M=256)
+        found = compile_one(kb._bsr_linear_t_kernel, "fp16", c, cap, 8, 3)
+        out.append([cap, "fp16", "tiled", found])
         c = dict(base, BN=64, BK=64, BLOCK_M=16, SPLIT=4)
         found = compile_one(kb._bsr_linear_splitk_kernel, "fp16", c, cap, 2, 3)
         out.append([cap, "fp16", "splitk", found])
@@ -79,7 +82,7 @@ def test_kernels_compile_for_sm80_and_sm90():
         pytest.skip("this triton install has no ptxas")
     assert result.returncode == 0, result.stderr[-4000:]
     rows = json.loads(result.stdout.strip().splitlines()[-1])
-    assert len(rows) == 8
+    assert len(rows) == 10
     for cap, dtype, kind, found in rows:
         assert found["async"], (cap, dtype, kind)
         if dtype != "fp32":  # fp32 runs exact IEEE products (no tensor cores)

@@ -67,6 +67,15 @@ def test_decode_split_k(dtype, split):
     assert rel_err(y.cpu(), ref.cpu()) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("block,m", [((64, 32), 70), ((16, 128), 128)])
+def test_swapped_operand_kernel(dtype, block, m):
+    x, w, b, ref = make_case(140, 230, m, block, 0.4, dtype, m + block[1], device=DEVICE)
+    config = {"kind": "tiled_t", "BLOCK_M": 128, "num_warps": 4, "num_stages": 1}
+    y = kb.launch(x, w.row_ptr, w.col_idx, w.blocks_t, w.row_order, b, 140, config)
+    assert y.dtype == dtype and rel_err(y.cpu(), ref.cpu()) < TOL[dtype]
+
+
 @pytest.mark.parametrize("col_split", [2, 4])
 def test_decode_column_split(col_split):
     x, w, b, ref = make_case(200, 96, 3, (64, 32), 0.5, torch.float16, col_split, device=DEVICE)
@@ -89,7 +98,8 @@ def test_candidate_configs_cover_decode_and_large_inputs():
     assert {c.get("COL_SPLIT", 1) for c in decode} == {1, 2, 4}
     assert all(c["BLOCK_M"] == 64 for c in decode)
     large = kb.candidate_configs(4096, 64, 64)
-    assert large and all(c["kind"] == "tiled" and c["BLOCK_M"] >= 64 for c in large)
+    assert {c["kind"] for c in large} == {"tiled", "tiled_t"}
+    assert all(c["BLOCK_M"] >= 64 for c in large)
 
 
 def test_custom_op_traces():
