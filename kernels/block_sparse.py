@@ -249,7 +249,7 @@ def candidate_configs(m: int, bn: int, bk: int) -> list[dict]:
             if block_m * bn > 256 * 64:  # accumulator would spill
                 continue
             for warps in (4, 8):
-                for stages in (2, 3, 4, 5):
+                for stages in (3, 4):
                     if block_m == 256 and warps == 4 and kind == "tiled":
                         continue  # (the swapped kernel may: one warp group, 64×256 MMA)
                     configs.append(
