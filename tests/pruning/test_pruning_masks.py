@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from pruning_helpers import make_cnn, make_mlp, n_params
@@ -174,3 +176,24 @@ def test_apply_masks_zeroes_exactly_and_checks_names():
         apply_masks(model, {"9.weight": torch.ones(2, dtype=torch.bool)})
     with pytest.raises(ValueError, match="bool tensor of shape"):
         apply_masks(model, {"0.weight": torch.ones(3, 3, dtype=torch.bool)})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("pattern", ["unstructured", "unit", "2:4"])
+def test_prune_on_the_gpu_matches_the_cpu(pattern):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 32), nn.ReLU(), nn.Linear(32, 5)
+    ).float()
+    scores = _rand_scores(model, 7).float()
+    s = 0.5 if pattern == "2:4" else 0.83
+    on_cpu = prune(model, scores, s, pattern=pattern)
+    gpu_model = copy.deepcopy(model).cuda()
+    on_gpu = prune(gpu_model, scores.cuda(), s, pattern=pattern)
+    assert set(on_cpu) == set(on_gpu)
+    for name, m in on_gpu.items():
+        assert m.is_cuda and torch.equal(m.cpu(), on_cpu[name])
+    apply_masks(gpu_model, on_gpu)
+    assert all(
+        bool((p[~on_gpu[n]] == 0).all()) for n, p in gpu_model.named_parameters() if n in on_gpu
+    )
