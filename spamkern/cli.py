@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from spamkern.metrics import classification_metrics, glm_predictive, map_predictive
 from spamkern.models import build_model
 from spamkern.pruning import (
+    OnlinePruning,
     apply_masks,
     compress,
     count_flops,
@@ -191,6 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--finetune-lr", type=float, default=1e-3)
     p.add_argument(
+        "--online-sparsity",
+        type=_sparsity_percent,
+        default=None,
+        metavar="PERCENT",
+        help="also train a SpaM model pruned online by OPD during training, rising to "
+        "PERCENT unstructured sparsity at the marglik steps (SPEC §6); off by default",
+    )
+    p.add_argument(
         "--latency-repeats",
         type=int,
         default=20,
@@ -248,6 +257,8 @@ class Trained:
     map_posterior: Any
     spam_posterior: Any
     seconds: dict[str, float] = field(default_factory=dict)
+    online_model: nn.Module | None = None
+    online_masks: dict[str, torch.Tensor] | None = None
 
 
 def _train(
@@ -294,7 +305,28 @@ def _train(
         **common,
     )
     seconds["train_spam"] = time.perf_counter() - tic
-    return Trained(map_res.model, spam_res.model, map_res.posterior, spam_res.posterior, seconds)
+    trained = Trained(map_res.model, spam_res.model, map_res.posterior, spam_res.posterior, seconds)
+    if args.online_sparsity is not None:
+        tic = time.perf_counter()
+        schedule = OnlinePruning(
+            final_sparsity=args.online_sparsity / 100.0,
+            interval=cfg.marglik_frequency,
+            scope=args.scope,
+        )
+        online_res = sk.marglik_train(
+            copy.deepcopy(init),
+            split.train,
+            prior=args.prior,
+            n_epochs_burnin=cfg.burnin,
+            marglik_frequency=cfg.marglik_frequency,
+            n_hypersteps=cfg.hypersteps,
+            online_pruning=schedule,
+            fit_final_posterior=False,
+            **common,
+        )
+        trained.online_model, trained.online_masks = online_res.model, online_res.masks
+        seconds["train_spam_online"] = time.perf_counter() - tic
+    return trained
 
 
 def _scores(method: str, trained: Trained, split, seed: int) -> torch.Tensor:
@@ -446,6 +478,27 @@ def run_one(
                 **_evaluate(pruned, split),
             )
         )
+    if trained.online_model is not None:
+        masks = trained.online_masks
+        rows.append(
+            _row(
+                name,
+                seed,
+                "SpaM+online-OPD",
+                "unstructured",
+                args.online_sparsity,
+                model="spam",
+                score="opd-online",
+                achieved_sparsity=masks.sparsity() if masks is not None else 0.0,
+                zero_fraction=_zero_fraction(trained.online_model),
+                finetune_epochs=0,
+                predictive="map",
+                chance=chance,
+                params=dense_params,
+                flops=dense_flops,
+                **_evaluate(trained.online_model, split),
+            )
+        )
     seconds = dict(trained.seconds, prune_and_evaluate=time.perf_counter() - tic)
     log(f"{name} seed {seed}: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
     return rows
@@ -499,7 +552,10 @@ def accuracy_tables(rows: list[dict]) -> str:
             for m in methods:
                 cells = []
                 for s in levels:
-                    mean, std = acc.get((ds, pattern, m, s), (float("nan"), 0.0))
+                    if (ds, pattern, m, s) not in acc:
+                        cells.append("–")
+                        continue
+                    mean, std = acc[(ds, pattern, m, s)]
                     cells.append(f"{100 * mean:.1f}" + (f"±{100 * std:.1f}" if n_seeds > 1 else ""))
                 lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

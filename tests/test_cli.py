@@ -24,7 +24,7 @@ def test_quick_run_writes_consistent_results(tmp_path, capsys):
             "--data", "breast_cancer", "digits",
             "--quick", "--seeds", "3", "--sparsities", "50", "90",
             "--methods", "SpaM+OPD", "MAP+magnitude", "MAP+SNIP",
-            "--finetune-epochs", "1",
+            "--finetune-epochs", "1", "--online-sparsity", "60",
             "--latency-repeats", "2",
             "--out", str(out), "--no-progress",
         ]
@@ -41,7 +41,9 @@ def test_quick_run_writes_consistent_results(tmp_path, capsys):
         assert {(r["method"], r["predictive"]) for r in dense} == {
             (m, p) for m in ("MAP", "SpaM") for p in ("map", "glm")
         }
-        pruned = [r for r in mine if r["pattern"] != "dense"]
+        online = [r for r in mine if r["method"] == "SpaM+online-OPD"]
+        assert len(online) == 1 and abs(float(online[0]["achieved_sparsity"]) - 0.6) < 1e-3
+        pruned = [r for r in mine if r["pattern"] != "dense" and r not in online]
         assert len(pruned) == 3 * 2 * 2  # methods × patterns × sparsities
         for r in pruned:
             assert 0.0 <= float(r["accuracy"]) <= 1.0 and float(r["nll"]) > 0
