@@ -17,6 +17,8 @@ L is the mean cross-entropy over the data given (all batches), H its Hessian.
 from __future__ import annotations
 
 import copy
+import importlib
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -165,8 +167,15 @@ def _precision_only_terms(post) -> PosteriorTerms:
     return PosteriorTerms(named, post.mean.detach(), precision, torch.zeros_like(precision), 1.0)
 
 
+def _load_optional_adapters(posterior: object) -> None:
+    """Register the laplace-torch adapter when a laplace-torch object is passed in."""
+    if type(posterior).__module__.split(".")[0] == "laplace" and "laplace" in sys.modules:
+        importlib.import_module("spamkern.integrations.laplace")
+
+
 def posterior_terms(posterior: object) -> PosteriorTerms:
     """The boundary between OPD and posterior implementations (see :class:`PosteriorTerms`)."""
+    _load_optional_adapters(posterior)
     for accepts, to_terms in _ADAPTERS:
         if accepts(posterior):
             return to_terms(posterior)

@@ -185,3 +185,16 @@ def test_scores_accept_batch_iterables():
         snip_scores(model, [{"features": x, "y": y}])
     with pytest.raises(TypeError, match="tuple"):
         snip_scores(model, 3)
+
+
+def test_opd_reads_a_laplace_torch_posterior():
+    laplace = pytest.importorskip("laplace")
+    model = make_mlp()
+    x, y = classification_data(31, (7,), 3)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    la = laplace.Laplace(model, "classification", subset_of_weights="all", hessian_structure="diag")
+    la.fit(loader)
+    la.prior_precision = 0.3
+    precision = la.posterior_precision.detach()  # diag: H / T + δ
+    expected = 0.5 * _flat(model) ** 2 * precision
+    torch.testing.assert_close(opd_scores(la), expected, rtol=1e-10, atol=1e-14)
