@@ -128,3 +128,16 @@ def test_two_four_compress_uses_semi_structured_linear():
     assert type(out[0]).__name__ == "SemiStructuredLinear" and isinstance(out[2], nn.Linear)
     x = torch.randn(5, 12, dtype=torch.float64)
     torch.testing.assert_close(out(x), _masked(model, masks)(x), rtol=0, atol=1e-12)
+
+
+def test_compression_report_before_and_after():
+    from spamkern.pruning import compression_report, count_params
+
+    model = make_cnn()
+    masks = prune(model, random_scores(model), 0.5, pattern="unit")
+    small = compress(model, masks)
+    rep = compression_report(model, small, (2, 6, 6), batch_size=8, repeats=2)
+    assert rep["params_before"] == count_params(model) > rep["params_after"] == count_params(small)
+    assert rep["flops_before"] == count_flops(model, (2, 6, 6)) > rep["flops_after"]
+    assert rep["latency_ms_before"] > 0 and rep["latency_ms_after"] > 0
+    assert torch.get_num_threads() >= 1
