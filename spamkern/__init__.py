@@ -14,11 +14,32 @@ __version__ = "0.1.0"
 _LAZY = {
     "marglik_train": "spamkern.marglik",
     "MarglikResult": "spamkern.marglik",
-    "opd_scores": "spamkern.pruning",
-    "prune": "spamkern.pruning",
-    "compress": "spamkern.pruning",
-    "BlockSparseLinear": "spamkern.sparse",
     "load_dataset": "spamkern.data",
+    **dict.fromkeys(
+        [
+            "opd_scores",
+            "prune",
+            "compress",
+            "apply_masks",
+            "finetune",
+            "OnlinePruning",
+            "magnitude_scores",
+            "random_scores",
+            "snip_scores",
+            "grasp_scores",
+            "obd_scores",
+            "synflow_scores",
+            "compression_report",
+        ],
+        "spamkern.pruning",
+    ),
+    **dict.fromkeys(
+        ["glm_predictive", "map_predictive", "classification_metrics"], "spamkern.metrics"
+    ),
+    **dict.fromkeys(
+        ["BlockSparseLinear", "SemiStructuredLinear", "convert_to_block_sparse"],
+        "spamkern.sparse",
+    ),
 }
 
 
