@@ -51,7 +51,9 @@ class Curvature:
 
     def block_factors(self) -> list[list[torch.Tensor] | torch.Tensor]:
         """Per block, in parameter order: its Kronecker factors or its diagonal."""
-        return [self.factors[i] if i in self.factors else self.diags[i] for i in range(len(self.blocks))]
+        return [
+            self.factors[i] if i in self.factors else self.diags[i] for i in range(len(self.blocks))
+        ]
 
 
 class _ModuleRecord:
@@ -192,8 +194,13 @@ def _accumulate_conv(
                 continue
             if role == "weight":
                 raw_A[index] = conv_patch_gram(
-                    a, conv.kernel_size, conv.stride, padding, conv.dilation,
-                    out=raw_A.get(index), alpha=1.0 / positions,
+                    a,
+                    conv.kernel_size,
+                    conv.stride,
+                    padding,
+                    conv.dilation,
+                    out=raw_A.get(index),
+                    alpha=1.0 / positions,
                 )
             _add(factors, index, G.clone())
     for role, (index, kind) in kinds.items():
@@ -289,7 +296,10 @@ def accumulate_curvature(
                     grads = [None if g is None else g.unsqueeze(0) for g in grads]
                 else:
                     grads = torch.autograd.grad(
-                        f, outs, V.transpose(0, 1).contiguous(), allow_unused=True,
+                        f,
+                        outs,
+                        V.transpose(0, 1).contiguous(),
+                        allow_unused=True,
                         is_grads_batched=True,
                     )
                 for (rec, i), g in zip(calls, grads):

@@ -51,7 +51,8 @@ def check_targets(likelihood: str, f: torch.Tensor, y: torch.Tensor) -> None:
             )
     elif y.shape != f.shape:
         raise ValueError(
-            f"regression targets must have the outputs' shape {tuple(f.shape)}, got {tuple(y.shape)}"
+            f"regression targets must have the outputs' shape {tuple(f.shape)}, "
+            f"got {tuple(y.shape)}"
         )
 
 

@@ -46,9 +46,7 @@ def hookable(module: nn.Module) -> bool:
     """Whether the module's curvature comes from its inputs and output gradients (hooks)."""
     if isinstance(module, nn.Linear):
         return True
-    return (
-        isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
-    )
+    return isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
 
 
 def _check_kron_supported(module: nn.Module, module_name: str) -> None:

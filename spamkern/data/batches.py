@@ -56,7 +56,10 @@ class TensorBatches:
                 yield self.X[idx], self.y[idx]
         else:
             for start in range(0, n, self.batch_size):
-                yield self.X[start : start + self.batch_size], self.y[start : start + self.batch_size]
+                yield (
+                    self.X[start : start + self.batch_size],
+                    self.y[start : start + self.batch_size],
+                )
 
 
 def as_batches(

@@ -62,7 +62,9 @@ def fit_laplace(
             )
         prior_module = prior
     else:
-        prior_module = make_prior(prior, [(b.name, b.param) for b in blocks], prior_precision, temperature)
+        prior_module = make_prior(
+            prior, [(b.name, b.param) for b in blocks], prior_precision, temperature
+        )
     return LaplacePosterior(
         model, result, prior_module, likelihood, structure, curvature, temperature, sigma_noise
     )

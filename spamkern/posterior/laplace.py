@@ -90,9 +90,7 @@ class LaplacePosterior:
         diagonal (a tensor shaped like the parameter) for tensors outside Linear/Conv2d."""
         if self.structure != "kron":
             raise AttributeError("kron_factors exists for structure='kron' only")
-        return [
-            tuple(f) if isinstance(f, list) else f for f in self.curvature.block_factors()
-        ]
+        return [tuple(f) if isinstance(f, list) else f for f in self.curvature.block_factors()]
 
     def curvature_diag(self) -> torch.Tensor:
         """(P,) diagonal of the GGN/EF approximation (no temperature, no 1/σ²)."""
@@ -100,6 +98,7 @@ class LaplacePosterior:
 
     def precision_diag(self) -> torch.Tensor:
         """(P,) diag Π = s·diag(H) + δ, exact for every prior."""
+        _check_finite_hyper(self.prior.log_precision)
         return self.curvature_diag() * self.curvature_scale + self.prior.precision_diag().detach()
 
     # -- evidence ----------------------------------------------------------------------------
@@ -107,7 +106,9 @@ class LaplacePosterior:
         value = -self._scale(log_sigma) * self.curvature.loss
         if self.likelihood == "regression":
             ls = self.log_sigma if log_sigma is None else log_sigma
-            value = value - self.n_data * self.curvature.n_outputs * (ls + 0.5 * math.log(2 * math.pi))
+            value = value - self.n_data * self.curvature.n_outputs * (
+                ls + 0.5 * math.log(2 * math.pi)
+            )
         return value
 
     def _eigen_cache(self) -> KronEigenCache:
@@ -182,6 +183,7 @@ class LaplacePosterior:
             lp = self.prior.log_precision
         else:
             lp = self.prior.to_log_precision(prior_precision)
+        _check_finite_hyper(lp)
         log_sigma = None
         if sigma_noise is not None:
             if self.likelihood != "regression":
@@ -204,8 +206,10 @@ class LaplacePosterior:
             return BlockEigen(None, None, scale * h + delta, None)
         if self.prior.kind == "unitwise":
             return whitened_unit_eigen(self.curvature.factors[index], tp, shape, scale)
-        delta = tp.log_delta.exp() if tp.kind == "scalar" else tp.expand(shape).exp().reshape(
-            weight_matrix_shape(shape)
+        delta = (
+            tp.log_delta.exp()
+            if tp.kind == "scalar"
+            else tp.expand(shape).exp().reshape(weight_matrix_shape(shape))
         )
         return self._eigen_cache().eigen(index, delta, scale)
 
@@ -223,6 +227,17 @@ class LaplacePosterior:
         for index, tp in enumerate(self.prior.per_tensor()):
             block = self.blocks[index]
             p, q = weight_matrix_shape(block.shape)
-            Jb = J[..., block.offset : block.offset + block.numel].reshape(J.shape[0], J.shape[1], p, q)
+            Jb = J[..., block.offset : block.offset + block.numel].reshape(
+                J.shape[0], J.shape[1], p, q
+            )
             out += self._block_eigen(index, tp, scale).quadratic(Jb)
         return out
+
+
+def _check_finite_hyper(log_precision: torch.Tensor) -> None:
+    """NaN/Inf hyperparameters are an error, not a silent NaN evidence."""
+    if not bool(torch.isfinite(log_precision).all()):
+        raise ValueError(
+            "the prior's log precisions contain NaN or Inf (diverged hyperparameter "
+            "optimisation?); lower lr_hyp or reset them with prior.set_precision(...)"
+        )

@@ -81,13 +81,21 @@ class Prior(nn.Module):
 
     kind: str = ""
 
-    def __init__(self, named_shapes: list[tuple[str, torch.Size]], slots: list[TensorSlot],
-                 init_log: float, dtype: torch.dtype, device: torch.device | None):
+    def __init__(
+        self,
+        named_shapes: list[tuple[str, torch.Size]],
+        slots: list[TensorSlot],
+        init_log: float,
+        dtype: torch.dtype,
+        device: torch.device | None,
+    ):
         super().__init__()
         self.slots = slots
         self.n_params = sum(int(math.prod(shape)) for _, shape in named_shapes)
         n_hyper = slots[-1].stop if slots else 0
-        self.log_precision = nn.Parameter(torch.full((n_hyper,), init_log, dtype=dtype, device=device))
+        self.log_precision = nn.Parameter(
+            torch.full((n_hyper,), init_log, dtype=dtype, device=device)
+        )
 
     # -- subclasses define how the flat vector maps onto tensors ---------------------------
     def tensor_precision(self, slot: TensorSlot, log_precision: torch.Tensor) -> TensorPrecision:
@@ -130,7 +138,9 @@ class Prior(nn.Module):
         if value.ndim == 0 or value.numel() == 1:
             return self._from_scalar(value.reshape(()).log())
         if value.ndim != 1:
-            raise ValueError(f"prior precision must be a scalar or a vector, got {tuple(value.shape)}")
+            raise ValueError(
+                f"prior precision must be a scalar or a vector, got {tuple(value.shape)}"
+            )
         if value.numel() == n_hyper:
             return value.log()
         if value.numel() == n_tensors:
@@ -238,7 +248,9 @@ class ParameterwisePrior(Prior):
         super().__init__(named_shapes, slots, init_log, dtype, device)
 
     def tensor_precision(self, slot, log_precision):
-        return TensorPrecision("full", log_delta=log_precision[slot.start : slot.stop].reshape(slot.shape))
+        return TensorPrecision(
+            "full", log_delta=log_precision[slot.start : slot.stop].reshape(slot.shape)
+        )
 
     def _from_per_tensor(self, log_values):
         return torch.cat([v.expand(s.stop - s.start) for s, v in zip(self.slots, log_values)])
