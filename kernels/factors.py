@@ -41,28 +41,37 @@ from ._util import (
 
 
 @triton.jit
-def _load_rows(
+def _load_rows(x_ptr, rows, cols, row_mask, col_mask, s0, s1):
+    """Tile U[rows, cols] of a 2-D ``x`` (features contiguous: threads run along cols)."""
+    mask = row_mask[:, None] & col_mask[None, :]
+    ptr = x_ptr + rows.to(tl.int64)[:, None] * s0 + (cols * s1)[None, :]
+    return tl.load(ptr, mask=mask, other=0.0)
+
+
+@triton.jit
+def _load_patches_t(
     x_ptr, rows, cols, row_mask, col_mask, s0, s1, s2, s3,
     OH, OW, H, W, KW, KHW, sh, sw, ph, pw, dh, dw,
-    CONV: tl.constexpr,
 ):  # fmt: skip
-    """Tile U[rows, cols]: rows of a 2-D x, or implicit-im2col patches of a 4-D x."""
-    if CONV:
-        n = rows // (OH * OW)
-        s = rows % (OH * OW)
-        oh = s // OW
-        ow = s % OW
-        ch = cols // KHW
-        kk = cols % KHW
-        kh = kk // KW
-        kw = kk % KW
-        ih = oh[:, None] * sh - ph + (kh * dh)[None, :]
-        iw = ow[:, None] * sw - pw + (kw * dw)[None, :]
-        mask = row_mask[:, None] & col_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        ptr = x_ptr + n.to(tl.int64)[:, None] * s0 + (ch * s1)[None, :] + ih * s2 + iw * s3
-    else:
-        mask = row_mask[:, None] & col_mask[None, :]
-        ptr = x_ptr + rows.to(tl.int64)[:, None] * s0 + (cols * s1)[None, :]
+    """Tile Uᵀ[cols, rows] of the implicit patch matrix of a 4-D ``x``.
+
+    Transposed so that threads run along the rows: consecutive rows are consecutive output
+    columns ``ow``, i.e. neighbouring input pixels — coalesced loads for stride-1 convs.
+    Row (n, oh, ow) and column (c, kh, kw) are decomposed on 1-D vectors; only the
+    additions and the bounds mask are 2-D.
+    """
+    n = rows // (OH * OW)
+    s = rows % (OH * OW)
+    oh = s // OW
+    ow = s % OW
+    ch = cols // KHW
+    kk = cols % KHW
+    kh = kk // KW
+    kw = kk % KW
+    ih = (kh * dh)[:, None] + (oh * sh - ph)[None, :]
+    iw = (kw * dw)[:, None] + (ow * sw - pw)[None, :]
+    mask = col_mask[:, None] & row_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    ptr = x_ptr + (ch * s1)[:, None] + n.to(tl.int64)[None, :] * s0 + ih * s2 + iw * s3
     return tl.load(ptr, mask=mask, other=0.0)
 
 
@@ -88,15 +97,20 @@ def _sym_gram_kernel(
     for k0 in range(row_start, row_end, BLOCK_K):
         rows = k0 + tl.arange(0, BLOCK_K)
         mr = rows < row_end
-        a = _load_rows(
-            x_ptr, rows, ci, mr, mi, s0, s1, s2, s3,
-            OH, OW, H, W, KW, KHW, sh, sw, ph, pw, dh, dw, CONV,
-        )  # fmt: skip
-        b = _load_rows(
-            x_ptr, rows, cj, mr, mj, s0, s1, s2, s3,
-            OH, OW, H, W, KW, KHW, sh, sw, ph, pw, dh, dw, CONV,
-        )  # fmt: skip
-        acc = tl.dot(tl.trans(a), b, acc, input_precision=PRECISION, out_dtype=ACC)
+        if CONV:
+            a_t = _load_patches_t(
+                x_ptr, rows, ci, mr, mi, s0, s1, s2, s3,
+                OH, OW, H, W, KW, KHW, sh, sw, ph, pw, dh, dw,
+            )  # fmt: skip
+            b_t = _load_patches_t(
+                x_ptr, rows, cj, mr, mj, s0, s1, s2, s3,
+                OH, OW, H, W, KW, KHW, sh, sw, ph, pw, dh, dw,
+            )  # fmt: skip
+            acc = tl.dot(a_t, tl.trans(b_t), acc, input_precision=PRECISION, out_dtype=ACC)
+        else:
+            a = _load_rows(x_ptr, rows, ci, mr, mi, s0, s1)
+            b = _load_rows(x_ptr, rows, cj, mr, mj, s0, s1)
+            acc = tl.dot(tl.trans(a), b, acc, input_precision=PRECISION, out_dtype=ACC)
     acc = acc * tl.load(alpha_ptr)
     mask = mi[:, None] & mj[None, :]
     p_ij = out_ptr + ci[:, None] * so0 + cj[None, :] * so1
