@@ -144,3 +144,13 @@ def test_gram_traces_under_torch_compile(triton_backend):
     updated = out.double() + 0.25 * x.double().T @ x.double()
     assert rel_err(compiled(x, out), 2.0 * updated) <= 1e-5
     assert rel_err(out, updated) <= 1e-5  # the in-place update reached the caller's tensor
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 arithmetic needs a GPU")
+def test_bf16_operands_accumulate_in_float32(triton_backend):
+    """bf16 inputs, fp32 accumulation: exact up to fp32 sums of the rounded inputs."""
+    x = torch.randn(517, 133, device=DEVICE).to(torch.bfloat16)
+    xc = torch.randn(2, 5, 11, 9, device=DEVICE).to(torch.bfloat16)
+    assert rel_err(gram(x), x.double().T @ x.double()) <= 1e-5
+    expected = _unfold_gram(xc, (3, 3), (1, 2), (1, 1), (2, 1))
+    assert rel_err(conv_patch_gram(xc, (3, 3), (1, 2), (1, 1), (2, 1)), expected) <= 1e-5
