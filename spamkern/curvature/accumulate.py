@@ -25,13 +25,14 @@ from tqdm.auto import tqdm
 
 from spamkern.curvature.likelihood import (
     check_curvature,
+    check_label_range,
     check_likelihood,
     check_targets,
     pseudo_gradients,
     summed_loss,
 )
 from spamkern.curvature.structure import ParamBlock
-from spamkern.data.batches import split_batch
+from spamkern.data.batches import TensorBatches, split_batch
 from spamkern.ops import conv_patch_gram, gram
 
 # per-sample gradient tensors are formed in chunks of at most this many elements
@@ -122,23 +123,17 @@ def _add(store: dict[int, torch.Tensor], key: int, value: torch.Tensor) -> None:
 
 
 def _accumulate_linear(
-    a: torch.Tensor, g: torch.Tensor, blocks, factors: dict, raw_A: dict, diags: dict
+    key: int, a: torch.Tensor, g: torch.Tensor, blocks, G_sums: dict, raw_A: dict, diags: dict
 ) -> None:
-    """a: (B, *, in); g: (K, B, *, out)."""
+    """a: (B, *, in); g: (K, B, *, out). G is summed per module (weight and bias share it)."""
     d_in, d_out = a.shape[-1], g.shape[-1]
     positions = a[0, ..., 0].numel() if a.ndim > 2 else 1
     kinds = {block.role: (index, block.kind) for index, block in blocks}
     if any(kind == "kron" for _, kind in kinds.values()):
-        G = gram(g.reshape(-1, d_out))
-        for role, (index, kind) in kinds.items():
-            if kind != "kron":
-                continue
-            if role == "weight":
-                A_key = index
-                raw_A[A_key] = gram(a.reshape(-1, d_in), raw_A.get(A_key), 1.0 / positions)
-                _add(factors, index, G.clone())
-            else:
-                _add(factors, index, G.clone())
+        G_sums[key] = gram(g.reshape(-1, d_out), G_sums.get(key))
+        weight = kinds.get("weight")
+        if weight is not None and weight[1] == "kron":
+            raw_A[weight[0]] = gram(a.reshape(-1, d_in), raw_A.get(weight[0]), 1.0 / positions)
     for role, (index, kind) in kinds.items():
         if kind != "diag":
             continue
@@ -179,30 +174,27 @@ def _explicit_padding(conv: nn.Conv2d, a: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 def _accumulate_conv(
-    conv: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, blocks, factors, raw_A, diags
+    key: int, conv: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, blocks, G_sums, raw_A, diags
 ) -> None:
-    """a: (B, c, H, W); g: (K, B, out, OH, OW)."""
+    """a: (B, c, H, W); g: (K, B, out, OH, OW). G is summed per module."""
     a, padding = _explicit_padding(conv, a)
     d_out = g.shape[2]
     positions = g.shape[3] * g.shape[4]
     g_rows = g.permute(0, 1, 3, 4, 2)  # (K, B, OH, OW, out)
     kinds = {block.role: (index, block.kind) for index, block in blocks}
     if any(kind == "kron" for _, kind in kinds.values()):
-        G = gram(g_rows.reshape(-1, d_out))
-        for role, (index, kind) in kinds.items():
-            if kind != "kron":
-                continue
-            if role == "weight":
-                raw_A[index] = conv_patch_gram(
-                    a,
-                    conv.kernel_size,
-                    conv.stride,
-                    padding,
-                    conv.dilation,
-                    out=raw_A.get(index),
-                    alpha=1.0 / positions,
-                )
-            _add(factors, index, G.clone())
+        G_sums[key] = gram(g_rows.reshape(-1, d_out), G_sums.get(key))
+        weight = kinds.get("weight")
+        if weight is not None and weight[1] == "kron":
+            raw_A[weight[0]] = conv_patch_gram(
+                a,
+                conv.kernel_size,
+                conv.stride,
+                padding,
+                conv.dilation,
+                out=raw_A.get(weight[0]),
+                alpha=1.0 / positions,
+            )
     for role, (index, kind) in kinds.items():
         if kind != "diag":
             continue
@@ -273,6 +265,8 @@ def accumulate_curvature(
     diags: dict[int, torch.Tensor] = {}
     loss = torch.zeros((), dtype=dtype, device=device)
     n_data, n_outputs = 0, None
+    # in-memory labels are validated once, so the per-batch check needs no device sync
+    labels_checked = not isinstance(batches, TensorBatches)
     was_training = model.training
     model.eval()
     try:
@@ -283,7 +277,10 @@ def accumulate_curvature(
             recorder.clear()
             recorder.active = True
             f = model(x)
-            check_targets(likelihood, f, y)
+            if not labels_checked and likelihood == "classification":
+                check_label_range(batches.y, f.shape[1])
+                labels_checked = True
+            check_targets(likelihood, f, y, check_range=not isinstance(batches, TensorBatches))
             n_outputs = f.shape[1]
             n_data += f.shape[0]
             loss += summed_loss(likelihood, f.detach(), y)
@@ -307,10 +304,11 @@ def accumulate_curvature(
                         continue
                     a = rec.inputs[i]
                     own = _per_call_blocks(rec)
+                    key = id(rec.module)
                     if isinstance(rec.module, nn.Conv2d):
-                        _accumulate_conv(rec.module, a, g, own, G_sums, raw_A, diags)
+                        _accumulate_conv(key, rec.module, a, g, own, G_sums, raw_A, diags)
                     else:
-                        _accumulate_linear(a, g, own, G_sums, raw_A, diags)
+                        _accumulate_linear(key, a, g, own, G_sums, raw_A, diags)
             # a module called more than once: its per-sample gradient is the sum over the
             # calls, so squaring call by call would be wrong; take those diagonals exactly
             shared = [
@@ -331,9 +329,11 @@ def accumulate_curvature(
         raise ValueError("the training data yielded no batches (empty loader)")
     for index, block in enumerate(blocks):
         if block.kind == "kron":
-            G = G_sums.get(index)
-            if G is None:
+            G = G_sums.get(id(block.module))
+            if G is None:  # the layer never influenced the output
                 G = torch.zeros(block.shape[0], block.shape[0], dtype=dtype, device=device)
+            elif block.role == "bias" and _has_kron_weight(blocks, block):
+                G = G.clone()  # weight and bias report the same G; keep them independent
             if block.role == "weight":
                 d_in = block.param[0].numel()
                 A = raw_A.get(index, torch.zeros(d_in, d_in, dtype=dtype, device=device)) / n_data
@@ -347,6 +347,10 @@ def accumulate_curvature(
     result = Curvature(blocks, loss, n_data, n_outputs, factors, diags)
     check_finite(result)
     return result
+
+
+def _has_kron_weight(blocks: list[ParamBlock], bias: ParamBlock) -> bool:
+    return any(b.module is bias.module and b.role == "weight" and b.kind == "kron" for b in blocks)
 
 
 def check_finite(result: Curvature) -> None:

@@ -31,8 +31,14 @@ def check_curvature(curvature: str) -> str:
     return curvature
 
 
-def check_targets(likelihood: str, f: torch.Tensor, y: torch.Tensor) -> None:
-    """Refuse targets that do not fit the outputs (labels out of range, shape mismatch)."""
+def check_targets(
+    likelihood: str, f: torch.Tensor, y: torch.Tensor, check_range: bool = True
+) -> None:
+    """Refuse targets that do not fit the outputs (labels out of range, shape mismatch).
+
+    ``check_range=False`` skips the label-range test (it syncs with the device) for labels
+    already validated with :func:`check_label_range`.
+    """
     if f.ndim != 2:
         raise ValueError(f"the model must return (batch, outputs) tensors, got {tuple(f.shape)}")
     if likelihood == "classification":
@@ -43,16 +49,22 @@ def check_targets(likelihood: str, f: torch.Tensor, y: torch.Tensor) -> None:
             )
         if y.dtype.is_floating_point or y.dtype == torch.bool:
             raise TypeError(f"class labels must be an integer tensor, got {y.dtype}")
-        lo, hi = int(y.min()), int(y.max())
-        if lo < 0 or hi >= f.shape[1]:
-            raise ValueError(
-                f"labels must lie in [0, {f.shape[1] - 1}] for a model with {f.shape[1]} outputs; "
-                f"got labels in [{lo}, {hi}]"
-            )
+        if check_range:
+            check_label_range(y, f.shape[1])
     elif y.shape != f.shape:
         raise ValueError(
             f"regression targets must have the outputs' shape {tuple(f.shape)}, "
             f"got {tuple(y.shape)}"
+        )
+
+
+def check_label_range(y: torch.Tensor, n_classes: int) -> None:
+    """Class labels must lie in [0, n_classes)."""
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0 or hi >= n_classes:
+        raise ValueError(
+            f"labels must lie in [0, {n_classes - 1}] for a model with {n_classes} outputs; "
+            f"got labels in [{lo}, {hi}]"
         )
 
 

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from spamkern.curvature.likelihood import check_targets, mean_loss
+from spamkern.curvature.likelihood import check_label_range, check_targets, mean_loss
 from spamkern.curvature.structure import parameter_blocks
-from spamkern.data.batches import as_batches, split_batch
+from spamkern.data.batches import TensorBatches, as_batches, split_batch
 from spamkern.distributed import all_reduce_gradients, all_reduce_sum, is_distributed
 from spamkern.marglik.checkpoint import (
     load_checkpoint,
@@ -130,11 +130,15 @@ def marglik_train(
     blocks = parameter_blocks(model, structure)
     device, dtype = blocks[0].param.device, blocks[0].param.dtype
     params = [b.param for b in blocks]
+    sizes = [p.numel() for p in params]
     batch_gen = torch.Generator(device="cpu").manual_seed(seed)
     mc_gen = torch.Generator(device=device).manual_seed(seed + 1)
     batches = as_batches(train_data, batch_size, shuffle=True, generator=batch_gen, device=device)
     fit_batches = as_batches(train_data, batch_size, shuffle=False, device=device)
     n_data = _count(batches)
+    # in-memory labels get one range check (first step) instead of a device sync per step
+    labels_prechecked = isinstance(batches, TensorBatches) and likelihood == "classification"
+    labels_checked = not labels_prechecked
     if is_distributed():  # each rank holds a shard: the prior term needs the global N
         n_data = int(all_reduce_sum(float(n_data)))
     n_steps_per_epoch = len(batches) if hasattr(batches, "__len__") else None
@@ -194,24 +198,27 @@ def marglik_train(
         tic = time.perf_counter()
         model.train()
         _set_sampler_epoch(train_data, epoch)
-        delta = prior_module.precision_diag().detach()
+        # δ fixed during the epoch, split per tensor so the prior term needs no θ copy
+        deltas = [
+            d.view_as(p)
+            for d, p in zip(prior_module.precision_diag().detach().split(sizes), params)
+        ]
         scale = temperature / (2.0 * n_data)
-        epoch_loss, seen = 0.0, 0
+        epoch_loss = torch.zeros((), dtype=dtype, device=device)  # summed on the device:
+        seen = 0  # no host sync per step
         for batch in batches:
             x, y = split_batch(batch, device, dict_key_y)
             opt.zero_grad(set_to_none=True)
             f = model(x)
-            check_targets(likelihood, f, y)
+            if not labels_checked:
+                check_label_range(batches.y, f.shape[-1])
+                labels_checked = True
+            check_targets(likelihood, f, y, check_range=not labels_prechecked)
             data_loss = mean_loss(likelihood, f, y)
             if likelihood == "regression":
                 data_loss = data_loss * torch.exp(-2.0 * log_sigma.detach())
-            theta = torch.cat([p.reshape(-1) for p in params])
-            loss = data_loss + scale * (delta * theta.square()).sum()
-            if not torch.isfinite(loss):
-                raise ValueError(
-                    f"the training loss became {float(loss)} at epoch {epoch}; lower the "
-                    "learning rate or check the data"
-                )
+            penalty = sum((d * p.square()).sum() for d, p in zip(deltas, params))
+            loss = data_loss + scale * penalty
             loss.backward()
             if is_distributed():
                 all_reduce_gradients(params)
@@ -220,12 +227,17 @@ def marglik_train(
                 sched.step()
             if masks is not None:
                 _apply_masks(model, masks)
-            epoch_loss += float(data_loss.detach()) * f.shape[0]
+            epoch_loss += data_loss.detach() * f.shape[0]
             seen += f.shape[0]
+        if not bool(torch.isfinite(epoch_loss)):
+            raise ValueError(
+                f"the training loss became {float(epoch_loss)} in epoch {epoch}; lower the "
+                "learning rate or check the data"
+            )
 
         record: dict[str, Any] = {
             "epoch": epoch,
-            "loss": epoch_loss / max(seen, 1),
+            "loss": float(epoch_loss) / max(seen, 1),
             "marglik": None,
         }
         if is_marglik_epoch(epoch, n_epochs_burnin, marglik_frequency):
