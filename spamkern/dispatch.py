@@ -14,9 +14,13 @@ explicitly (the interpreter is for testing, not speed).
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -129,18 +133,34 @@ def _ensure_loaded() -> None:
     if _LOADED:
         return
     _LOADED = True
-    import importlib
     import warnings
 
-    for module in ("spamkern.kernels", "spamkern._ext"):
+    for loader in (_import_kernels, lambda: importlib.import_module("spamkern._ext")):
         try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as err:
-            if err.name != module:  # the module exists but something it needs is missing
-                warnings.warn(
-                    f"{module} could not be imported ({err}); its kernels are off",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-            # spamkern.kernels is absent when running from a source tree without an
-            # (editable) install: the reference implementations run instead
+            loader()
+        except ImportError as err:  # a kernel module that exists but cannot be imported
+            warnings.warn(
+                f"spamkern kernels could not be imported ({err}); they are off",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+
+def _import_kernels():
+    """``spamkern.kernels`` (the top-level ``kernels/`` folder, mapped into the package by
+    setup.py); in a source checkout without an install it is loaded from its folder."""
+    try:
+        return importlib.import_module("spamkern.kernels")
+    except ModuleNotFoundError as err:
+        if err.name != "spamkern.kernels":
+            raise
+    source = Path(__file__).resolve().parent.parent / "kernels" / "__init__.py"
+    if not source.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location(
+        "spamkern.kernels", source, submodule_search_locations=[str(source.parent)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["spamkern.kernels"] = module
+    spec.loader.exec_module(module)
+    return module

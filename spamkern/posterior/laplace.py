@@ -18,6 +18,7 @@ from torch import nn
 from spamkern.curvature.accumulate import Curvature
 from spamkern.ops import kron_curvature_diag
 from spamkern.ops.logdet import EigLogdetPlan
+from spamkern.ops.precision import kron_precision_and_opd
 from spamkern.posterior.blocks import (
     BlockEigen,
     KronEigenCache,
@@ -98,8 +99,25 @@ class LaplacePosterior:
 
     def precision_diag(self) -> torch.Tensor:
         """(P,) diag Π = s·diag(H) + δ, exact for every prior."""
+        return self.precision_and_opd()[0]
+
+    def precision_and_opd(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(diag Π, OPD scores ½ θ² diag Π)`` in one pass over the factor diagonals.
+
+        diag(G ⊗ A) = diag(G) ⊗ diag(A) is never formed as a separate (P,) vector: the
+        fused backends read the factor diagonals, θ and δ and write both outputs.
+        """
         _check_finite_hyper(self.prior.log_precision)
-        return self.curvature_diag() * self.curvature_scale + self.prior.precision_diag().detach()
+        diag_g, diag_a = [], []
+        for block in self.curvature.block_factors():
+            if isinstance(block, torch.Tensor):
+                diag_g.append(block.reshape(-1))
+                diag_a.append(None)
+            else:
+                diag_g.append(block[0].diagonal())
+                diag_a.append(block[1].diagonal() if len(block) == 2 else None)
+        prior_diag = self.prior.precision_diag().detach()
+        return kron_precision_and_opd(self.mean, diag_g, diag_a, prior_diag, self.curvature_scale)
 
     # -- evidence ----------------------------------------------------------------------------
     def log_likelihood(self, log_sigma: torch.Tensor | None = None) -> torch.Tensor:

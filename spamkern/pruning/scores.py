@@ -193,6 +193,10 @@ def posterior_terms(posterior: object) -> PosteriorTerms:
 
 def opd_scores(posterior: object, as_dict: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
     """OPD s_i = ½ θ_i² Π_ii from any posterior (kron or diag, every prior), in one pass."""
+    if callable(getattr(posterior, "precision_and_opd", None)):  # fused: reads factor diagonals
+        named = list(posterior.named_params)
+        _, scores = posterior.precision_and_opd()
+        return _to_output(named, scores.detach(), as_dict)
     t = posterior_terms(posterior)
     n_params = sum(p.numel() for _, p in t.named_params)
     if t.mean.numel() != n_params:
