@@ -160,6 +160,21 @@ def marglik_train(
         total = n_epochs * (n_steps_per_epoch or 1)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
 
+    def refit() -> LaplacePosterior:
+        """The posterior on the whole training set at the current θ, under the live prior."""
+        return fit_laplace(
+            model,
+            fit_batches,
+            likelihood=likelihood,
+            structure=structure,
+            curvature=curvature,
+            prior=prior_module,
+            temperature=temperature,
+            sigma_noise=float(log_sigma.detach().exp()),
+            generator=mc_gen,
+            dict_key_y=dict_key_y,
+        )
+
     history: list[dict[str, Any]] = []
     posterior: LaplacePosterior | None = None
     start_epoch = 1
@@ -241,18 +256,7 @@ def marglik_train(
             "marglik": None,
         }
         if is_marglik_epoch(epoch, n_epochs_burnin, marglik_frequency):
-            posterior = fit_laplace(
-                model,
-                fit_batches,
-                likelihood=likelihood,
-                structure=structure,
-                curvature=curvature,
-                prior=prior_module,
-                temperature=temperature,
-                sigma_noise=float(log_sigma.detach().exp()),
-                generator=mc_gen,
-                dict_key_y=dict_key_y,
-            )
+            posterior = refit()
             marglik = _hypersteps(
                 posterior,
                 hyper_opt,
@@ -298,18 +302,7 @@ def marglik_train(
             on_epoch_end(record)
 
     if fit_final_posterior and (posterior is None or history[-1]["marglik"] is None):
-        posterior = fit_laplace(
-            model,
-            fit_batches,
-            likelihood=likelihood,
-            structure=structure,
-            curvature=curvature,
-            prior=prior_module,
-            temperature=temperature,
-            sigma_noise=float(log_sigma.detach().exp()),
-            generator=mc_gen,
-            dict_key_y=dict_key_y,
-        )
+        posterior = refit()
     model.train()
     return MarglikResult(model, posterior, prior_module, history, masks, log_sigma.detach())
 

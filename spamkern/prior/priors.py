@@ -93,9 +93,9 @@ class Prior(nn.Module):
         self.slots = slots
         self.n_params = sum(int(math.prod(shape)) for _, shape in named_shapes)
         n_hyper = slots[-1].stop if slots else 0
-        self.log_precision = nn.Parameter(
-            torch.full((n_hyper,), init_log, dtype=dtype, device=device)
-        )
+        self.log_precision = nn.Parameter(torch.zeros(n_hyper, dtype=dtype, device=device))
+        with torch.no_grad():  # the subclass rule decides how one value spreads (unitwise: halves)
+            self.log_precision.copy_(self._from_scalar(self.log_precision.new_tensor(init_log)))
 
     # -- subclasses define how the flat vector maps onto tensors ---------------------------
     def tensor_precision(self, slot: TensorSlot, log_precision: torch.Tensor) -> TensorPrecision:
@@ -171,14 +171,22 @@ class Prior(nn.Module):
         return f"kind={self.kind}, hyperparameters={self.log_precision.numel()}"
 
 
+def _packed_slots(named_shapes, width) -> list[TensorSlot]:
+    """Consecutive slots of ``width(shape)`` hyperparameters per tensor."""
+    slots, start = [], 0
+    for name, shape in named_shapes:
+        shape = torch.Size(shape)
+        slots.append(TensorSlot(name, shape, start, start + width(shape)))
+        start += width(shape)
+    return slots
+
+
 class ScalarPrior(Prior):
     kind = "scalar"
 
     def __init__(self, named_shapes, init_log, dtype=torch.float32, device=None):
         slots = [TensorSlot(n, torch.Size(s), 0, 1) for n, s in named_shapes]
         super().__init__(named_shapes, slots, init_log, dtype, device)
-        with torch.no_grad():
-            self.log_precision.data = self.log_precision.data[:1].clone()
 
     def tensor_precision(self, slot, log_precision):
         return TensorPrecision("scalar", log_delta=log_precision[0])
@@ -204,17 +212,10 @@ class UnitwisePrior(Prior):
     kind = "unitwise"
 
     def __init__(self, named_shapes, init_log, dtype=torch.float32, device=None):
-        slots, start = [], 0
-        for name, shape in named_shapes:
-            shape = torch.Size(shape)
-            width = shape[0] + shape[1] if len(shape) >= 2 else max(1, int(math.prod(shape)))
-            slots.append(TensorSlot(name, shape, start, start + width))
-            start += width
-        super().__init__(named_shapes, slots, init_log, dtype, device)
-        with torch.no_grad():  # a_m + b_n = init_log for ≥2-D tensors
-            for slot in slots:
-                if len(slot.shape) >= 2:
-                    self.log_precision[slot.start : slot.stop] = 0.5 * init_log
+        def width(shape: torch.Size) -> int:  # a (rows) and b (cols), or one per entry
+            return shape[0] + shape[1] if len(shape) >= 2 else max(1, math.prod(shape))
+
+        super().__init__(named_shapes, _packed_slots(named_shapes, width), init_log, dtype, device)
 
     def tensor_precision(self, slot, log_precision):
         values = log_precision[slot.start : slot.stop]
@@ -239,12 +240,7 @@ class ParameterwisePrior(Prior):
     kind = "parameterwise"
 
     def __init__(self, named_shapes, init_log, dtype=torch.float32, device=None):
-        slots, start = [], 0
-        for name, shape in named_shapes:
-            shape = torch.Size(shape)
-            width = int(math.prod(shape))
-            slots.append(TensorSlot(name, shape, start, start + width))
-            start += width
+        slots = _packed_slots(named_shapes, lambda shape: max(1, math.prod(shape)))
         super().__init__(named_shapes, slots, init_log, dtype, device)
 
     def tensor_precision(self, slot, log_precision):
