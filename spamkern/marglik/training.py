@@ -173,6 +173,7 @@ def marglik_train(
             sigma_noise=float(log_sigma.detach().exp()),
             generator=mc_gen,
             dict_key_y=dict_key_y,
+            progress=False,
         )
 
     history: list[dict[str, Any]] = []

@@ -26,7 +26,7 @@ def fit_laplace(
     sigma_noise: float | torch.Tensor = 1.0,
     batch_size: int | None = None,
     generator: torch.Generator | None = None,
-    progress: bool = False,
+    progress: bool = True,
     dict_key_y: str = "labels",
     distributed: bool | None = None,
 ) -> LaplacePosterior:

@@ -345,6 +345,7 @@ def obd_scores(
         from spamkern import fit_laplace
 
         fit_kwargs.setdefault("progress", False)
+        fit_kwargs.setdefault("progress", False)
         posterior = fit_laplace(model, data, structure="diag", curvature="ggn", **fit_kwargs)
     named = trainable_named_parameters(model)
     h = posterior.curvature_diag().detach()
