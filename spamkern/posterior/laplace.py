@@ -22,6 +22,7 @@ from spamkern.ops.precision import kron_precision_and_opd
 from spamkern.posterior.blocks import (
     BlockEigen,
     KronEigenCache,
+    unitwise_logdet,
     weight_matrix_shape,
     whitened_unit_eigen,
 )
@@ -171,16 +172,13 @@ class LaplacePosterior:
         :mod:`spamkern.posterior.blocks` for parameterwise Kronecker blocks)."""
         scale = self._scale(log_sigma)
         tps = self.prior.per_tensor(log_precision)
-        deltas, total = [], None
+        deltas, unit_blocks = [], []
         for index, tp in enumerate(tps):
             if self._uses_plan(index):
                 deltas.append(self._plan_delta(index, tp))
             else:
-                block = whitened_unit_eigen(
-                    self.curvature.factors[index], tp, self.blocks[index].shape, scale
-                )
-                term = block.logdet()
-                total = term if total is None else total + term
+                unit_blocks.append((self.curvature.factors[index], tp, self.blocks[index].shape))
+        total = unitwise_logdet(unit_blocks, scale) if unit_blocks else None
         plan_value = self._logdet_plan()(deltas, scale) if deltas else None
         parts = [t for t in (plan_value, total) if t is not None]
         return sum(parts[1:], parts[0])
