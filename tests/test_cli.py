@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from spamkern.cli import METHODS, main
+from spamkern.cli import main
+from spamkern.experiment import METHODS
 
 
 def _rows(path) -> list[dict]:

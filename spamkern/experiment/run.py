@@ -1,0 +1,365 @@
+"""The runner: one (data set, seed) → its result rows.
+
+Train a MAP and a SpaM model from one initialisation (and, if asked, a SpaM model pruned
+online), score every weight once per method, prune at each level and pattern, optionally
+fine-tune with the masks enforced, and evaluate on the test split. Rows follow
+:data:`~spamkern.experiment.config.CSV_FIELDS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from spamkern.experiment.config import CSV_FIELDS, METHODS, TrainConfig, training_config
+from spamkern.metrics import classification_metrics, glm_predictive, map_predictive
+from spamkern.models import build_model
+from spamkern.pruning import (
+    OnlinePruning,
+    apply_masks,
+    compress,
+    count_flops,
+    count_params,
+    finetune,
+    grasp_scores,
+    magnitude_scores,
+    measure_latency,
+    obd_scores,
+    opd_scores,
+    prune,
+    random_scores,
+    snip_scores,
+    synflow_scores,
+)
+
+
+@dataclass
+class Trained:
+    """The two trained models of one (data set, seed) and their posteriors."""
+
+    map_model: nn.Module
+    spam_model: nn.Module
+    map_posterior: Any
+    spam_posterior: Any
+    seconds: dict[str, float] = field(default_factory=dict)
+    online_model: nn.Module | None = None
+    online_masks: dict[str, torch.Tensor] | None = None
+
+
+@dataclass
+class Dense:
+    """What the pruned rows are measured against: the dense MAP model's cost and chance."""
+
+    params: int
+    flops: int
+    latency_ms: float
+    chance: float
+
+
+@dataclass
+class Run:
+    """Everything one (data set, seed) shares, so the row builders need one argument."""
+
+    name: str
+    seed: int
+    split: Any
+    cfg: TrainConfig
+    args: argparse.Namespace
+    trained: Trained
+    dense: Dense
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.split.input_shape)
+
+
+# ---------------------------------------------------------------------------- training
+def train_models(
+    split, cfg: TrainConfig, args: argparse.Namespace, seed: int, device: torch.device
+) -> Trained:
+    """MAP and SpaM (and the online-pruned SpaM) from one seeded initialisation."""
+    import spamkern as sk
+
+    torch.manual_seed(seed)
+    init = build_model(split.input_shape, split.n_classes).to(device)
+    common = {
+        "n_epochs": cfg.epochs,
+        "structure": args.structure,
+        "curvature": args.curvature,
+        "prior_precision": cfg.prior_precision,
+        "lr": cfg.lr,
+        "optimizer": cfg.optimizer,
+        "scheduler": cfg.scheduler,
+        "batch_size": cfg.batch_size,
+        "progress": not args.no_progress,
+        "seed": seed,
+    }
+    seconds = {}
+    tic = time.perf_counter()
+    # MAP: burn-in beyond the last epoch, so δ stays fixed (SPEC §5); its posterior uses a
+    # scalar prior at that δ and serves MAP+OPD and the MAP model's Laplace predictive.
+    map_res = sk.marglik_train(
+        copy.deepcopy(init),
+        split.train,
+        prior="scalar",
+        n_epochs_burnin=cfg.epochs + 1,
+        marglik_frequency=1,
+        n_hypersteps=0,
+        **common,
+    )
+    seconds["train_map"] = time.perf_counter() - tic
+    tic = time.perf_counter()
+    spam_res = sk.marglik_train(
+        copy.deepcopy(init),
+        split.train,
+        prior=args.prior,
+        n_epochs_burnin=cfg.burnin,
+        marglik_frequency=cfg.marglik_frequency,
+        n_hypersteps=cfg.hypersteps,
+        **common,
+    )
+    seconds["train_spam"] = time.perf_counter() - tic
+    trained = Trained(map_res.model, spam_res.model, map_res.posterior, spam_res.posterior, seconds)
+    if args.online_sparsity is not None:
+        tic = time.perf_counter()
+        schedule = OnlinePruning(
+            final_sparsity=args.online_sparsity / 100.0,
+            interval=cfg.marglik_frequency,
+            scope=args.scope,
+        )
+        online_res = sk.marglik_train(
+            copy.deepcopy(init),
+            split.train,
+            prior=args.prior,
+            n_epochs_burnin=cfg.burnin,
+            marglik_frequency=cfg.marglik_frequency,
+            n_hypersteps=cfg.hypersteps,
+            online_pruning=schedule,
+            fit_final_posterior=False,
+            **common,
+        )
+        trained.online_model, trained.online_masks = online_res.model, online_res.masks
+        seconds["train_spam_online"] = time.perf_counter() - tic
+    return trained
+
+
+# ---------------------------------------------------------------------------- scoring
+def method_scores(method: str, trained: Trained, split, seed: int) -> torch.Tensor:
+    """One score per weight for ``method``: OPD from the posterior, the rest from the model."""
+    which, score = METHODS[method]
+    model = trained.spam_model if which == "spam" else trained.map_model
+    posterior = trained.spam_posterior if which == "spam" else trained.map_posterior
+    data = split.train
+    if score == "opd":
+        return opd_scores(posterior)
+    if score == "magnitude":
+        return magnitude_scores(model)
+    if score == "random":
+        return random_scores(model, torch.Generator().manual_seed(10_000 + seed))
+    if score == "snip":
+        return snip_scores(model, data)
+    if score == "grasp":
+        return grasp_scores(model, data)
+    if score == "obd":
+        return obd_scores(model, data)
+    if score == "synflow":
+        return synflow_scores(model, tuple(split.input_shape))
+    raise ValueError(f"unknown score {score!r}")
+
+
+# ---------------------------------------------------------------------------- evaluation
+def zero_fraction(model: nn.Module) -> float:
+    """Share of exactly-zero parameters: checks that masks survived fine-tuning."""
+    total = sum(p.numel() for p in model.parameters())
+    return sum(int((p == 0).sum()) for p in model.parameters()) / total
+
+
+def evaluate(model: nn.Module, split) -> dict[str, float]:
+    """Test accuracy, NLL, ECE and Brier under the MAP predictive."""
+    x, y = split.test
+    return classification_metrics(map_predictive(model, x), y)
+
+
+def make_row(dataset: str, seed: int, method: str, pattern: str, sparsity: float, **values) -> dict:
+    """A full CSV row: unset columns stay empty so every row has the same fields."""
+    which, score = METHODS.get(method, (method.split("+")[0].lower(), "-"))
+    row = {k: "" for k in CSV_FIELDS}
+    row.update(
+        dataset=dataset,
+        seed=seed,
+        method=method,
+        model=which,
+        score=score,
+        pattern=pattern,
+        sparsity=sparsity,
+    )
+    row.update(values)
+    return row
+
+
+# ---------------------------------------------------------------------------- one run
+def _load_split(name: str, root: str | None, seed: int, device: torch.device):
+    """The data set's split with every tensor moved to ``device`` once, up front."""
+    from spamkern.data import load_dataset
+
+    split = load_dataset(name, root=root, seed=seed)
+    return type(split)(
+        train=tuple(t.to(device) for t in split.train),
+        test=tuple(t.to(device) for t in split.test),
+        n_classes=split.n_classes,
+        input_shape=tuple(split.input_shape),
+        name=split.name,
+    )
+
+
+def _measure_dense(trained: Trained, split, repeats: int) -> Dense:
+    """Cost of the dense MAP model and the majority-class accuracy of the test split."""
+    shape = tuple(split.input_shape)
+    params = count_params(trained.map_model)
+    flops = count_flops(trained.map_model, shape)
+    latency = measure_latency(trained.map_model, shape, repeats=repeats)
+    y_test = split.test[1]
+    chance = float(torch.bincount(y_test).max()) / y_test.numel()
+    return Dense(params, flops, latency, chance)
+
+
+def _dense_rows(run: Run) -> list[dict]:
+    """The unpruned MAP and SpaM models, each under the MAP and the GLM predictive."""
+    rows = []
+    x_test, y_test = run.split.test
+    for which, model, post in (
+        ("MAP", run.trained.map_model, run.trained.map_posterior),
+        ("SpaM", run.trained.spam_model, run.trained.spam_posterior),
+    ):
+        common = {
+            "chance": run.dense.chance,
+            "achieved_sparsity": 0.0,
+            "zero_fraction": zero_fraction(model),
+            "finetune_epochs": 0,
+            "params": run.dense.params,
+            "flops": run.dense.flops,
+            "latency_ms": run.dense.latency_ms,
+        }
+        metrics = evaluate(model, run.split)
+        rows.append(
+            make_row(run.name, run.seed, which, "dense", 0.0, predictive="map", **common, **metrics)
+        )
+        glm = classification_metrics(glm_predictive(post, x_test), y_test)
+        rows.append(
+            make_row(run.name, run.seed, which, "dense", 0.0, predictive="glm", **common, **glm)
+        )
+    return rows
+
+
+def _pruned_row(run: Run, method: str, pattern: str, pct: float, scores: torch.Tensor) -> dict:
+    """Prune the method's model at ``pct`` %, fine-tune if asked, then measure and evaluate.
+
+    Unit-pruned models are compressed first, so their size, FLOPs and latency are real.
+    """
+    args, cfg = run.args, run.cfg
+    which, _ = METHODS[method]
+    base = run.trained.spam_model if which == "spam" else run.trained.map_model
+    masks = prune(base, scores, pct / 100.0, pattern=pattern, scope=args.scope)
+    pruned = apply_masks(copy.deepcopy(base), masks)
+    if args.finetune_epochs > 0:
+        finetune(
+            pruned,
+            run.split.train,
+            masks,
+            epochs=args.finetune_epochs,
+            lr=args.finetune_lr,
+            batch_size=cfg.batch_size,
+            seed=run.seed,
+            progress=False,
+        )
+    params, flops, latency = run.dense.params, run.dense.flops, ""
+    if pattern == "unit":
+        small = compress(pruned, masks)
+        params, flops = count_params(small), count_flops(small, run.shape)
+        latency = measure_latency(small, run.shape, repeats=args.latency_repeats)
+    return make_row(
+        run.name,
+        run.seed,
+        method,
+        pattern,
+        pct,
+        achieved_sparsity=masks.sparsity(),
+        zero_fraction=zero_fraction(pruned),
+        finetune_epochs=args.finetune_epochs,
+        predictive="map",
+        chance=run.dense.chance,
+        params=params,
+        flops=flops,
+        latency_ms=latency,
+        **evaluate(pruned, run.split),
+    )
+
+
+def _pruned_rows(run: Run) -> list[dict]:
+    """Every method × pattern × level; each method is scored once, on first use."""
+    args = run.args
+    jobs = [(m, p, s) for m in args.methods for p in args.patterns for s in args.sparsities]
+    scores: dict[str, torch.Tensor] = {}
+    bar = tqdm(
+        jobs, desc=f"prune {run.name} seed {run.seed}", disable=args.no_progress, leave=False
+    )
+    rows = []
+    for method, pattern, pct in bar:
+        if method not in scores:
+            scores[method] = method_scores(method, run.trained, run.split, run.seed).detach()
+        rows.append(_pruned_row(run, method, pattern, pct, scores[method]))
+    return rows
+
+
+def _online_row(run: Run) -> dict:
+    """The SpaM model pruned by OPD during training, evaluated as it came out."""
+    model, masks = run.trained.online_model, run.trained.online_masks
+    return make_row(
+        run.name,
+        run.seed,
+        "SpaM+online-OPD",
+        "unstructured",
+        run.args.online_sparsity,
+        model="spam",
+        score="opd-online",
+        achieved_sparsity=masks.sparsity() if masks is not None else 0.0,
+        zero_fraction=zero_fraction(model),
+        finetune_epochs=0,
+        predictive="map",
+        chance=run.dense.chance,
+        params=run.dense.params,
+        flops=run.dense.flops,
+        **evaluate(model, run.split),
+    )
+
+
+def run_one(
+    name: str,
+    root: str | None,
+    seed: int,
+    args: argparse.Namespace,
+    device: torch.device,
+    log: Callable[[str], None],
+) -> list[dict]:
+    """All rows of one (data set, seed); logs the seconds each stage took."""
+    split = _load_split(name, root or args.data_root, seed, device)
+    cfg = training_config(name, args)
+    trained = train_models(split, cfg, args, seed, device)
+    dense = _measure_dense(trained, split, args.latency_repeats)
+    run = Run(name, seed, split, cfg, args, trained, dense)
+    rows = _dense_rows(run)
+    tic = time.perf_counter()
+    rows.extend(_pruned_rows(run))
+    if trained.online_model is not None:
+        rows.append(_online_row(run))
+    seconds = dict(trained.seconds, prune_and_evaluate=time.perf_counter() - tic)
+    log(f"{name} seed {seed}: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
+    return rows
