@@ -24,7 +24,7 @@ fi
 
 echo "spamkern: installing into $VENV (first time takes a few minutes)"
 if ! python -c "import torch" 2>/dev/null; then
-  pip install -q "$TORCH_SPEC"
+  pip install -q "$TORCH_SPEC" numpy
 fi
 TORCH_VERSION=$(python -c "import torch; print(torch.__version__.split('+')[0])")
 constraints="$VENV/.constraints.txt"
