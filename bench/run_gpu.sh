@@ -49,6 +49,9 @@ if [ -z "$QUICK" ]; then
   step "GPU tests" 240 python -m pytest -q -x tests/sparse tests/kernels tests/core -m "not slow"
   step "bench: sparse inference" 300 python bench/run_sparse_gpu.py --write-tables --out "$OUT_DIR"
   step "bench: curvature" 300 python bench/run_curvature_gpu.py --out "$OUT_DIR"
+  step "bench: end-to-end training" 240 python -m pytest -q bench/bench_training.py \
+    --benchmark-json "$OUT_DIR/training-benchmark.json"
+  python bench/training_ratios.py "$OUT_DIR/training-benchmark.json" 2>&1 | tee -a "$LOG"
   step "bench: laplace backend" 120 python -m pytest -q bench/bench_laplace_backend.py \
     --benchmark-json "$OUT_DIR/laplace-backend-benchmark.json"
 else
@@ -56,6 +59,9 @@ else
   step "bench: sparse inference (CPU)" 600 python -m pytest -q bench/bench_sparse.py \
     --benchmark-json "$OUT_DIR/cpu-sparse-benchmark.json"
   step "bench: curvature (quick)" 600 python bench/run_curvature_gpu.py --quick --out "$OUT_DIR"
+  step "bench: end-to-end training (quick)" 300 python -m pytest -q bench/bench_training.py \
+    --quick --benchmark-json "$OUT_DIR/training-benchmark-quick.json"
+  python bench/training_ratios.py "$OUT_DIR/training-benchmark-quick.json" 2>&1 | tee -a "$LOG"
 fi
 cp -r spamkern/sparse/measured "$OUT_DIR/" 2>/dev/null || true
 echo "results in $OUT_DIR (status $status)" | tee -a "$LOG"
