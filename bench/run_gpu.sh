@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything a GPU session measures, in one prepared script:
+# Everything measured on a GPU machine, in one prepared script:
 #   1. build spamkern._C with its CUDA kernels against the machine's torch (editable install);
 #   2. run the GPU tests (Triton compiled for the card, CUDA extension, float64 checks);
 #   3. run the benchmarks: curvature (BENCH.md §1), sparse inference (§2), laplace backend;
