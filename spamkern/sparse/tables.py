@@ -17,6 +17,7 @@ import json
 import os
 import re
 import threading
+import warnings
 from pathlib import Path
 
 import torch
@@ -56,7 +57,12 @@ def cache_dir() -> Path:
 def _read(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
-    except (OSError, ValueError):
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as err:  # unreadable or corrupt: say so, then measure anew
+        warnings.warn(
+            f"ignoring the sparse timing table {path} ({err})", RuntimeWarning, stacklevel=3
+        )
         return {}
 
 
