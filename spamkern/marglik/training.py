@@ -22,7 +22,14 @@ from tqdm.auto import tqdm
 from spamkern.curvature.likelihood import check_label_range, check_targets, mean_loss
 from spamkern.curvature.structure import parameter_blocks
 from spamkern.data.batches import TensorBatches, as_batches, split_batch
-from spamkern.distributed import all_reduce_gradients, all_reduce_sum, is_distributed
+from spamkern.distributed import (
+    all_gather_object,
+    all_reduce_gradients,
+    all_reduce_sum,
+    check_same_on_all_ranks,
+    is_distributed,
+    rank,
+)
 from spamkern.marglik.checkpoint import (
     load_checkpoint,
     restore_rng_state,
@@ -142,6 +149,8 @@ def marglik_train(
     if is_distributed():  # each rank holds a shard: the prior term needs the global N
         n_data = int(all_reduce_sum(float(n_data)))
     n_steps_per_epoch = len(batches) if hasattr(batches, "__len__") else None
+    if is_distributed() and n_steps_per_epoch is not None:
+        check_same_on_all_ranks(n_steps_per_epoch, "optimiser steps per epoch")
 
     prior_module = make_prior(
         prior, [(b.name, b.param) for b in blocks], prior_precision, temperature
@@ -198,7 +207,8 @@ def marglik_train(
         masks = state["masks"]
         if online_pruning is not None:
             online_pruning.masks = masks
-        restore_rng_state(state["rng"], generators)
+        rng = state["rng"]  # one entry per rank under torch.distributed
+        restore_rng_state(rng[rank()] if isinstance(rng, list) else rng, generators)
         start_epoch = state["epoch"] + 1
     if masks is not None:
         _apply_masks(model, masks)
@@ -237,7 +247,7 @@ def marglik_train(
             loss = data_loss + scale * penalty
             loss.backward()
             if is_distributed():
-                all_reduce_gradients(params)
+                all_reduce_gradients(params, weight=f.shape[0])  # exact for unequal shards
             opt.step()
             if sched is not None:
                 sched.step()
@@ -296,7 +306,7 @@ def marglik_train(
                     "log_sigma": log_sigma.detach(),
                     "history": history,
                     "masks": masks,
-                    "rng": rng_state(generators),
+                    "rng": all_gather_object(rng_state(generators)),
                 },
             )
         if on_epoch_end is not None:
