@@ -103,6 +103,7 @@ def fit_all(data_for) -> dict:
             prior=prior,
             prior_precision=0.5,
             batch_size=7,
+            progress=False,
         )
         out[name] = fit_summary(post)
     return out
@@ -126,7 +127,7 @@ def fit_worker(rank: int, out_dir: str) -> None:
     X, y = problem(N_LOADER, seed=3)
     loader = distributed_loader(TensorDataset(X, y), batch_size=5, shuffle=True, seed=4)
     loader.sampler.set_epoch(1)
-    post = sk.fit_laplace(mlp(2), loader, structure="kron", prior="layerwise")
+    post = sk.fit_laplace(mlp(2), loader, structure="kron", prior="layerwise", progress=False)
     out["loader"] = fit_summary(post)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -152,9 +153,10 @@ def fit_worker(rank: int, out_dir: str) -> None:
     torch.save(out, Path(out_dir) / f"fit{rank}.pt")
 
 
-N_TRAIN = 40  # even: full-batch shards of equal size, so averaged gradients are exact
-# resume runs: minibatches, so the restored shuffling state decides which samples meet
-RESUME_N, RESUME_BATCH = 40, 7
+N_TRAIN = 41  # odd: full-batch shards of 21 and 20 (gradients averaged by sample count)
+# resume runs: shuffled minibatches on shards of 21 and 20 (3 batches each), so each rank's
+# own restored shuffling state decides which samples meet
+RESUME_N, RESUME_BATCH = 41, 7
 
 
 def marglik_kwargs(batch_size: int, n_epochs: int = 4) -> dict:
@@ -235,8 +237,22 @@ def marglik_worker(
     torch.save(summary, Path(out_dir) / f"{tag}{rank}.pt")
 
 
+def unequal_steps_error(n: int, batch_size: int) -> str | None:
+    """marglik_train on shards whose batch counts differ: the error every rank raises."""
+    import spamkern as sk
+    from spamkern.distributed import shard
+
+    try:
+        sk.marglik_train(mlp(8), shard(*problem(n)), **marglik_kwargs(batch_size, n_epochs=1))
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 def fit_and_train_worker(rank: int, out_dir: str) -> None:
     """One spawn for all: the fits, then uninterrupted marglik_train runs of both kinds."""
     fit_worker(rank, out_dir)
     marglik_worker(rank, out_dir, "full")
     marglik_worker(rank, out_dir, "resume")
+    message = unequal_steps_error(N_TRAIN, 4)  # 21 and 20 samples: 6 and 5 batches
+    torch.save(message, Path(out_dir) / f"unequal{rank}.pt")

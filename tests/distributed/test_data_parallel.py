@@ -104,7 +104,9 @@ def test_fit_two_ranks_equals_one(two_ranks):
             assert_fit_equal(got[name], ref[name], f"rank {r}, {name}")
         # the DistributedSampler loader covers the data set exactly once
         X, y = problem(N_LOADER, seed=3)
-        one = sk.fit_laplace(mlp(2), (X, y), structure="kron", prior="layerwise", batch_size=5)
+        one = sk.fit_laplace(
+            mlp(2), (X, y), structure="kron", prior="layerwise", batch_size=5, progress=False
+        )
         assert_fit_equal(got["loader"], fit_summary(one), f"rank {r}, loader")
         assert got["sum"] == 3.0
         assert any("repeats 1 of them" in m for m in got["padding_warning"])
@@ -146,6 +148,11 @@ def test_marglik_train_two_ranks_equals_one(two_ranks, one_process_marglik):
     for r, got in enumerate(load_ranks(two_ranks, "full")):
         assert got["epochs_run_here"] == [1, 2, 3, 4]
         assert_marglik_equal(got, ref, f"2 ranks, rank {r}")
+
+
+def test_unequal_step_counts_are_refused_on_every_rank(two_ranks):
+    for message in load_ranks(two_ranks, "unequal"):
+        assert "optimiser steps per epoch differ between ranks (from 5 to 6)" in message
 
 
 def test_killed_and_resumed_run_matches_uninterrupted(tmp_path, two_ranks):

@@ -65,7 +65,9 @@ def test_opd_from_laplace_torch_matches_spamkern_fit():
         copy.deepcopy(model), "classification", backend=SpamkernGGN, prior_precision=0.9
     )
     la.fit(dl)
-    post = sk.fit_laplace(model, (X, y), structure="kron", prior="layerwise", prior_precision=0.9)
+    post = sk.fit_laplace(
+        model, (X, y), structure="kron", prior="layerwise", prior_precision=0.9, progress=False
+    )
     ours = sk.opd_scores(post)
     theirs = sk.opd_scores(la)
     assert rel(theirs, ours) < 1e-10
