@@ -242,6 +242,9 @@ def _generic_diag(
         _add(diags, index, grads[block.name].square().sum((0, 1)))
 
 
+# the pass backpropagates to layer outputs, so it needs autograd even when the caller (e.g.
+# laplace-torch's fit) runs under torch.no_grad()
+@torch.enable_grad()
 def accumulate_curvature(
     model: nn.Module,
     batches: Iterable,

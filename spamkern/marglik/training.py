@@ -139,7 +139,8 @@ def marglik_train(
     params = [b.param for b in blocks]
     sizes = [p.numel() for p in params]
     batch_gen = torch.Generator(device="cpu").manual_seed(seed)
-    mc_gen = torch.Generator(device=device).manual_seed(seed + 1)
+    # MC-GGN draws: independent across ranks (each rank samples labels for its own shard)
+    mc_gen = torch.Generator(device=device).manual_seed(seed + 1 + rank())
     batches = as_batches(train_data, batch_size, shuffle=True, generator=batch_gen, device=device)
     fit_batches = as_batches(train_data, batch_size, shuffle=False, device=device)
     n_data = _count(batches)

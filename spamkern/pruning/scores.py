@@ -71,10 +71,15 @@ def scores_to_dict(
 ) -> dict[str, torch.Tensor]:
     """Scores as a dict name → tensor of the parameter's shape, checked against ``model``.
 
+    ``scores`` may also be a fitted posterior (spamkern's or laplace-torch's): it is then
+    scored with OPD, so ``sk.prune(model, posterior, ...)`` works directly.
+
     A flat tensor must have exactly P = Σ numel of the trainable parameters; a dict may
     name a subset of them (the others are then not prunable), each with its exact shape.
     """
     named = trainable_named_parameters(model)
+    if not isinstance(scores, torch.Tensor | dict):  # a fitted posterior: score it with OPD
+        scores = opd_scores(scores)
     if isinstance(scores, dict):
         shapes = {n: p.shape for n, p in named}
         for name, s in scores.items():

@@ -353,3 +353,18 @@ def test_cuda_matches_cpu(likelihood):
         generator=gen,
     )
     assert torch.isfinite(post.precision_diag()).all()
+
+
+def test_fit_under_no_grad_equals_fit_with_grad():
+    import spamkern as sk
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    model = model.double()
+    X, y = torch.randn(17, 4, dtype=torch.float64), torch.randint(0, 3, (17,))
+    with torch.no_grad():
+        quiet = sk.fit_laplace(model, (X, y), batch_size=5, progress=False)
+    loud = sk.fit_laplace(model, (X, y), batch_size=5, progress=False)
+    for a, b in zip(quiet.kron_factors, loud.kron_factors):
+        for fa, fb in zip(a, b):
+            torch.testing.assert_close(fa, fb, rtol=0, atol=0)

@@ -197,3 +197,19 @@ def test_prune_on_the_gpu_matches_the_cpu(pattern):
     assert all(
         bool((p[~on_gpu[n]] == 0).all()) for n, p in gpu_model.named_parameters() if n in on_gpu
     )
+
+
+def test_prune_accepts_a_fitted_posterior_and_scores_it_with_opd():
+    import spamkern as sk
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 3)
+    )
+    X, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    post = sk.fit_laplace(model, (X, y), progress=False)
+    from_posterior = sk.prune(model, post, sparsity=0.5)
+    from_scores = sk.prune(model, sk.opd_scores(post), sparsity=0.5)
+    assert from_posterior.keys() == from_scores.keys()
+    for name in from_scores:
+        assert torch.equal(from_posterior[name], from_scores[name])
