@@ -8,21 +8,18 @@ BENCH.md targets. Without it, the BENCH.md §1 sizes are used.
 from __future__ import annotations
 
 import contextlib
-import importlib
-import sys
 from dataclasses import dataclass
 
 import pytest
 import torch
 
+from spamkern import dispatch
+
 
 def _register_kernels() -> None:
     """Make the Triton kernels visible to the dispatcher in a source checkout too."""
-    try:
-        importlib.import_module("spamkern.kernels")
-    except ImportError:
-        with contextlib.suppress(ImportError):
-            sys.modules.setdefault("spamkern.kernels", importlib.import_module("kernels"))
+    with contextlib.suppress(ImportError):
+        dispatch.load_kernels()
 
 
 _register_kernels()

@@ -135,7 +135,7 @@ def _ensure_loaded() -> None:
     _LOADED = True
     import warnings
 
-    for loader in (_import_kernels, lambda: importlib.import_module("spamkern._ext")):
+    for loader in (load_kernels, lambda: importlib.import_module("spamkern._ext")):
         try:
             loader()
         except ImportError as err:  # a kernel module that exists but cannot be imported
@@ -146,7 +146,7 @@ def _ensure_loaded() -> None:
             )
 
 
-def _import_kernels():
+def load_kernels():
     """``spamkern.kernels`` (the top-level ``kernels/`` folder, mapped into the package by
     setup.py); in a source checkout without an install it is loaded from its folder."""
     try:

@@ -7,9 +7,7 @@ kernel modules are imported. In a source checkout the kernels live in the top-le
 
 from __future__ import annotations
 
-import importlib
 import os
-import sys
 
 import pytest
 import torch
@@ -19,6 +17,8 @@ if not torch.cuda.is_available():
 
 from kernel_helpers import DEVICE  # noqa: E402
 
+from spamkern import dispatch  # noqa: E402
+
 
 def load_kernels():
     """The kernel package, registered with the dispatcher (None without triton)."""
@@ -26,12 +26,7 @@ def load_kernels():
         import triton  # noqa: F401
     except ImportError:
         return None
-    try:
-        return importlib.import_module("spamkern.kernels")
-    except ImportError:
-        module = importlib.import_module("kernels")
-        sys.modules.setdefault("spamkern.kernels", module)
-        return module
+    return dispatch.load_kernels()
 
 
 KERNELS = load_kernels()
