@@ -173,3 +173,10 @@ def decide(
     path = "sparse" if sparse_ms < dense_ms else "dense"
     reason = f"{how}: sparse ({backend}) {sparse_ms:.4g} ms vs dense {dense_ms:.4g} ms"
     return Choice(path, backend if path == "sparse" else "dense", reason, sparse_ms, dense_ms)
+
+
+def input_rows(x: torch.Tensor, in_features: int) -> torch.Tensor:
+    """``x`` as (rows, in_features), the shape every sparse layer's kernels take."""
+    if x.shape[-1] != in_features:
+        raise ValueError(f"input has {x.shape[-1]} features, this layer expects {in_features}")
+    return x.reshape(-1, in_features)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spamkern import dispatch
-from spamkern.sparse.decision import Choice, decide
+from spamkern.sparse.decision import Choice, decide, input_rows
 from spamkern.sparse.format import BlockSparseWeight, check_block
 from spamkern.sparse.ops import bsr_linear
 
@@ -140,11 +140,7 @@ class BlockSparseLinear(nn.Module):
         return choice
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"input has {x.shape[-1]} features, this layer expects {self.in_features}"
-            )
-        x2 = x.reshape(-1, self.in_features)
+        x2 = input_rows(x, self.in_features)
         choice = self._choose(x2)
         self.last_choice = choice
         if choice.path == "dense":
