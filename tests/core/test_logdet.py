@@ -19,11 +19,10 @@ import spamkern as sk
 from spamkern.posterior import LaplacePosterior
 
 from . import models as M
-from .dense import dense_precision, expected_log_prior, perturb_prior, rel_err
+from .dense import dense_precision, expected_log_prior, rel_err
+from .fitting import SIGMA, T, fit_perturbed
 
 TOL = 1e-8
-T = 0.7
-SIGMA = 1.3
 PRIORS = ["scalar", "layerwise", "unitwise", "parameterwise"]
 CASES = {
     "mlp": (M.mlp, "classification"),
@@ -37,22 +36,9 @@ CASES = {
 
 
 def _fit(case: str, prior: str, structure: str = "kron", seed: int = 0):
-    factory, likelihood = CASES[case]
-    model, X, y = factory(seed=seed)
-    sigma = SIGMA if likelihood == "regression" else 1.0
-    post = sk.fit_laplace(
-        model,
-        (X, y),
-        likelihood=likelihood,
-        structure=structure,
-        prior=prior,
-        prior_precision=0.9,
-        temperature=T,
-        sigma_noise=sigma,
-        batch_size=4,
-    )
-    perturb_prior(post, seed=seed + 100)
-    return post
+    return fit_perturbed(
+        CASES[case], prior, structure, seed, batch_size=4, perturb_offset=100, prior_precision=0.9
+    )[0]
 
 
 def _exact_logdet(post) -> torch.Tensor:

@@ -16,10 +16,9 @@ import torch
 import spamkern as sk
 
 from . import models as M
-from .dense import dense_curvature, dense_precision, expected_log_prior, flat_theta, perturb_prior
+from .dense import dense_curvature, dense_precision, expected_log_prior, flat_theta
+from .fitting import SIGMA, T, fit_perturbed
 
-T = 0.7
-SIGMA = 1.3
 PRIORS = ["scalar", "layerwise", "unitwise", "parameterwise"]
 CASES = {
     "mlp": (M.mlp, "classification"),
@@ -32,21 +31,7 @@ CASES = {
 
 
 def _fit(case, prior, structure="kron", seed=0):
-    factory, likelihood = CASES[case]
-    model, X, y = factory(seed=seed)
-    sigma = SIGMA if likelihood == "regression" else 1.0
-    post = sk.fit_laplace(
-        model,
-        (X, y),
-        likelihood=likelihood,
-        structure=structure,
-        prior=prior,
-        temperature=T,
-        sigma_noise=sigma,
-        batch_size=5,
-    )
-    perturb_prior(post, seed=seed + 50)
-    return post, model, X, y
+    return fit_perturbed(CASES[case], prior, structure, seed, batch_size=5, perturb_offset=50)
 
 
 def _dense_lml(post, model, X, y, sigma: float) -> float:

@@ -11,8 +11,8 @@ import spamkern as sk
 
 from . import models as M
 from .dense import dense_precision, expected_log_prior, jacobians, perturb_prior, rel_err
+from .fitting import T, fit_perturbed
 
-T = 0.7
 CASES = {
     "mlp": (M.mlp, "classification"),
     "cnn": (partial(M.cnn, n=5), "classification"),
@@ -22,20 +22,10 @@ CASES = {
 
 
 def _setup(case, prior, structure, seed):
-    factory, likelihood = CASES[case]
-    model, X, y = factory(seed=seed)
-    sigma = 1.3 if likelihood == "regression" else 1.0
-    post = sk.fit_laplace(
-        model,
-        (X, y),
-        likelihood=likelihood,
-        structure=structure,
-        prior=prior,
-        temperature=T,
-        sigma_noise=sigma,
-        batch_size=4,
+    post, model, _, _ = fit_perturbed(
+        CASES[case], prior, structure, seed, batch_size=4, perturb_offset=20
     )
-    perturb_prior(post, seed=seed + 20)
+    factory = CASES[case][0]
     _, X_test, _ = factory(seed=seed + 1)
     _, J = jacobians(model, X_test[:3])
     return post, J
