@@ -42,6 +42,17 @@ class BlockEigen:
             total = total - 2.0 * self.log_w.expand_as(self.denom).sum()
         return total
 
+    def inverse_diag(self) -> torch.Tensor:
+        """(p, q) diagonal of Π⁻¹ = W Q diag(1/denom) Qᵀ W: (Q1∘Q1)(1/denom)(Q2∘Q2)ᵀ ∘ w²."""
+        out = self.denom.reciprocal()
+        if self.q1 is not None:
+            out = self.q1.square() @ out
+        if self.q2 is not None:
+            out = out @ self.q2.square().T
+        if self.log_w is not None:
+            out = out * (2.0 * self.log_w).exp()
+        return out
+
     def quadratic(self, J: torch.Tensor) -> torch.Tensor:
         """(B, C, C) J Π⁻¹ Jᵀ for J of shape (B, C, p, q) (this block's Jacobian)."""
         if self.log_w is not None:

@@ -230,6 +230,25 @@ class LaplacePosterior:
         return self._eigen_cache().eigen(index, delta, scale)
 
     @torch.no_grad()
+    def covariance_diag(self, log_precision: torch.Tensor | None = None) -> torch.Tensor:
+        """(P,) diagonal of the posterior covariance Π⁻¹ in ``parameters()`` order.
+
+        From each block's eigenbasis (no new decomposition for scalar/layerwise/parameterwise
+        priors; unitwise decomposes its whitened factors). Exact for diag, scalar, layerwise
+        and unitwise posteriors; for parameterwise Kronecker blocks it uses the same
+        eigenbasis-diagonal approximation as the log det. Used by the OBS saliency
+        (½ θ² / Σ_ii) and by the fixed-point hyperparameter updates (γ = 1 − δ Σ_ii).
+        """
+        lp = self.prior.log_precision if log_precision is None else log_precision
+        _check_finite_hyper(lp)
+        scale = self._scale()
+        parts = [
+            self._block_eigen(index, tp, scale).inverse_diag().reshape(-1)
+            for index, tp in enumerate(self.prior.per_tensor(lp))
+        ]
+        return torch.cat(parts)
+
+    @torch.no_grad()
     def functional_variance(self, J: torch.Tensor) -> torch.Tensor:
         """(B, C, C) J Σ Jᵀ for the (B, C, P) Jacobian J of the outputs w.r.t. θ.
 

@@ -80,3 +80,22 @@ def test_functional_variance_with_a_two_dimensional_diagonal_block(prior):
     _, J = jacobians(model, {"tokens": tokens[:3], "labels": y[:3]})
     expected = J @ torch.linalg.solve(dense_precision(post), J.transpose(1, 2))
     assert rel_err(post.functional_variance(J), expected) < 1e-8
+
+
+@pytest.mark.parametrize("structure", ["kron", "diag"])
+@pytest.mark.parametrize("prior", ["scalar", "layerwise", "unitwise"])
+@pytest.mark.parametrize("case", ["mlp", "cnn", "mixed"])
+def test_covariance_diag_is_the_dense_inverse_diagonal(case, prior, structure):
+    post, _ = _setup(case, prior, structure, seed=5)
+    expected = torch.linalg.inv(dense_precision(post)).diagonal()
+    ours = post.covariance_diag()
+    assert ours.shape == (post.n_params,)
+    assert rel_err(ours, expected) < 1e-8
+
+
+def test_covariance_diag_parameterwise_inverts_the_eigenbasis_diagonal():
+    """Parameterwise Kronecker blocks: the diagonal of the same Π̃ the log det uses."""
+    post, J = _setup("mlp", "parameterwise", "kron", seed=6)
+    eye = torch.eye(post.n_params, dtype=J.dtype).unsqueeze(0)
+    expected = post.functional_variance(eye)[0].diagonal()
+    assert rel_err(post.covariance_diag(), expected) < 1e-10
