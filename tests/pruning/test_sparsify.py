@@ -150,3 +150,18 @@ def test_laplace_torch_posterior(method):
         assert torch.equal(a.masks[name], b.masks[name])
     for (n, p), (_, q) in zip(a.model.named_parameters(), b.model.named_parameters()):
         torch.testing.assert_close(p, q, msg=n)
+
+
+def test_online_pruning_uses_the_same_machinery(setting):
+    model, data, post = setting
+    work = copy.deepcopy(model)
+    post_w = sk.fit_laplace(work, data, prior="unitwise", progress=False)
+    op = sk.OnlinePruning(final_sparsity=0.6, interval=1, method="obs", reconstruct="posterior")
+    masks = op.step(1, 1, work, post_w)
+    expected = sk.sparsify(model, post, 0.6, method="obs", reconstruct="posterior")
+    for name in masks:
+        assert torch.equal(masks[name], expected.masks[name])
+    for (n, p), (_, q) in zip(work.named_parameters(), expected.model.named_parameters()):
+        torch.testing.assert_close(p, q, msg=n)
+    with pytest.raises(ValueError, match="either"):
+        sk.OnlinePruning(0.5, score_fn=sk.opd_scores, method="obs")
