@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
+from spamkern import progress
 from spamkern.experiment import (
     BUILTIN,
     METHODS,
@@ -155,7 +155,7 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
 
 def _log(msg: str) -> None:
     """Progress notes go to stderr above the bars, keeping stdout for the report."""
-    tqdm.write(msg, file=sys.stderr)
+    progress.write(msg)
 
 
 # ---------------------------------------------------------------------------- entry point
@@ -172,7 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     rows: list[dict] = []
     runs = [(name, root, seed) for name, root in args.data for seed in args.seeds]
-    for name, root, seed in tqdm(runs, desc="spamkern", disable=args.no_progress):
+    bar = progress.progress_bar(runs, desc="spamkern", enabled=not args.no_progress)
+    for name, root, seed in bar:
         rows.extend(run_one(name, root, seed, args, device, _log))
         write_csv(rows, out / "results.csv")  # partial results survive an interruption
     report = summary(rows, args, time.perf_counter() - started)
