@@ -222,6 +222,7 @@ def compress(
     masks: dict[str, torch.Tensor],
     pattern: str | None = None,
     block: tuple[int, int] | None = None,
+    example_inputs: torch.Tensor | tuple | None = None,
 ) -> nn.Module:
     """A new model equivalent to ``model`` with ``masks`` applied, as small/fast as the
     pattern allows (see the module docs). ``model`` itself is not modified.

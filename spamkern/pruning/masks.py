@@ -301,11 +301,14 @@ def prune(
     block: tuple[int, int] = (64, 64),
     prune_output_layer: bool = False,
     prune_1d: bool = False,
+    example_inputs: torch.Tensor | tuple | None = None,
 ) -> PruningMasks:
     """Masks that remove the lowest-scoring ``sparsity`` fraction (see the module docs).
 
     ``scores`` is a (P,) vector aligned with ``model.parameters()`` or a dict name →
     tensor; the model itself is not modified (use :func:`apply_masks`).
+    ``example_inputs`` (a batch the model accepts) lets ``pattern="unit"`` trace the
+    model and rank whole coupled groups of channels (residual models, transformers).
     """
     s = check_sparsity(sparsity)
     if pattern not in PATTERNS:
