@@ -270,6 +270,8 @@ def _probe_input(model: nn.Module, n: int = 8) -> torch.Tensor | None:
     gen = torch.Generator().manual_seed(0)
     if isinstance(first, nn.Linear):
         return torch.randn(n, first.in_features, generator=gen, dtype=p.dtype).to(p.device)
+    if not isinstance(model, nn.Sequential):
+        return None
     was_training = model.training
     model.eval()
     try:
@@ -364,11 +366,19 @@ def compress_traced(model: nn.Module, masks: dict[str, torch.Tensor], example_in
 
     small = apply_masks(copy.deepcopy(model), masks)
     grad_flags = {n: p.requires_grad for n, p in small.named_parameters()}
-    families = channel_families(small, example_inputs)
+    dg = build_graph(small, example_inputs)
+    families = channel_families(small, example_inputs, dg)
     float_masks = {n: m.to(torch.float64) for n, m in masks.items()}
     params = {n: torch.ones(()).expand(p.shape) for n, p in small.named_parameters()}
-    dg = build_graph(small, example_inputs)
     modules = dict(small.named_modules())
+    reached = set().union(*(f.producer_params() for f in families))
+    unreached = sorted(n for n, m in masks.items() if n not in reached and not bool(m.all()))
+    if unreached:
+        raise ValueError(
+            f"masks remove entries of parameters that produce no coupled group of the traced "
+            f"model: {unreached} (the trace on example_inputs did not reach them as channel "
+            "producers, e.g. a detached branch or an unsupported layer)"
+        )
     for f in families:
         gone = _removable_units(f, masks, float_masks, params)
         if len(gone) == 0:

@@ -249,12 +249,13 @@ def _head_width(fam: ChannelFamily, root: nn.Module, dg, names: dict) -> int:
     return 1
 
 
-def channel_families(model: nn.Module, example_inputs) -> list[ChannelFamily]:
+def channel_families(model: nn.Module, example_inputs, dg=None) -> list[ChannelFamily]:
     """The coupled channel families of ``model``, one per root Linear/Conv layer (in graph
-    order), traced on ``example_inputs``. See the module docs for what each holds."""
+    order), traced on ``example_inputs`` (or read from its dependency graph ``dg``). See
+    the module docs for what each holds."""
     import torch_pruning as tp
 
-    dg = build_graph(model, example_inputs)
+    dg = dg if dg is not None else build_graph(model, example_inputs)
     names: dict = {m: n for n, m in model.named_modules()}
     families = []
     for group in dg.get_all_groups(root_module_types=(tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR)):
