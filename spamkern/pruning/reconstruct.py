@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spamkern.curvature.accumulate import _explicit_padding
+from spamkern.curvature.accumulate import _as_conv2d
 from spamkern.ops import conv_patch_gram, gram
 from spamkern.pruning.masks import apply_masks
 from spamkern.pruning.scores import _X_KEYS, _pick, posterior_terms
@@ -220,12 +220,10 @@ def input_statistics(
     def hook(mod, inputs, _output):
         a = inputs[0].detach()
         if isinstance(mod, nn.Conv2d):
-            a, padding = _explicit_padding(mod, a)
-            u = F.unfold(a.sum(0, keepdim=True), mod.kernel_size, mod.dilation, padding, mod.stride)
+            a, kernel, stride, padding, dilation = _as_conv2d(mod, a)
+            u = F.unfold(a.sum(0, keepdim=True), kernel, dilation, padding, stride)
             rows = a.shape[0] * u.shape[-1]
-            sums["A"] = conv_patch_gram(
-                a, mod.kernel_size, mod.stride, padding, mod.dilation, out=sums["A"]
-            )
+            sums["A"] = conv_patch_gram(a, kernel, stride, padding, dilation, out=sums["A"])
             mu = u[0].sum(1)
         else:
             flat = a.reshape(-1, a.shape[-1])
@@ -254,6 +252,21 @@ def input_statistics(
 # ---------------------------------------------------------------------------- network
 def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+
+
+def _check_layers(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Every masked weight must belong to a layer the reconstruction can re-solve."""
+    handled = {
+        _pname(n, "weight")
+        for n, m in _layers(model)
+        if not isinstance(m, nn.Conv2d) or m.groups == 1
+    }
+    other = sorted(n for n, m in masks.items() if m.ndim >= 2 and n not in handled)
+    if other:
+        raise ValueError(
+            f"reconstruction re-solves Linear and groups=1 Conv2d weights; the masks also "
+            f"prune {other} — use reconstruct='none' for this model"
+        )
 
 
 def _pname(prefix: str, attr: str) -> str:
@@ -337,6 +350,7 @@ def reconstruct(
     unknown = sorted(set(masks) - set(params))
     if unknown:
         raise ValueError(f"masks name {unknown}, which are not parameters of the model")
+    _check_layers(work, masks)
     for name, layer in _layers(work):
         wname = _pname(name, "weight")
         if wname not in masks:
