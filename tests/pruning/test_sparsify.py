@@ -163,3 +163,28 @@ def test_online_pruning_uses_the_same_machinery(setting):
         torch.testing.assert_close(p, q, msg=n)
     with pytest.raises(ValueError, match="either"):
         sk.OnlinePruning(0.5, score_fn=sk.opd_scores, method="obs")
+
+
+def test_units_of_a_non_sequential_model_skip_compensation(setting):
+    _, data, _ = setting
+
+    class Wrapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = make_cnn()
+
+        def forward(self, x):
+            return self.body(x)
+
+    model = Wrapped()
+    post = sk.fit_laplace(model, data, progress=False)
+    x = data[0][:3]
+    result = sk.sparsify(model, post, 0.3, pattern="unit", example_inputs=x)
+    assert result.reconstruct == "none"
+    masked = sk.apply_masks(copy.deepcopy(model), result.masks)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), masked(x))
+    with pytest.raises(ValueError, match="Sequential"):
+        sk.sparsify(
+            model, post, 0.3, pattern="unit", reconstruct="data", data=data, example_inputs=x
+        )
