@@ -344,7 +344,7 @@ def reconstruct(
         raise ValueError(f"damping must be a number ≥ 0 or 'prior', got {damping!r}")
     stats = _Stats(posterior, data, batch_size)
     if getattr(masks, "pattern", None) == "unit":
-        return compensate_units(model, masks, stats, damping, absorb_bias)
+        return _compensate(model, masks, stats, damping, absorb_bias)
     work = copy.deepcopy(model)
     params = dict(work.named_parameters())
     unknown = sorted(set(masks) - set(params))
@@ -430,16 +430,32 @@ def _psd_solve(M: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     return torch.linalg.pinv(M, hermitian=True) @ rhs
 
 
-@torch.no_grad()
 def compensate_units(
     model: nn.Module,
     masks: dict[str, torch.Tensor],
-    stats: _Stats,
-    damping: float | str = DEFAULT_DAMPING,
+    posterior: object | None = None,
+    data=None,
+    damping: float = DEFAULT_DAMPING,
     absorb_bias: bool = True,
+    batch_size: int = 256,
 ) -> nn.Module:
     """A new model with the unit masks applied and each next layer's kept input columns
-    re-fitted by least squares on its A (bias absorbing the regression's intercept)."""
+    re-fitted by least squares on its A (bias absorbing the regression's intercept).
+
+    A (and μ) come from the posterior's factors, or from ``data`` measured layer by layer
+    on the network whose earlier layers are already pruned and compensated.
+    """
+    return _compensate(model, masks, _Stats(posterior, data, batch_size), damping, absorb_bias)
+
+
+@torch.no_grad()
+def _compensate(
+    model: nn.Module,
+    masks: dict[str, torch.Tensor],
+    stats: _Stats,
+    damping: float | str,
+    absorb_bias: bool,
+) -> nn.Module:
     lam = DEFAULT_DAMPING if damping == "prior" else float(damping)
     work = copy.deepcopy(model)
     succ = _successors(work)

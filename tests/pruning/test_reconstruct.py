@@ -10,6 +10,7 @@ from torch import nn
 
 import spamkern as sk
 from spamkern.pruning import (
+    compensate_units,
     input_statistics,
     masked_least_squares,
     reconstruct,
@@ -222,6 +223,9 @@ def test_unit_compensation_is_least_squares_on_the_next_inputs(layer):
         {f"{layer}.weight": wm, f"{layer}.bias": keep_units.clone()}, pattern="unit"
     )
     got = reconstruct(model, masks, data=x, damping=0.0)
+    alt = compensate_units(model, masks, data=x, damping=0.0)
+    for p, q in zip(got.parameters(), alt.parameters()):
+        assert torch.equal(p, q)
     nxt = {"0": "3", "3": "6", "6": "8"}[layer]
     nlayer = dict(model.named_modules())[nxt]
     X = _layer_inputs(model, nlayer, x)
