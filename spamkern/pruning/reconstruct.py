@@ -113,7 +113,13 @@ def masked_least_squares(
         x = _solve_gathered(H, idx, valid, rhs, row_diag)
         delta = torch.zeros_like(W).scatter_add_(1, idx, torch.where(valid, x, 0.0))
         return out + torch.where(keep, delta, torch.zeros_like(W))
-    H_inv = torch.cholesky_inverse(torch.linalg.cholesky(H))
+    chol, info = torch.linalg.cholesky_ex(H)
+    if int(info) != 0:
+        raise ValueError(
+            "the reconstruction's H is not positive definite; increase the damping (a small "
+            "multiple of mean diag A, e.g. 0.01)"
+        )
+    H_inv = torch.cholesky_inverse(chol)
     idx, valid = _padded_index(pruned)
     y = _solve_gathered(H_inv, idx, valid, W.gather(1, idx))
     y = torch.where(valid, y, 0.0)
