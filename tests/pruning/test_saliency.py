@@ -122,8 +122,11 @@ def _relu_mean_model():
     ).double()
 
 
-@pytest.mark.parametrize("prior", PRIORS)
-@pytest.mark.parametrize("pattern,sparsity", [("unstructured", 0.7), ("unit", 0.4)])
+@pytest.mark.parametrize(
+    "prior,pattern,sparsity",
+    [(p, "unstructured", 0.7) for p in PRIORS]
+    + [("unitwise", "unit", 0.4), ("scalar", "unit", 0.4)],
+)
 def test_kron_masks_never_costlier_than_opd(prior, pattern, sparsity):
     model = _relu_mean_model()
     x, y = classification_data(80, (6,), 3)

@@ -25,8 +25,18 @@ def _state(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("method", sk.SPARSIFY_METHODS)
-@pytest.mark.parametrize("reconstruct_mode", ("none", "posterior", "data"))
+@pytest.mark.parametrize(
+    "method,reconstruct_mode",
+    [
+        ("opd", "none"),
+        ("obs", "posterior"),
+        ("prior", "data"),
+        ("kron", "posterior"),
+        ("kron", "data"),
+        ("magnitude", "none"),
+        ("magnitude", "data"),
+    ],
+)
 def test_unstructured_invariants(setting, method, reconstruct_mode):
     model, data, post = setting
     before = _state(model)
