@@ -123,16 +123,24 @@ def _add(store: dict[int, torch.Tensor], key: int, value: torch.Tensor) -> None:
 
 
 def _accumulate_linear(
-    key: int, a: torch.Tensor, g: torch.Tensor, blocks, G_sums: dict, raw_A: dict, diags: dict
+    key: int,
+    a: torch.Tensor,
+    g: torch.Tensor,
+    blocks,
+    G_sums: dict,
+    raw_A: dict,
+    diags: dict,
+    skip_A: frozenset[int] = frozenset(),
 ) -> None:
-    """a: (B, *, in); g: (K, B, *, out). G is summed per module (weight and bias share it)."""
+    """a: (B, *, in); g: (K, B, *, out). G is summed per module (weight and bias share it);
+    A is not accumulated for the weight blocks in ``skip_A`` (given from elsewhere)."""
     d_in, d_out = a.shape[-1], g.shape[-1]
     positions = a[0, ..., 0].numel() if a.ndim > 2 else 1
     kinds = {block.role: (index, block.kind) for index, block in blocks}
     if any(kind == "kron" for _, kind in kinds.values()):
         G_sums[key] = gram(g.reshape(-1, d_out), G_sums.get(key))
         weight = kinds.get("weight")
-        if weight is not None and weight[1] == "kron":
+        if weight is not None and weight[1] == "kron" and weight[0] not in skip_A:
             raw_A[weight[0]] = gram(a.reshape(-1, d_in), raw_A.get(weight[0]), 1.0 / positions)
     for role, (index, kind) in kinds.items():
         if kind != "diag":
@@ -174,9 +182,17 @@ def _explicit_padding(conv: nn.Conv2d, a: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 def _accumulate_conv(
-    key: int, conv: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, blocks, G_sums, raw_A, diags
+    key: int,
+    conv: nn.Conv2d,
+    a: torch.Tensor,
+    g: torch.Tensor,
+    blocks,
+    G_sums,
+    raw_A,
+    diags,
+    skip_A: frozenset[int] = frozenset(),
 ) -> None:
-    """a: (B, c, H, W); g: (K, B, out, OH, OW). G is summed per module."""
+    """a: (B, c, H, W); g: (K, B, out, OH, OW). G is summed per module; see ``skip_A`` above."""
     a, padding = _explicit_padding(conv, a)
     d_out = g.shape[2]
     positions = g.shape[3] * g.shape[4]
@@ -185,7 +201,7 @@ def _accumulate_conv(
     if any(kind == "kron" for _, kind in kinds.values()):
         G_sums[key] = gram(g_rows.reshape(-1, d_out), G_sums.get(key))
         weight = kinds.get("weight")
-        if weight is not None and weight[1] == "kron":
+        if weight is not None and weight[1] == "kron" and weight[0] not in skip_A:
             raw_A[weight[0]] = conv_patch_gram(
                 a,
                 conv.kernel_size,
@@ -254,8 +270,13 @@ def accumulate_curvature(
     generator: torch.Generator | None = None,
     progress: bool = False,
     dict_key_y: str = "labels",
+    input_factors: dict[int, torch.Tensor] | None = None,
 ) -> Curvature:
-    """Accumulate loss and curvature blocks over all batches (model in eval mode)."""
+    """Accumulate loss and curvature blocks over all batches (model in eval mode).
+
+    ``input_factors`` (block index → A, already divided by N) are taken as given instead
+    of accumulated, e.g. the data-only A of a first layer computed in an earlier pass.
+    """
     check_likelihood(likelihood)
     check_curvature(curvature)
     device = blocks[0].param.device
@@ -266,6 +287,8 @@ def accumulate_curvature(
     G_sums: dict[int, torch.Tensor] = {}
     raw_A: dict[int, torch.Tensor] = {}
     diags: dict[int, torch.Tensor] = {}
+    input_factors = input_factors or {}
+    skip_A = frozenset(input_factors)
     loss = torch.zeros((), dtype=dtype, device=device)
     n_data, n_outputs = 0, None
     # in-memory labels are validated once, so the per-batch check needs no device sync
@@ -309,9 +332,9 @@ def accumulate_curvature(
                     own = _per_call_blocks(rec)
                     key = id(rec.module)
                     if isinstance(rec.module, nn.Conv2d):
-                        _accumulate_conv(key, rec.module, a, g, own, G_sums, raw_A, diags)
+                        _accumulate_conv(key, rec.module, a, g, own, G_sums, raw_A, diags, skip_A)
                     else:
-                        _accumulate_linear(key, a, g, own, G_sums, raw_A, diags)
+                        _accumulate_linear(key, a, g, own, G_sums, raw_A, diags, skip_A)
             # a module called more than once: its per-sample gradient is the sum over the
             # calls, so squaring call by call would be wrong; take those diagonals exactly
             shared = [
@@ -337,7 +360,9 @@ def accumulate_curvature(
                 G = torch.zeros(block.shape[0], block.shape[0], dtype=dtype, device=device)
             elif block.role == "bias" and _has_kron_weight(blocks, block):
                 G = G.clone()  # weight and bias report the same G; keep them independent
-            if block.role == "weight":
+            if block.role == "weight" and index in input_factors:
+                factors[index] = [G, input_factors[index]]
+            elif block.role == "weight":
                 d_in = block.param[0].numel()
                 A = raw_A.get(index, torch.zeros(d_in, d_in, dtype=dtype, device=device)) / n_data
                 factors[index] = [G, A]
