@@ -22,7 +22,8 @@ def _mlp(seed: int = 0) -> nn.Module:
 
 def _data(n: int = 53, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
+    X = torch.randn(n, 6, generator=g, dtype=torch.float64)
+    return X, torch.randint(0, 3, (n,), generator=g)
 
 
 def test_prior_gradient_without_graph_matches_the_graph_built_objective():
