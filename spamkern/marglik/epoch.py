@@ -22,27 +22,46 @@ from spamkern.prior.priors import Prior
 
 
 class PriorGradient:
-    """Adds ∇ (T/2N) Σ δ θ² = (T/N)·δ∘θ to the gradients, δ frozen by :meth:`refresh`."""
+    """Adds ∇ (T/2N) Σ δ θ² = (T/N)·δ∘θ to the gradients, δ frozen by :meth:`refresh`.
+
+    Tensors with one δ (scalar and layerwise priors) take a fused ``g += c·θ`` per
+    distinct δ, which reads a third less memory than the general ``g += c·δ∘θ`` that
+    unitwise and parameterwise tensors take.
+    """
 
     def __init__(self, params: list[nn.Parameter], prior: Prior, temperature: float, n_data: int):
         self.params = params
         self.prior = prior
         self.scale = temperature / n_data
+        self.uniform: dict[float, list[int]] = {}  # δ → tensors with that single δ
+        self.full: list[int] = []  # tensors with one δ per entry
         self.deltas: list[torch.Tensor] = []
 
+    @torch.no_grad()
     def refresh(self) -> None:
         """Take the prior's current precisions (once per epoch: δ is fixed within one)."""
-        flat = self.prior.precision_diag().detach()
-        sizes = [p.numel() for p in self.params]
-        self.deltas = [d.view_as(p) for d, p in zip(flat.split(sizes), self.params)]
+        tps = self.prior.per_tensor()
+        single = [i for i, tp in enumerate(tps) if tp.kind == "scalar"]
+        values = torch.stack([tps[i].log_delta for i in single]).exp().tolist() if single else []
+        self.uniform = {}
+        for i, value in zip(single, values):
+            self.uniform.setdefault(value, []).append(i)
+        self.full = [i for i, tp in enumerate(tps) if tp.kind != "scalar"]
+        self.deltas = [tps[i].expand(self.params[i].shape).exp().contiguous() for i in self.full]
 
     @torch.no_grad()
     def __call__(self) -> None:
-        for p in self.params:  # a parameter the loss does not reach still feels the prior
+        params = self.params
+        for p in params:  # a parameter the loss does not reach still feels the prior
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        grads = [p.grad for p in self.params]
-        torch._foreach_addcmul_(grads, self.deltas, self.params, value=self.scale)
+        for value, group in self.uniform.items():
+            grads = [params[i].grad for i in group]
+            torch._foreach_add_(grads, [params[i] for i in group], alpha=self.scale * value)
+        if self.full:
+            grads = [params[i].grad for i in self.full]
+            full = [params[i] for i in self.full]
+            torch._foreach_addcmul_(grads, self.deltas, full, value=self.scale)
 
 
 class MaskEnforcer:
@@ -113,8 +132,7 @@ def train_epoch(
     regression = settings.likelihood == "regression"
     noise = torch.exp(-2.0 * state.log_sigma.detach()) if regression else None
     noise_value = float(noise) if regression else 1.0
-    loss_sum = torch.zeros((), dtype=params[0].dtype, device=device)
-    seen = 0
+    losses, sizes = [], []  # summed on the device once per epoch, no host sync per step
     model.train()
     for batch in batches:
         x, y = split_batch(batch, device, settings.dict_key_y)
@@ -136,12 +154,16 @@ def train_epoch(
         if sched is not None:
             sched.step()
         enforce_masks()
-        loss_sum += loss.detach() * f.shape[0]
-        seen += f.shape[0]
+        losses.append(loss.detach())
+        sizes.append(f.shape[0])
     labels.finish()
+    if not losses:
+        raise ValueError(f"the training data yielded no batches in epoch {state.epoch + 1}")
+    weights = torch.tensor(sizes, dtype=losses[0].dtype, device=device)
+    loss_sum = (torch.stack(losses) * weights).sum()
     if not bool(torch.isfinite(loss_sum)):
         raise ValueError(
             f"the training loss became {float(loss_sum)} in epoch {state.epoch + 1}; lower the "
             "learning rate or check the data"
         )
-    return float(loss_sum) / max(seen, 1)
+    return float(loss_sum) / sum(sizes)
