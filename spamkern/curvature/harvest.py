@@ -19,7 +19,8 @@ training loss over the epoch. Every trainable tensor must sit in a Linear/Conv2d
 :class:`InputFactors` keeps the Kronecker A of layers whose input depends on the data only
 (no trainable parameter upstream, e.g. the first layer): computed in the first pass of a
 run, reused by every later pass — refits and harvests alike. Valid when the data yield the
-same inputs in every pass (no random augmentation, no dropout before those layers).
+same inputs in every pass (no random augmentation, no dropout before those layers); their
+eigendecompositions are then computed once per run too.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from spamkern.curvature.accumulate import (
 )
 from spamkern.curvature.likelihood import pseudo_gradients
 from spamkern.curvature.structure import ParamBlock
+from spamkern.posterior.eigen import keep_eigh
 
 CURVATURE_SOURCES = ("epoch", "refit")
 HARVESTABLE = ("ef", "ggn-mc")
@@ -226,11 +228,12 @@ class InputFactors:
         if not self.enabled or self.indices is None:
             return
         for index in self.indices:
-            self.factors.setdefault(index, result.factors[index][1])
+            if index not in self.factors:
+                self.factors[index] = keep_eigh(result.factors[index][1])
 
     def state_dict(self) -> dict[str, Any]:
-        return {"indices": self.indices, "factors": dict(self.factors)}
+        return {"indices": self.indices, "factors": {i: A.clone() for i, A in self.factors.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.indices = state["indices"]
-        self.factors = dict(state["factors"])
+        self.factors = {i: keep_eigh(A) for i, A in state["factors"].items()}

@@ -4,6 +4,10 @@ Factors of the same size are stacked and decomposed in one ``torch.linalg.eigh``
 LAPACK/cuSOLVER fails to converge (rank-deficient or badly scaled factors), the batch is
 retried in float64, then with a growing diagonal jitter; only then is it an error — with the
 factor's name and what to do, never a silent NaN.
+
+A factor marked with :func:`keep_eigh` (one that stays the same across fits, such as the
+data-only input factor of a first layer) is decomposed once; later calls reuse the result
+as long as the tensor is not modified in place.
 """
 
 from __future__ import annotations
@@ -34,6 +38,22 @@ def _eigh_with_recovery(stack: torch.Tensor, names: list[str]) -> tuple[torch.Te
     )
 
 
+_MEMO = "_spamkern_eigh"
+
+
+def keep_eigh(factor: torch.Tensor) -> torch.Tensor:
+    """Mark ``factor`` so that its eigendecomposition is computed once and then reused."""
+    setattr(factor, _MEMO, None)
+    return factor
+
+
+def _remembered(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    memo = getattr(m, _MEMO, None)
+    if memo is None or memo[0] != m._version:
+        return None
+    return memo[1]
+
+
 def batched_eigh(
     mats: list[torch.Tensor], names: list[str] | None = None
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -42,6 +62,9 @@ def batched_eigh(
     out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(mats)
     by_size: dict[tuple[int, torch.dtype, torch.device], list[int]] = {}
     for i, m in enumerate(mats):
+        out[i] = _remembered(m)
+        if out[i] is not None:
+            continue
         if not bool(torch.isfinite(m).all()):
             raise ValueError(f"the curvature factor {names[i]!r} contains NaN or Inf")
         by_size.setdefault((m.shape[-1], m.dtype, m.device), []).append(i)
@@ -51,4 +74,6 @@ def batched_eigh(
         )
         for j, i in enumerate(indices):
             out[i] = (values[j].clamp_min(0.0), vectors[j])
+            if hasattr(mats[i], _MEMO):
+                setattr(mats[i], _MEMO, (mats[i]._version, out[i]))
     return out  # type: ignore[return-value]

@@ -97,6 +97,12 @@ def test_input_factors_are_found_for_data_fed_layers_only_and_reused_by_refits()
     again = sk.fit_laplace(model, (X, y), progress=False, input_factors=cache.given())
     fresh = sk.fit_laplace(model, (X, y), progress=False)
     _assert_same_factors(again, fresh)
+    # the kept A is decomposed once: the second posterior reuses the first one's eigenbasis
+    first.log_marginal_likelihood(), again.log_marginal_likelihood()
+    assert again._eigen_cache().vectors[0][1] is first._eigen_cache().vectors[0][1]
+    torch.testing.assert_close(
+        again.log_marginal_likelihood(), fresh.log_marginal_likelihood(), rtol=1e-12, atol=0
+    )
     assert InputFactors(blocks, enabled=False).detect(model, X[:4]) == []
 
 
