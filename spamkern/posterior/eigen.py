@@ -5,7 +5,8 @@ LAPACK/cuSOLVER fails to converge (rank-deficient or badly scaled factors), the 
 retried in float64, then with a growing diagonal jitter; only then is it an error — with the
 factor's name and what to do, never a silent NaN.
 
-A factor marked with :func:`keep_eigh` (one that stays the same across fits, such as the
+Equal factors in one call (a bias block shares its weight's G) are decomposed once. A
+factor marked with :func:`keep_eigh` (one that stays the same across fits, such as the
 data-only input factor of a first layer) is decomposed once; later calls reuse the result
 as long as the tensor is not modified in place.
 """
@@ -61,13 +62,19 @@ def batched_eigh(
     names = names or [str(i) for i in range(len(mats))]
     out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(mats)
     by_size: dict[tuple[int, torch.dtype, torch.device], list[int]] = {}
+    twins: dict[int, int] = {}  # equal factors (a bias shares its weight's G) decompose once
     for i, m in enumerate(mats):
         out[i] = _remembered(m)
         if out[i] is not None:
             continue
         if not bool(torch.isfinite(m).all()):
             raise ValueError(f"the curvature factor {names[i]!r} contains NaN or Inf")
-        by_size.setdefault((m.shape[-1], m.dtype, m.device), []).append(i)
+        group = by_size.setdefault((m.shape[-1], m.dtype, m.device), [])
+        twin = next((j for j in group if torch.equal(mats[j], m)), None)
+        if twin is None:
+            group.append(i)
+        else:
+            twins[i] = twin
     for indices in by_size.values():
         values, vectors = _eigh_with_recovery(
             torch.stack([mats[i] for i in indices]), [names[i] for i in indices]
@@ -76,4 +83,6 @@ def batched_eigh(
             out[i] = (values[j].clamp_min(0.0), vectors[j])
             if hasattr(mats[i], _MEMO):
                 setattr(mats[i], _MEMO, (mats[i]._version, out[i]))
+    for i, twin in twins.items():
+        out[i] = out[twin]
     return out  # type: ignore[return-value]
