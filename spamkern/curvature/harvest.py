@@ -34,12 +34,13 @@ from spamkern.curvature.accumulate import (
     Curvature,
     _accumulate_conv,
     _accumulate_linear,
+    _kron_factors,
     _per_call_blocks,
     _Recorder,
     check_finite,
 )
 from spamkern.curvature.likelihood import pseudo_gradients
-from spamkern.curvature.structure import ParamBlock
+from spamkern.curvature.structure import CONVS, ParamBlock
 from spamkern.posterior.eigen import keep_eigh
 
 CURVATURE_SOURCES = ("epoch", "refit")
@@ -88,12 +89,14 @@ class EpochHarvest:
         self.blocks, self.curvature_type, self.likelihood = blocks, curvature, likelihood
         self.generator = generator
         self.input_factors = dict(input_factors or {})
-        self._skip_A = frozenset(self.input_factors)
+        self._given_A = {
+            (id(blocks[i].module), site) for i in self.input_factors for site in blocks[i].sites
+        }
         param = blocks[0].param
         self.loss = torch.zeros((), dtype=param.dtype, device=param.device)
         self.n_data, self.n_outputs = 0, 0
-        self._G: dict[int, torch.Tensor] = {}
-        self._A: dict[int, torch.Tensor] = {}
+        self._G: dict[tuple[int, str], torch.Tensor] = {}  # per recorded map, as the refit
+        self._A: dict[tuple[int, str], torch.Tensor] = {}
         self._diags: dict[int, torch.Tensor] = {}
         self._recorder: _Recorder | None = None
 
@@ -114,68 +117,62 @@ class EpochHarvest:
     def before_backward(self, f: torch.Tensor, y: torch.Tensor) -> None:
         """EF: keep the output gradients of the coming backward. MC: backpropagate sampled
         labels to the layer outputs now (the graph is kept for the training backward)."""
-        calls = self._calls()
+        outs = [rec.calls[i][site][1] for rec, i, site in self._calls()]
         if self.curvature_type == "ef":
-            for rec, i in calls:
-                if rec.outputs[i].requires_grad:
-                    rec.outputs[i].retain_grad()
+            for out in outs:
+                if out.requires_grad:
+                    out.retain_grad()
             return
         V = pseudo_gradients(self.likelihood, self.curvature_type, f, y, self.generator)
-        outs = [rec.outputs[i] for rec, i in calls]
         grads = torch.autograd.grad(f, outs, V[:, 0].to(f.dtype), True, allow_unused=True)
-        self._accumulate(calls, grads, 1.0)
+        self._accumulate(self._calls(), grads, 1.0)
 
     def after_backward(self, f: torch.Tensor, batch_loss: torch.Tensor, grad_scale: float) -> None:
         """Count the batch: its summed loss (no σ factor) and, for EF, the output gradients
         of the training loss times ``grad_scale`` (B for a mean loss, B·σ² for regression)."""
         calls = self._calls()
         if self.curvature_type == "ef":
-            self._accumulate(calls, [rec.outputs[i].grad for rec, i in calls], grad_scale)
+            grads = [rec.calls[i][site][1].grad for rec, i, site in calls]
+            self._accumulate(calls, grads, grad_scale)
         self.loss += batch_loss.detach()
         self.n_data += f.shape[0]
         self.n_outputs = f.shape[1]
         self._recorder.clear()
 
     def _accumulate(self, calls, grads, scale: float) -> None:
-        for (rec, i), g in zip(calls, grads):
+        for (rec, i, site), g in zip(calls, grads):
             if g is None:  # this call does not influence the output
                 continue
-            if len(rec.outputs) > 1 and any(b.kind == "diag" for _, b in rec.blocks):
+            if len(rec.calls) > 1 and any(b.kind == "diag" for _, b in rec.blocks):
                 raise ValueError(
                     f"module {rec.blocks[0][1].module_name!r} is called more than once; its "
                     "exact diagonal needs per-sample autograd: use curvature_source='refit'"
                 )
             g = (g * scale if scale != 1.0 else g).unsqueeze(0)
-            a, own, key = rec.inputs[i], _per_call_blocks(rec), id(rec.module)
-            parts = (self._G, self._A, self._diags, self._skip_A)
-            if isinstance(rec.module, nn.Conv2d):
+            a, _, positions = rec.calls[i][site]
+            own, key = _per_call_blocks(rec, site), (id(rec.module), site)
+            parts = (self._G, self._A, self._diags, key not in self._given_A)
+            if isinstance(rec.module, CONVS):
                 _accumulate_conv(key, rec.module, a, g, own, *parts)
             else:
-                _accumulate_linear(key, a, g, own, *parts)
+                _accumulate_linear(key, a, g, positions, own, *parts)
 
     def curvature(self) -> Curvature:
         """The harvested blocks, laid out and scaled like :func:`accumulate_curvature`'s."""
         if self.n_data == 0:
             raise ValueError("the harvested epoch saw no samples")
-        param = self.blocks[0].param
-        zeros = lambda n: torch.zeros(n, n, dtype=param.dtype, device=param.device)  # noqa: E731
         factors: dict[int, list[torch.Tensor]] = {}
         diags: dict[int, torch.Tensor] = {}
         for index, block in enumerate(self.blocks):
-            if block.kind == "diag":
-                diag = self._diags.get(index)
-                diags[index] = torch.zeros_like(block.param) if diag is None else diag
-                diags[index] = diags[index].reshape(block.shape)
-                continue
-            G = self._G.get(id(block.module))
-            G = zeros(block.shape[0]) if G is None else G.clone()  # weight and bias own theirs
-            if block.role == "bias":
-                factors[index] = [G]
-            elif index in self.input_factors:
-                factors[index] = [G, self.input_factors[index]]
+            if block.kind == "kron":
+                factors[index] = _kron_factors(block, self._G, self._A, self.n_data)
+                if index in self.input_factors:
+                    factors[index][1] = self.input_factors[index]
             else:
-                d_in = block.param[0].numel()
-                factors[index] = [G, self._A.get(index, zeros(d_in)) / self.n_data]
+                diag = self._diags.get(index)
+                diags[index] = (torch.zeros_like(block.param) if diag is None else diag).reshape(
+                    block.shape
+                )
         result = Curvature(self.blocks, self.loss, self.n_data, self.n_outputs, factors, diags)
         check_finite(result)
         return result
@@ -202,8 +199,10 @@ class InputFactors:
         """Kronecker weight blocks whose layer input needs no gradient in a forward of ``x``."""
         if self.indices is not None or not self.enabled:
             return self.indices or []
-        kron = [
-            (i, b) for i, b in enumerate(self.blocks) if b.kind == "kron" and b.role == "weight"
+        kron = [  # single-map weights (Linear/conv); attention projections are left out
+            (i, b)
+            for i, b in enumerate(self.blocks)
+            if b.kind == "kron" and b.role == "weight" and b.sites == ("main",)
         ]
         data_only = {i: True for i, _ in kron}
 

@@ -99,7 +99,7 @@ def test_input_factors_are_found_for_data_fed_layers_only_and_reused_by_refits()
     _assert_same_factors(again, fresh)
     # the kept A is decomposed once: the second posterior reuses the first one's eigenbasis
     first.log_marginal_likelihood(), again.log_marginal_likelihood()
-    assert again._eigen_cache().vectors[0][1] is first._eigen_cache().vectors[0][1]
+    assert again.curvature_blocks[0].vectors[1] is first.curvature_blocks[0].vectors[1]
     torch.testing.assert_close(
         again.log_marginal_likelihood(), fresh.log_marginal_likelihood(), rtol=1e-12, atol=0
     )
