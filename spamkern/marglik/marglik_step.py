@@ -15,6 +15,7 @@ from spamkern.curvature.harvest import EpochHarvest
 from spamkern.distributed import all_reduce_curvature, is_distributed
 from spamkern.marglik.state import RunSettings, TrainingState
 from spamkern.posterior.fit import fit_laplace
+from spamkern.posterior.blocks import decompose_kron_blocks
 from spamkern.posterior.laplace import LaplacePosterior
 
 
@@ -57,6 +58,9 @@ def fit_posterior(
             input_factors=state.input_factors.given(),
         )
     state.input_factors.update(posterior.curvature)
+    # every fixed eigenbasis in one batched call (equal factors decomposed once)
+    prior_kind = state.prior.kind
+    decompose_kron_blocks([b for b in posterior.curvature_blocks if b.uses_plan(prior_kind)])
     state.posterior, state.posterior_is_current = posterior, True
     return posterior
 
