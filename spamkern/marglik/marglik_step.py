@@ -14,8 +14,8 @@ import torch
 from spamkern.curvature.harvest import EpochHarvest
 from spamkern.distributed import all_reduce_curvature, is_distributed
 from spamkern.marglik.state import RunSettings, TrainingState
-from spamkern.posterior.fit import fit_laplace
 from spamkern.posterior.blocks import decompose_kron_blocks
+from spamkern.posterior.fit import fit_laplace
 from spamkern.posterior.laplace import LaplacePosterior
 
 
