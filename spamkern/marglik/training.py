@@ -33,7 +33,7 @@ from spamkern.data.batches import TensorBatches, as_batches, split_batch
 from spamkern.distributed import all_reduce_sum, check_same_on_all_ranks, is_distributed, rank
 from spamkern.marglik.checkpoint import load_checkpoint, save_checkpoint
 from spamkern.marglik.epoch import LabelRange, MaskEnforcer, PriorGradient, train_epoch
-from spamkern.marglik.hyper_adam import HYPER_OPTIMIZERS, make_hyper_optimizer
+from spamkern.marglik.hyper import HYPER_OPTIMIZERS, make_hyper_optimizer
 from spamkern.marglik.marglik_step import fit_posterior, marglik_step
 from spamkern.marglik.state import RunSettings, TrainingState
 from spamkern.posterior.laplace import LaplacePosterior
@@ -41,7 +41,7 @@ from spamkern.prior.priors import Prior, make_prior
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULERS = ("cosine", None)
-DEFAULT_HYPER_OPTIMIZER = "adam"
+DEFAULT_HYPER_OPTIMIZER = "fixed-point"
 
 
 @dataclass
