@@ -23,6 +23,7 @@ import argparse
 import copy
 import datetime
 import json
+import os
 import platform
 import sys
 import time
@@ -172,6 +173,7 @@ def harvest_gap(work: Work, curvature: str) -> dict[str, float]:
     with torch.no_grad():
         ev_h = float(harvested.log_marginal_likelihood())
         ev_r = float(refit.log_marginal_likelihood())
+        fit_h, fit_r = float(harvested.log_likelihood()), float(refit.log_likelihood())
     learned = []
     for posterior in (harvested, refit):
         prior = copy.deepcopy(res.prior)
@@ -187,6 +189,9 @@ def harvest_gap(work: Work, curvature: str) -> dict[str, float]:
         "log_marglik_harvested": ev_h,
         "log_marglik_refit": ev_r,
         "relative_evidence_gap": abs(ev_h - ev_r) / abs(ev_r),
+        # the data term: the epoch's running training loss vs the loss at the final θ
+        "log_likelihood_harvested": fit_h,
+        "log_likelihood_refit": fit_r,
         "max_abs_log_delta_gap": float(diff.max()),
         "mean_abs_log_delta_gap": float(diff.mean()),
     }
@@ -240,6 +245,7 @@ def run_table(setting: Setting, rounds: int, only: list[str] | None = None) -> d
         "machine": machine(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "threads": torch.get_num_threads(),
+        "load_average_1_5_15": list(os.getloadavg()),  # other work on the machine meanwhile
         "versions": _versions(),
         "setting": setting.__dict__,
         "seconds": seconds,

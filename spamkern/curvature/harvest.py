@@ -191,6 +191,11 @@ class InputFactors:
         self.indices: list[int] | None = None  # found on the first pass
         self.factors: dict[int, torch.Tensor] = {}
 
+    @property
+    def needs_detection(self) -> bool:
+        """Whether :meth:`detect` still has to look at a forward."""
+        return self.enabled and self.indices is None
+
     def given(self) -> dict[int, torch.Tensor]:
         """The factors the next pass can take as given."""
         return dict(self.factors) if self.enabled else {}

@@ -207,6 +207,7 @@ def marglik_train(
             online_pruning.masks = state.masks
     loop = _EpochLoop(
         settings,
+        state,
         blocks,
         train_data,
         batches,
@@ -243,6 +244,7 @@ class _EpochLoop:
     def __init__(
         self,
         settings: RunSettings,
+        state: TrainingState,
         blocks,
         train_data,
         batches,
@@ -254,19 +256,16 @@ class _EpochLoop:
         self.settings, self.blocks, self.train_data = settings, blocks, train_data
         self.batches, self.fit_batches, self.generator = batches, fit_batches, generator
         self.marglik_due, self.online_pruning = marglik_due, online_pruning
-        self.prior_gradient: PriorGradient | None = None
-        self.enforce_masks: MaskEnforcer | None = None
+        params = [b.param for b in blocks]
+        T, N = settings.temperature, settings.n_data
+        self.prior_gradient = PriorGradient(params, state.prior, T, N)
+        self.enforce_masks = MaskEnforcer(state.model, state.masks)
         all_labels = batches.y if isinstance(batches, TensorBatches) else None
         self.labels = LabelRange(settings.likelihood, all_labels)
 
     def run(self, state: TrainingState, epoch: int) -> dict[str, Any]:
         """Train one epoch, do its marglik step if due; returns its history record."""
         tic = time.perf_counter()
-        if self.prior_gradient is None:  # built after a resume has restored the state
-            params = [b.param for b in self.blocks]
-            s = self.settings
-            self.prior_gradient = PriorGradient(params, state.prior, s.temperature, s.n_data)
-            self.enforce_masks = MaskEnforcer(state.model, state.masks)
         _set_sampler_epoch(self.train_data, epoch)
         due = self.marglik_due(epoch)
         harvesting = due and self.settings.curvature_source == "epoch"
@@ -293,6 +292,8 @@ class _EpochLoop:
         return record
 
     def _detect_input_factors(self, state: TrainingState) -> None:
+        if not state.input_factors.needs_detection:
+            return
         x = _first_inputs(self.fit_batches, self.blocks[0].param.device, self.settings.dict_key_y)
         state.input_factors.detect(state.model, x)
 
