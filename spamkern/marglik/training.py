@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from spamkern.curvature.harvest import (
     EpochHarvest,
@@ -38,6 +37,7 @@ from spamkern.marglik.marglik_step import fit_posterior, marglik_step
 from spamkern.marglik.state import RunSettings, TrainingState
 from spamkern.posterior.laplace import LaplacePosterior
 from spamkern.prior.priors import Prior, make_prior
+from spamkern.progress import progress_bar
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULERS = ("cosine", None)
@@ -217,7 +217,9 @@ def marglik_train(
         online_pruning,
     )
     epochs = range(state.epoch + 1, n_epochs + 1)
-    bar = tqdm(epochs, "marglik_train", disable=not progress, initial=state.epoch, total=n_epochs)
+    bar = progress_bar(
+        epochs, desc="marglik_train", enabled=progress, initial=state.epoch, total=n_epochs
+    )
     for epoch in bar:
         record = loop.run(state, epoch)
         bar.set_postfix(
