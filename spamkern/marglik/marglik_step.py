@@ -72,10 +72,8 @@ def marglik_step(
     marglik = state.hyper.step(posterior)
     posterior.log_sigma = state.log_sigma.detach().clone()
     if online_pruning is not None:
-        pruned_before = len(online_pruning.history)
         masks = online_pruning.step(state.epoch, settings.n_epochs, state.model, posterior)
-        if masks is not None:
+        if masks is not None and masks is not state.masks:  # a prune: θ moved after the fit
             state.masks = masks
-        if len(online_pruning.history) > pruned_before:  # θ moved: the posterior predates it
             state.posterior, state.posterior_is_current = None, False
     return marglik

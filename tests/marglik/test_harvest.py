@@ -131,3 +131,24 @@ def test_resume_with_harvested_curvature_is_bit_exact(tmp_path, curvature):
         assert torch.equal(a, b)
     assert torch.equal(full.prior.log_precision, resumed.prior.log_precision)
     assert [h["marglik"] for h in full.history] == [h["marglik"] for h in resumed.history]
+
+
+def test_regression_ef_harvest_drops_the_noise_factor_like_a_refit():
+    """The training loss carries 1/σ²; the harvested EF must not (σ is applied later)."""
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(30, 4, generator=g, dtype=torch.float64)
+    y = torch.randn(30, 2, generator=g, dtype=torch.float64)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    res = sk.marglik_train(
+        model, (X, y), likelihood="regression", sigma_noise=0.5, learn_sigma=False, n_epochs=1,
+        lr=0.0, curvature="ef", curvature_source="epoch", n_hypersteps=0, batch_size=8,
+        fit_final_posterior=False, progress=False,
+    )  # fmt: skip
+    refit = sk.fit_laplace(
+        model, (X, y), likelihood="regression", curvature="ef", sigma_noise=0.5, progress=False
+    )
+    _assert_same_factors(res.posterior, refit)
+    torch.testing.assert_close(
+        res.posterior.log_marginal_likelihood(), refit.log_marginal_likelihood(), rtol=1e-12, atol=0
+    )
