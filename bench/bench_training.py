@@ -11,6 +11,8 @@ burn-in), at most 100 hyperparameter iterations (the default fixed-point update;
 lr 0.1 for the ``_adam`` case), one CPU thread. Cases: the plain loop (denominator);
 ``marglik_train`` as MAP (burn-in past the end); SpaM with every prior on exact GGN
 (refit); layerwise SpaM on EF and MC-GGN, harvested from the epoch and refitted;
+the same exact-GGN refit and harvested EF/MC-GGN runs without hyperparameter updates
+(``curvature_only_*``: the cost of the training step and the curvature alone);
 laplace-torch's ``marglik_training`` (AsdlGGN, AsdlEF; layerwise). The script writes the
 times, ratios, machine, date, versions and threads to ``bench/results/<machine>-training.json``
 and prints a Markdown table; for the harvested cases it also reports how far their final
@@ -155,6 +157,11 @@ def cases() -> dict[str, Callable[[Work], object]]:
             table[f"spam_layerwise_{curvature}_{source}"] = lambda w, c=curvature, s=source: (
                 spamkern_run(w, curvature=c, curvature_source=s)
             )
+    # the curvature pipeline alone: the same runs without hyperparameter updates
+    for curvature, source in (("ggn", "refit"), ("ef", "epoch"), ("ggn-mc", "epoch")):
+        table[f"curvature_only_{curvature}_{source}"] = lambda w, c=curvature, s=source: (
+            spamkern_run(w, curvature=c, curvature_source=s, n_hypersteps=0)
+        )
     for backend in ("AsdlGGN", "AsdlEF"):
         table[f"laplace_torch_{backend}"] = lambda w, b=backend: laplace_run(w, b)
     return table
@@ -227,22 +234,25 @@ def harvest_gaps(work: Work) -> dict[str, dict[str, float]]:
 
 
 def run_table(setting: Setting, rounds: int, only: list[str] | None = None) -> dict:
-    """Time every case (best of ``rounds``) in one process; ratios to the plain loop."""
+    """Time every case in one process; ratios to the plain loop. The two short runs (plain
+    loop, MAP) alternate ``rounds`` times and keep their best; every other case runs once."""
     device = torch.device("cpu")
     work = Work(setting, device)
     warm = Work(Setting(n=256, epochs=1, hypersteps=2), device)
+    table = cases()
+    chosen = [n for n in table if not only or n in only or n == "plain_loop"]
+    for name in chosen:
+        table[name](warm)  # imports and first calls happen here, not in the timed runs
     seconds: dict[str, float] = {}
-    for name, fn in cases().items():
-        if only and name not in only and name != "plain_loop":
-            continue
-        fn(warm)  # imports and first calls happen here, not in the timed run
-        best = float("inf")
-        for _ in range(rounds if name in ("plain_loop", "map_marglik_train") else 1):
-            tic = time.perf_counter()
-            fn(work)
-            best = min(best, time.perf_counter() - tic)
-        seconds[name] = best
-        print(f"{name:34s} {best:8.2f} s", flush=True)
+    short = [n for n in ("plain_loop", "map_marglik_train") if n in chosen]
+    for _ in range(rounds):
+        for name in short:
+            seconds[name] = min(seconds.get(name, float("inf")), _time(table[name], work))
+    for name in chosen:
+        if name not in short:
+            seconds[name] = _time(table[name], work)
+    for name, value in seconds.items():
+        print(f"{name:34s} {value:8.2f} s", flush=True)
     base = seconds["plain_loop"]
     ratios = {k: v / base for k, v in seconds.items()}
     gaps = {} if only else harvest_gaps(work)
@@ -255,6 +265,12 @@ def run_table(setting: Setting, rounds: int, only: list[str] | None = None) -> d
         "targets": _targets(ratios),
         "harvest_vs_refit": gaps,
     }
+
+
+def _time(fn: Callable[[Work], object], work: Work) -> float:
+    tic = time.perf_counter()
+    fn(work)
+    return time.perf_counter() - tic
 
 
 def _targets(ratios: dict[str, float]) -> dict[str, dict]:
@@ -279,7 +295,7 @@ def markdown(result: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (a check, not numbers)")
-    parser.add_argument("--rounds", type=int, default=3, help="best of this many for short runs")
+    parser.add_argument("--rounds", type=int, default=5, help="best of this many for short runs")
     parser.add_argument("--only", nargs="*", help="cases to time (besides the plain loop)")
     parser.add_argument("--out", type=Path, help="JSON path (default bench/results/...)")
     args = parser.parse_args(argv)
