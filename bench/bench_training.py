@@ -2,7 +2,7 @@
 
     python bench/bench_training.py            # the full table (CPU: about 5 minutes)
     python bench/bench_training.py --quick    # small sizes: checks that every case runs
-    python -m pytest bench/bench_training.py [--quick]     # the same cases, pytest-benchmark
+    python -m pytest bench/bench_training.py [--full]      # the same cases, pytest-benchmark
     python bench/training_ratios.py RESULT.json            # ratios of a pytest-benchmark file
 
 Setting (the same for every case): MLP 784-256-256-10, N = 4096 random points, batch 128,
@@ -14,7 +14,7 @@ lr 0.1 for the ``_adam`` case), one CPU thread. Cases: the plain loop (denominat
 the same exact-GGN refit and harvested EF/MC-GGN runs without hyperparameter updates
 (``curvature_only_*``: the cost of the training step and the curvature alone);
 laplace-torch's ``marglik_training`` (AsdlGGN, AsdlEF; layerwise). The script writes the
-times, ratios, machine, date, versions and threads to ``bench/results/<machine>-training.json``
+times, ratios, machine, date, versions, threads and load to ``bench/results/cpu-training.json``
 and prints a Markdown table; for the harvested cases it also reports how far their final
 evidence and learned log δ are from a refit at the final θ.
 """
