@@ -134,7 +134,9 @@ def resnet(
             f"2 + {2 * len(widths)}·n for n ≥ 1 (e.g. {2 + 2 * len(widths)}, "
             f"{2 + 4 * len(widths)})"
         )
-    return ResNet(input_shape[0], n_classes, tuple(widths), per_stage)
+    model = ResNet(input_shape[0], n_classes, tuple(widths), per_stage)
+    model.input_shape = tuple(input_shape)  # lets prune/compress trace without a batch
+    return model
 
 
 # ---------------------------------------------------------------------------- transformer
@@ -250,7 +252,9 @@ def vit(
         raise ValueError(
             f"vit expects (C, H, W) images or (T,) token sequences, got input shape {shape}"
         )
-    return ViT(embed, n_tokens, n_classes, dim, depth, n_heads, mlp_ratio * dim)
+    model = ViT(embed, n_tokens, n_classes, dim, depth, n_heads, mlp_ratio * dim)
+    model.input_shape, model.vocab_size = shape, vocab_size  # for tracing without a batch
+    return model
 
 
 def build_model(input_shape: tuple[int, ...], n_classes: int) -> nn.Sequential:

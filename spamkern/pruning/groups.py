@@ -30,7 +30,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-__all__ = ["ChannelFamily", "Slice", "channel_families", "register_attention"]
+__all__ = [
+    "ChannelFamily",
+    "Slice",
+    "channel_families",
+    "default_inputs",
+    "is_plain_chain",
+    "register_attention",
+]
 
 # Attention modules whose q/k/v projections are laid out head by head:
 # type → function(module) → (the projections' modules, channels per head).
@@ -90,6 +97,64 @@ class ChannelFamily:
 
     def producer_params(self) -> set[str]:
         return {s.param for s in self.producers}
+
+
+# ---------------------------------------------------------------------------- inputs
+def custom_forward(model: nn.Module) -> str | None:
+    """Name of a Sequential container whose ``forward`` is not Sequential's own, if any."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Sequential) and type(m).forward is not nn.Sequential.forward:
+            return name or "the model"
+    return None
+
+
+def is_plain_chain(model: nn.Module) -> bool:
+    """Whether ``model`` is a (nested) nn.Sequential of leaves with Sequential's forward:
+    its layers then feed each other in order and need no tracing."""
+    return (
+        isinstance(model, nn.Sequential)
+        and custom_forward(model) is None
+        and all(
+            isinstance(m, nn.Sequential) or not any(True for _ in m.children())
+            for m in model.modules()
+        )
+    )
+
+
+def default_inputs(model: nn.Module, n: int = 8):
+    """A random batch for tracing and probing when none is given, where the model's input
+    is known: a model recording ``input_shape`` (and ``vocab_size`` for token ids), as
+    spamkern's ResNet and ViT do; a model whose first layer is a Linear; a Conv2d-first
+    Sequential (the smallest square image ≤ 64 it accepts). ``None`` otherwise."""
+    p = next(model.parameters(), None)
+    if p is None:
+        return None
+    gen = torch.Generator().manual_seed(0)
+    shape = getattr(model, "input_shape", None)
+    if shape is not None:
+        vocab = getattr(model, "vocab_size", None)
+        if vocab is not None:
+            return torch.randint(0, vocab, (n, *shape), generator=gen).to(p.device)
+        return torch.randn(n, *shape, generator=gen, dtype=p.dtype).to(p.device)
+    first = next((m for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d)), None)
+    if isinstance(first, nn.Linear):
+        return torch.randn(n, first.in_features, generator=gen, dtype=p.dtype).to(p.device)
+    if first is None or not isinstance(model, nn.Sequential):
+        return None
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for size in range(1, 65):
+                x = torch.randn(n, first.in_channels, size, size, generator=gen, dtype=p.dtype)
+                try:
+                    model(x[:1].to(p.device))
+                except RuntimeError:
+                    continue
+                return x.to(p.device)
+    finally:
+        model.train(was_training)
+    return None
 
 
 # ---------------------------------------------------------------------------- tracing
