@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from spamkern.experiment.config import CSV_FIELDS, METHODS, TrainConfig, training_config
 from spamkern.metrics import classification_metrics, glm_predictive, map_predictive
-from spamkern.models import build_model
+from spamkern.models import model_by_name
 from spamkern.pruning import (
     OnlinePruning,
     apply_masks,
@@ -89,7 +89,8 @@ def train_models(
     import spamkern as sk
 
     torch.manual_seed(seed)
-    init = build_model(split.input_shape, split.n_classes).to(device)
+    init = model_by_name(args.model, split.input_shape, split.n_classes)
+    init = init.to(device)
     common = {
         "n_epochs": cfg.epochs,
         "structure": args.structure,
