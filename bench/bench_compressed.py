@@ -19,7 +19,7 @@ removed ≥ 1.6× faster. ``--e2e`` adds a short SpaM (unitwise) → OPD → com
 from __future__ import annotations
 
 import argparse
-import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -172,19 +172,16 @@ def e2e(quick: bool) -> list[dict]:
     return out
 
 
-def environment(threads: int) -> dict:
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+def environment() -> dict:
+    """The suite's run conditions (card, versions, threads, load, date) plus the machine."""
+    from conftest import run_conditions
+
+    return run_conditions() | {
         "machine": platform.node(),
         "cpu": platform.processor() or platform.machine(),
-        "gpu": gpu,
-        "torch": torch.__version__,
-        "spamkern": sk.__version__,
-        "python": platform.python_version(),
-        "cpu_threads": threads,
+        "torch_pruning": importlib.metadata.version("torch-pruning"),
         "load_average_1_5_15": _load_avg(),
-        "machine_busy": "shared machine; ratios measured interleaved in one run",
+        "machine_busy": "shared build machine; ratios measured interleaved in one run",
     }
 
 
@@ -221,18 +218,26 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small models, few rounds")
     ap.add_argument("--e2e", action="store_true", help="also time SpaM → prune → compress")
+    ap.add_argument(
+        "--devices", default="all", choices=("all", "cpu", "cuda"),
+        help="where to time: the CPU (1 thread) and the GPU when present (all), or one",
+    )  # fmt: skip
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    rows = measure(args.quick, torch.device("cpu"))
-    if torch.cuda.is_available():
+    rows = []
+    if args.devices in ("all", "cpu"):
+        rows += measure(args.quick, torch.device("cpu"))
+    if args.devices in ("all", "cuda") and torch.cuda.is_available():
         rows += measure(args.quick, torch.device("cuda"))
-    result = {"environment": environment(1), "quick": args.quick, "rows": rows}
+    result = {"environment": environment(), "quick": args.quick, "rows": rows}
     if args.e2e:
         result["e2e"] = e2e(args.quick)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "compressed-quick" if args.quick else "compressed"
+    if args.devices == "cuda":
+        stem = f"{stem}-gpu"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(rows, out / f"{stem}.png")
     for r in rows:
@@ -248,7 +253,9 @@ def main(argv: list[str] | None = None) -> dict:
 # ---------------------------------------------------------------------------- pytest
 def test_compressed_latency(benchmark, request):
     """pytest-benchmark: the compressed ViT and ResNet at 50 %, CPU, 1 thread, batch 64."""
-    quick = request.config.getoption("--quick")
+    from conftest import quick_mode
+
+    quick = quick_mode(request.config)
     torch.set_num_threads(1)
     x = torch.randn(64, *INPUT)
     small = {}
