@@ -37,6 +37,7 @@ __all__ = [
     "default_inputs",
     "is_plain_chain",
     "register_attention",
+    "successors",
 ]
 
 # Attention modules whose q/k/v projections are laid out head by head:
@@ -48,7 +49,8 @@ def register_attention(
     cls: type, layout: Callable[[nn.Module], tuple[list[nn.Module], int]]
 ) -> None:
     """Declare ``cls`` an attention module: ``layout(m)`` gives the modules whose output
-    channels are split into heads (q, k, v) and the head width. Their channels are then
+    channels are split into heads, in the order q, k, v (the last one, the values, is what
+    the output projection reads), and the head width. Their channels are then
     pruned and removed in whole heads only. The module must derive its head count from
     the projections' width at run time (as :class:`spamkern.models.SelfAttention` does).
     """
@@ -351,3 +353,55 @@ def unit_values(
         )
     u = family.unit
     return values.reshape(-1, u).sum(dim=1), sizes.reshape(-1, u).sum(dim=1)
+
+
+def _layer_of(param: str, modules: dict[str, nn.Module]) -> tuple[str, nn.Module] | None:
+    name = param.rpartition(".")[0]
+    m = modules.get(name)
+    return (name, m) if isinstance(m, nn.Linear | nn.Conv2d) else None
+
+
+def successors(
+    model: nn.Module, example_inputs, families: list[ChannelFamily] | None = None
+) -> dict[str, tuple[str, nn.Module, int]]:
+    """Layer name → (next layer's name, next layer, input columns per channel) wherever a
+    removed unit's output is read by exactly one Linear/Conv2d and by nothing else.
+
+    This is where next-layer compensation applies (re-fitting the reader's kept input
+    columns by least squares): a layer whose channels reach their reader directly
+    (through activations, pooling, a per-channel BatchNorm or Flatten) or an attention
+    module's value projection (read by the output projection). It does not apply to
+    channels coupled by residual additions (a removed channel also leaves the sum, which
+    no reader can re-fit), to the output layer, or to groups that cannot go exactly.
+    """
+    if families is None:
+        families = channel_families(model, example_inputs)
+    modules = dict(model.named_modules())
+    out = {}
+    for f in families:
+        if f.reason is not None or f.is_output or len({s.param for s in f.consumers}) != 1:
+            continue
+        reader = _layer_of(f.consumers[0].param, modules)
+        sources = {lay[0] for s in f.producers if (lay := _layer_of(s.param, modules))}
+        if reader is None or (isinstance(reader[1], nn.Conv2d) and reader[1].groups != 1):
+            continue
+        if len(sources) > 1:  # heads: the value projection feeds the reader
+            owner = next(
+                (m for m in modules.values() if type(m) in _ATTENTION
+                 and {modules.get(n) for n in sources} <= set(_ATTENTION[type(m)](m)[0])),
+                None,
+            )  # fmt: skip
+            if owner is None:
+                continue  # several layers write the channel: a residual sum
+            value = _ATTENTION[type(owner)](owner)[0][-1]
+            sources = {n for n in sources if modules[n] is value}
+        (source,) = sources
+        rm = reader[1]
+        width = rm.in_channels if isinstance(rm, nn.Conv2d) else rm.in_features
+        if len(f.consumers[0].index) != width or width % f.n_channels:
+            continue  # the reader sees these channels among others (a concatenation)
+        per_channel = rm.weight[0, 0].numel() if isinstance(rm, nn.Conv2d) else 1
+        if isinstance(rm, nn.Linear):
+            per_channel = width // f.n_channels  # after Flatten: each channel's positions
+        out[source] = (reader[0], rm, per_channel)
+    return out
