@@ -190,3 +190,13 @@ def test_models_without_a_known_input_need_example_inputs():
     del model.input_shape
     with pytest.raises(ValueError, match="needs example_inputs.*it is a ResNet"):
         sk.compress(model, masks)
+
+
+def test_token_transformer_is_traced_on_its_own_token_ids():
+    torch.manual_seed(0)
+    model = vit((12,), 4, dim=8, depth=1, n_heads=2, vocab_size=30).double()
+    masks = sk.prune(model, random_scores(model), 0.5, pattern="unit", scope="layerwise")
+    small = sk.compress(model, masks)
+    tokens = torch.randint(0, 30, (5, 12))
+    assert _rel(small.eval()(tokens), _masked_out(model, masks, tokens)) <= 1e-10
+    assert small.blocks[0].attn.n_heads == 1 and small.blocks[0].mlp[0].out_features == 8
