@@ -2,9 +2,13 @@
 
 * ``unit`` masks: removed units disappear — a Linear row / Conv2d filter and its bias
   leave the layer, and the matching inputs leave the next layer (through activations,
-  pooling, dropout and Flatten). Works on residual-free :class:`torch.nn.Sequential`
-  stacks (nested Sequentials included); anything that cannot be shrunk exactly raises a
-  ValueError naming the module. The result computes exactly what the masked model does.
+  pooling, dropout and Flatten). Plain :class:`torch.nn.Sequential` stacks are shrunk
+  layer by layer; any other model (residual networks, transformers, Sequential
+  subclasses with their own ``forward``) is traced on ``example_inputs`` and its coupled
+  channel groups (:mod:`spamkern.pruning.groups`) are removed with Torch-Pruning's
+  pruning functions. Either way the result is run against the masked model on a probe
+  batch and refused (ValueError) unless they agree to 1e-5 relative; masks that cannot
+  be removed exactly raise a ValueError naming the layers.
 * ``block`` masks: the masked weights go to
   ``spamkern.sparse.convert_to_block_sparse`` (Linear layers become BlockSparseLinear).
 * ``2:4`` masks: masked Linear layers become ``spamkern.sparse.SemiStructuredLinear``
@@ -327,7 +331,7 @@ def compress_traced(model: nn.Module, masks: dict[str, torch.Tensor], example_in
     dg = build_graph(small, example_inputs)
     families = channel_families(small, example_inputs, dg)
     float_masks = {n: m.to(torch.float64) for n, m in masks.items()}
-    params = {n: torch.ones(()).expand(p.shape) for n, p in small.named_parameters()}
+    ones = {n: torch.ones(()).expand(p.shape) for n, p in small.named_parameters()}
     modules = dict(small.named_modules())
     reached = set().union(*(f.producer_params() for f in families))
     unreached = sorted(n for n, m in masks.items() if n not in reached and not bool(m.all()))
@@ -338,7 +342,7 @@ def compress_traced(model: nn.Module, masks: dict[str, torch.Tensor], example_in
             "producers, e.g. a detached branch or an unsupported layer)"
         )
     for f in families:
-        gone = _removable_units(f, masks, float_masks, params)
+        gone = _removable_units(f, masks, float_masks, ones)
         if len(gone) == 0:
             continue
         if len(gone) == f.n_units:

@@ -160,7 +160,8 @@ def default_inputs(model: nn.Module, n: int = 8):
 
 
 # ---------------------------------------------------------------------------- tracing
-def _call(model: nn.Module, example_inputs) -> None:
+def _call(model: nn.Module, example_inputs):
+    """``model`` applied to a batch, a tuple of positional inputs or a dict of keywords."""
     if isinstance(example_inputs, dict):
         return model(**example_inputs)
     if isinstance(example_inputs, tuple | list):
@@ -273,7 +274,7 @@ def _family(dg, group, root: nn.Module, names: dict) -> ChannelFamily:
         target.extend(Slice(name, dim, root_idx, index) for name, dim in slices)
         if out_side:
             fam.is_output |= _reaches_output(dg.module2node.get(module))
-    fam.unit = _head_width(fam, root, dg, names)
+    fam.unit = _head_width(fam, names)
     return fam
 
 
@@ -300,11 +301,10 @@ def _reaches_output(node) -> bool:
     return is_out(node) or not node.outputs or any(is_out(o) for o in node.outputs)
 
 
-def _head_width(fam: ChannelFamily, root: nn.Module, dg, names: dict) -> int:
+def _head_width(fam: ChannelFamily, names: dict) -> int:
     """Channels per removable unit: the head width when the family holds q/k/v projections."""
-    by_name = {n: m for m, n in names.items() if isinstance(m, nn.Module)}
     produced = {s.param.rpartition(".")[0] for s in fam.producers}
-    for module in by_name.values():
+    for module in names:
         layout = _ATTENTION.get(type(module))
         if layout is None:
             continue

@@ -15,6 +15,11 @@ What "sparsity" counts, per pattern:
   ranking uses the *mean* score per parameter of a unit (sum / size); within one layer
   this is the same order as the sum. At least one unit per layer is always kept (a layer
   with no units would cut the network), so at most n_units − n_layers units go.
+  With ``example_inputs`` (or for non-chain models whose input is known) the model is
+  traced and a unit is a *coupled group*: channel c of every layer tied to it by residual
+  additions, BatchNorm, concatenation, or a whole attention head; its score is the sum
+  over all its producer entries, and all of them are masked together (see
+  :mod:`spamkern.pruning.groups`). "Layer" above then means a family of groups.
 * ``block``: r×c blocks of each prunable weight viewed as (out, in·kh·kw); block score =
   sum. All blocks have r·c entries, so this also counts entries.
 * ``2:4``: in every group of 4 consecutive inputs of each output row (never across rows
