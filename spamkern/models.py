@@ -225,9 +225,15 @@ class ViT(nn.Module):
     """Embedding + learned positions, pre-norm blocks, final LayerNorm, mean-pooled head."""
 
     def __init__(
-        self, embed: nn.Module, n_tokens: int, n_classes: int, dim: int, depth: int,
-        n_heads: int, mlp_dim: int,
-    ) -> None:  # fmt: skip
+        self,
+        embed: nn.Module,
+        n_tokens: int,
+        n_classes: int,
+        dim: int,
+        depth: int,
+        n_heads: int,
+        mlp_dim: int,
+    ) -> None:
         super().__init__()
         self.embed = embed
         self.pos = nn.Parameter(0.02 * torch.randn(1, n_tokens, dim))

@@ -200,3 +200,17 @@ def test_token_transformer_is_traced_on_its_own_token_ids():
     tokens = torch.randint(0, 30, (5, 12))
     assert _rel(small.eval()(tokens), _masked_out(model, masks, tokens)) <= 1e-10
     assert small.blocks[0].attn.n_heads == 1 and small.blocks[0].mlp[0].out_features == 8
+
+
+def test_model_constructors_check_their_arguments():
+    model = resnet((3, 32, 32), 10)  # ResNet-20: 3 stages of 3 blocks
+    assert len(model.stages) == 3 and all(len(s) == 3 for s in model.stages)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(ValueError, match="2 \\+ 6·n"):
+        resnet((3, 32, 32), 10, depth=21)
+    with pytest.raises(ValueError, match="patch 4 does not divide"):
+        vit((3, 30, 30), 10)
+    with pytest.raises(ValueError, match="vocab_size"):
+        vit((12,), 10)
+    with pytest.raises(ValueError, match="dim 10 is not divisible by n_heads 4"):
+        vit((3, 8, 8), 10, dim=10)
