@@ -137,8 +137,9 @@ def measure(quick: bool, device: torch.device) -> list[dict]:
 
 
 def e2e(quick: bool) -> list[dict]:
-    """SpaM (unitwise) → OPD unit pruning of coupled groups at 50 % → compress → latency,
-    each stage timed, on random 32×32 images (a workload timing, not an accuracy claim)."""
+    """SpaM (unitwise) → OPD unit pruning of coupled groups at 50 % (global and layerwise
+    ranking) → compress → latency, each stage timed, on random 32×32 images (a workload
+    timing, not an accuracy claim)."""
     out = []
     n = 256 if quick else 1024
     gen = torch.Generator().manual_seed(0)
@@ -150,25 +151,29 @@ def e2e(quick: bool) -> list[dict]:
             progress=False,
         )  # fmt: skip
         t1 = time.perf_counter()
-        masks = sk.prune(model, res.posterior, 0.5, pattern="unit", example_inputs=X[:2])
-        t2 = time.perf_counter()
-        small = sk.compress(model, masks, example_inputs=X[:2]).eval()
-        t3 = time.perf_counter()
-        times = interleaved_times({"dense": model.eval(), "small": small}, X[:64], 9, 1)
-        ratios = [d / s for d, s in zip(times["dense"], times["small"])]
-        out.append(
-            {
-                "model": name,
-                "sizes": "quick",
-                "n_train": n,
-                "spam_s": t1 - t0,
-                "prune_s": t2 - t1,
-                "compress_s": t3 - t2,
-                "units_removed": masks.sparsity(),
-                "params": [count_params(model), count_params(small)],
-                "speedup_batch64_cpu_1thread": statistics.median(ratios),
-            }
-        )
+        for scope in ("global", "layerwise"):
+            t2 = time.perf_counter()
+            masks = sk.prune(
+                model, res.posterior, 0.5, pattern="unit", scope=scope, example_inputs=X[:2]
+            )
+            small = sk.compress(model, masks, example_inputs=X[:2]).eval()
+            t3 = time.perf_counter()
+            times = interleaved_times({"dense": model.eval(), "small": small}, X[:64], 9, 1)
+            ratios = [d / s for d, s in zip(times["dense"], times["small"])]
+            out.append(
+                {
+                    "model": name,
+                    "sizes": "quick",
+                    "n_train": n,
+                    "scope": scope,
+                    "spam_s": t1 - t0,
+                    "prune_and_compress_s": t3 - t2,
+                    "units_removed": masks.sparsity(),
+                    "params": [count_params(model), count_params(small)],
+                    "flop_ratio": flops(model, X[:1]) / flops(small, X[:1]),
+                    "speedup_batch64_cpu_1thread": statistics.median(ratios),
+                }
+            )
     return out
 
 
