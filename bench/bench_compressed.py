@@ -10,10 +10,11 @@ compressed model is checked against its masked model inside ``compress``).
 Latency: forward passes in eval mode, batch 1 and 64, on the CPU with 1 thread (and on
 a GPU when present); dense and compressed models are timed *interleaved*, round by
 round, and each ratio is the median over rounds of dense time / compressed time, so a
-busy machine slows both alike. FLOPs per sample come from ``torch.utils.flop_counter``
-(every matmul, attention products included). Targets (CPU, 1 thread, batch 64): ResNet
-with 50 % of units removed ≥ 1.8× faster; ViT with half its heads and MLP neurons
-removed ≥ 1.6× faster. ``--e2e`` adds a short SpaM (unitwise) → OPD → compress run.
+busy machine slows both alike. FLOPs per sample: ``spamkern.pruning.count_flops``
+(``torch.utils.flop_counter``: every matmul, attention products included). Targets
+(CPU, 1 thread, batch 64): ResNet with 50 % of units removed ≥ 1.8× faster; ViT with half
+its heads and MLP neurons removed ≥ 1.6× faster. ``--e2e`` adds a short SpaM (unitwise)
+→ OPD → compress run.
 """
 
 from __future__ import annotations
@@ -28,11 +29,10 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import spamkern as sk
 from spamkern.models import resnet, vit
-from spamkern.pruning import count_params, magnitude_scores
+from spamkern.pruning import count_flops, count_params, magnitude_scores
 
 FRACTIONS = (0.25, 0.5, 0.75)
 BATCHES = (1, 64)
@@ -62,13 +62,6 @@ def compressed_variants(model: torch.nn.Module, x: torch.Tensor) -> dict[float, 
         masks = sk.prune(model, scores, s, pattern="unit", scope="layerwise", example_inputs=x)
         out[s] = sk.compress(model, masks, example_inputs=x).eval()
     return out
-
-
-def flops(model: torch.nn.Module, x: torch.Tensor) -> int:
-    """Forward FLOPs of one sample (2 per multiply–add, every matmul and convolution)."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x[:1])
-    return int(counter.get_total_flops())
 
 
 def _sync(device: torch.device) -> None:
@@ -111,7 +104,7 @@ def measure(quick: bool, device: torch.device) -> list[dict]:
         x_trace = torch.randn(2, *INPUT, device=device)
         variants = compressed_variants(model, x_trace)
         named = {"dense": model, **{f"{int(100 * s)}%": m for s, m in variants.items()}}
-        f = {k: flops(m, x_trace) for k, m in named.items()}
+        f = {k: count_flops(m, INPUT) for k, m in named.items()}
         p = {k: count_params(m) for k, m in named.items()}
         for batch in BATCHES:
             x = torch.randn(batch, *INPUT, device=device)
@@ -170,7 +163,7 @@ def e2e(quick: bool) -> list[dict]:
                     "prune_and_compress_s": t3 - t2,
                     "units_removed": masks.sparsity(),
                     "params": [count_params(model), count_params(small)],
-                    "flop_ratio": flops(model, X[:1]) / flops(small, X[:1]),
+                    "flop_ratio": count_flops(model, INPUT) / count_flops(small, INPUT),
                     "speedup_batch64_cpu_1thread": statistics.median(ratios),
                 }
             )
@@ -266,7 +259,7 @@ def test_compressed_latency(benchmark, request):
     small = {}
     for name, model in models(quick).items():
         small[name] = compressed_variants(model.eval(), x[:2])[0.5]
-        assert flops(small[name], x) < flops(model, x)
+        assert count_flops(small[name], INPUT) < count_flops(model, INPUT)
 
     def run():
         with torch.no_grad():

@@ -425,37 +425,40 @@ def count_params(model: nn.Module, nonzero: bool = False) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _sample_inputs(
+    model: nn.Module, input_shape: tuple[int, ...], batch_size: int, random: bool
+) -> torch.Tensor:
+    """A batch of ``input_shape`` inputs: token ids below ``model.vocab_size`` when the
+    model has one, else floats in the model's dtype (random or zeros)."""
+    p = next(model.parameters())
+    shape = (batch_size, *input_shape)
+    vocab = getattr(model, "vocab_size", None)
+    if vocab is not None:
+        return torch.randint(0, vocab, shape, device=p.device)
+    if random:
+        return torch.randn(shape, dtype=p.dtype, device=p.device)
+    return torch.zeros(shape, dtype=p.dtype, device=p.device)
+
+
 @torch.no_grad()
 def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """FLOPs of one sample's forward pass: 2 × multiply–adds of every Linear and Conv2d.
+    """FLOPs of one sample's forward pass, 2 per multiply–add of every matrix product and
+    convolution (attention's products included), counted by ``torch.utils.flop_counter``.
 
     Dense counting: zeros inside a weight still count (only physical shrinking saves).
+    Token models (with ``vocab_size``) are fed token ids.
     """
-    total = 0
+    from torch.utils.flop_counter import FlopCounterMode
 
-    def hook(mod: nn.Module, _inp, out: torch.Tensor) -> None:
-        nonlocal total
-        if isinstance(mod, nn.Linear):
-            total += 2 * (out.numel() // out.shape[-1]) * mod.in_features * mod.out_features
-        else:
-            k = mod.weight[0].numel()  # (in / groups) · kh · kw
-            total += 2 * out.numel() * k
-
-    handles = [
-        m.register_forward_hook(hook)
-        for m in model.modules()
-        if isinstance(m, nn.Linear | nn.Conv2d)
-    ]
-    p = next(model.parameters())
+    x = _sample_inputs(model, input_shape, 1, random=False)
     was_training = model.training
     model.eval()
     try:
-        model(torch.zeros((1, *input_shape), dtype=p.dtype, device=p.device))
+        with FlopCounterMode(display=False) as counter:
+            model(x)
     finally:
         model.train(was_training)
-        for h in handles:
-            h.remove()
-    return total
+    return int(counter.get_total_flops())
 
 
 @torch.no_grad()
@@ -466,9 +469,9 @@ def measure_latency(
     repeats: int = 30,
     threads: int = 1,
 ) -> float:
-    """Median wall time in milliseconds of one forward pass on the CPU with ``threads``."""
-    p = next(model.parameters())
-    x = torch.randn((batch_size, *input_shape), dtype=p.dtype, device=p.device)
+    """Median wall time in milliseconds of one forward pass on the CPU with ``threads``
+    (random inputs; random token ids for models with ``vocab_size``)."""
+    x = _sample_inputs(model, input_shape, batch_size, random=True)
     old_threads = torch.get_num_threads()
     was_training = model.training
     torch.set_num_threads(threads)
