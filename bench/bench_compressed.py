@@ -222,6 +222,8 @@ def main(argv: list[str] | None = None) -> dict:
     )  # fmt: skip
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args(argv)
+    if args.devices == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench_compressed: --devices cuda, but no CUDA device is present")
     torch.set_num_threads(1)
     rows = []
     if args.devices in ("all", "cpu"):
