@@ -173,3 +173,17 @@ def test_unitwise_hyperparameters_of_grouped_and_attention_weights():
     prior = sk.make_prior("unitwise", list(model.named_parameters()))
     widths = {slot.name: slot.stop - slot.start for slot in prior.slots}
     assert widths["attn.in_proj_weight"] == 12 + 4 and widths["attn.in_proj_bias"] == 12
+
+
+def test_laplace_torch_backend_refuses_row_sliced_blocks():
+    """laplace-torch's Kron holds one (G, A) per tensor: a grouped convolution is refused by
+    name (its DiagLaplace path works)."""
+    from spamkern.integrations.laplace import SpamkernGGN
+
+    model, X, y = L.grouped(seed=1)
+    backend = SpamkernGGN(model, "classification")
+    with pytest.raises(ValueError, match="'0.weight'.*row slice"):
+        backend.kron(X, y, N=len(y))
+    H, _ = dense_curvature(model, X, y)
+    _, diag = backend.diag(X, y, N=len(y))
+    assert rel_err(diag, H.diagonal()) < TOL
