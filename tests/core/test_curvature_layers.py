@@ -187,3 +187,39 @@ def test_laplace_torch_backend_refuses_row_sliced_blocks():
     H, _ = dense_curvature(model, X, y)
     _, diag = backend.diag(X, y, N=len(y))
     assert rel_err(diag, H.diagonal()) < TOL
+
+
+class _ScaledAttention(nn.MultiheadAttention):
+    """A subclass whose forward is not PyTorch's attention: it must not be factored as one."""
+
+    def forward(self, query, key, value, **kwargs):
+        out, weights = super().forward(query, key, value, **kwargs)
+        return 2.0 * out, weights
+
+
+class _AttentionOn(nn.Module):
+    def __init__(self, attention: nn.MultiheadAttention, batched: bool = True):
+        super().__init__()
+        self.attn, self.head, self.batched = attention, nn.Linear(4, 3), batched
+
+    def forward(self, x):
+        if self.batched:
+            return self.head(self.attn(x, x, x)[0].mean(1))
+        return torch.stack([self.head(self.attn(s, s, s)[0].mean(0)) for s in x])
+
+
+@pytest.mark.parametrize(
+    ("attention", "batched", "match"),
+    [
+        (_ScaledAttention(4, 2, batch_first=True), True, "could not reproduce"),
+        (nn.MultiheadAttention(4, 2, batch_first=True), False, "unbatched"),
+    ],
+)
+def test_attention_it_cannot_factor_is_refused(attention, batched, match):
+    model = _AttentionOn(attention, batched).double()
+    X, y = torch.randn(3, 2, 4, dtype=torch.float64), torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match=match):
+        sk.fit_laplace(model, (X, y), progress=False)
+    H, _ = dense_curvature(model, X, y)  # structure="diag" needs no factorisation
+    diag = sk.fit_laplace(model, (X, y), structure="diag", progress=False)
+    assert rel_err(diag.curvature_diag(), H.diagonal()) < TOL
