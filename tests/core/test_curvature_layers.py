@@ -223,3 +223,24 @@ def test_attention_it_cannot_factor_is_refused(attention, batched, match):
     H, _ = dense_curvature(model, X, y)  # structure="diag" needs no factorisation
     diag = sk.fit_laplace(model, (X, y), structure="diag", progress=False)
     assert rel_err(diag.curvature_diag(), H.diagonal()) < TOL
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("case", ["grouped", "self-attention"])
+def test_cuda_matches_cpu(case):
+    """float64 on the GPU: the same row-sliced factors and unitwise/parameterwise evidence."""
+    model, X, y = CASES[case][0](seed=9)
+    results = {}
+    for device in ("cpu", "cuda"):
+        m = model.to(device)
+        for prior in ("unitwise", "parameterwise"):
+            post = sk.fit_laplace(m, (X.to(device), y.to(device)), prior=prior, progress=False)
+            arrays = [
+                t.cpu() for f in post.kron_factors for t in (f if isinstance(f, tuple) else [f])
+            ]
+            results[device, prior] = (arrays, float(post.log_marginal_likelihood().detach()))
+    for prior in ("unitwise", "parameterwise"):
+        (cpu_arrays, cpu_lml), (gpu_arrays, gpu_lml) = results["cpu", prior], results["cuda", prior]
+        for a, b in zip(gpu_arrays, cpu_arrays, strict=True):
+            assert rel_err(a, b) < 1e-8
+        assert gpu_lml == pytest.approx(cpu_lml, rel=1e-8)
