@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
+from spamkern.progress import progress_bar
 from spamkern.pruning.masks import apply_masks
 from spamkern.pruning.scores import iterate_batches
 
@@ -55,7 +55,7 @@ def finetune(
     apply_masks(model, masks)
     model.train()
     losses = []
-    for _ in tqdm(range(epochs), desc="fine-tune", disable=not progress, leave=False):
+    for _ in progress_bar(range(epochs), desc="fine-tune", enabled=progress, leave=False):
         total, count = 0.0, 0
         for x, y in _shuffled(data, batch_size, generator):
             opt.zero_grad(set_to_none=True)
