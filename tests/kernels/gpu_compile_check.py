@@ -29,7 +29,8 @@ def _cases(all_variants: bool):
 
     gram_types = [("fp32", "tf32x3"), ("fp32", "tf32"), ("fp32", "ieee"), ("fp16", "ieee"),
                   ("bf16", "ieee"), ("fp64", "ieee")]  # fmt: skip
-    for dt, precision in gram_types if all_variants else [gram_types[0], gram_types[3], gram_types[-1]]:
+    default_types = [gram_types[0], gram_types[3], gram_types[-1]]  # tf32x3, fp16, fp64
+    for dt, precision in gram_types if all_variants else default_types:
         acc = "fp64" if dt == "fp64" else "fp32"
         block_d, block_k, warps = (64, 16, 4) if dt == "fp64" else (128, 32, 8)
         for conv in (False, True):
