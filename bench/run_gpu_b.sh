@@ -30,7 +30,13 @@ if [ -z "$QUICK" ]; then
   export TRITON_INTERPRET=0
 fi
 describe_machine
-CARD=$("$PY" -c "import torch; from spamkern.sparse import tables as t; d = torch.device('cuda' if torch.cuda.is_available() else 'cpu'); print(t.card_slug(t.card_name(d)))")
+# the card as the benchmarks name it (on the CPU they fix torch to 1 thread)
+CARD=$("$PY" -c "
+import torch
+from spamkern.sparse import tables as t
+gpu = torch.cuda.is_available()
+gpu or torch.set_num_threads(1)
+print(t.card_slug(t.card_name(torch.device('cuda' if gpu else 'cpu'))))")
 log "card slug: $CARD"
 
 run_bench() {  # run_bench NAME: one benchmark file by the convention above
