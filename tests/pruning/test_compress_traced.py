@@ -214,3 +214,19 @@ def test_model_constructors_check_their_arguments():
         vit((12,), 10)
     with pytest.raises(ValueError, match="dim 10 is not divisible by n_heads 4"):
         vit((3, 8, 8), 10, dim=10)
+
+
+@pytest.mark.parametrize("scope", ["global", "layerwise"])
+def test_traced_units_of_a_plain_chain_are_its_layer_units(scope):
+    """On a plain Sequential, coupled groups are the layers' own units: same masks."""
+    from spamkern.models import lenet
+
+    torch.manual_seed(0)
+    model = lenet((1, 8, 8)).double()
+    scores = random_scores(model)
+    plain = sk.prune(model, scores, 0.4, pattern="unit", scope=scope)
+    x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    traced = sk.prune(model, scores, 0.4, pattern="unit", scope=scope, example_inputs=x)
+    assert plain.keys() == traced.keys()
+    assert all(torch.equal(plain[n], traced[n]) for n in plain)
+    assert traced.sparsity() == pytest.approx(plain.sparsity())
