@@ -230,3 +230,35 @@ def test_traced_units_of_a_plain_chain_are_its_layer_units(scope):
     assert plain.keys() == traced.keys()
     assert all(torch.equal(plain[n], traced[n]) for n in plain)
     assert traced.sparsity() == pytest.approx(plain.sparsity())
+
+
+class ConcatDepthwise(nn.Module):
+    """Two convs concatenated into one BatchNorm, then a conv and a depthwise conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(10)
+        self.c = nn.Conv2d(10, 5, 3, padding=1)
+        self.dw = nn.Conv2d(5, 5, 3, padding=1, groups=5)
+        self.fc = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn(torch.cat([self.a(x), self.b(x)], 1)))
+        h = torch.relu(self.dw(torch.relu(self.c(h))))
+        return self.fc(h.mean((2, 3)))
+
+
+def test_concatenation_and_depthwise_convolution():
+    torch.manual_seed(0)
+    model = _randomise_bn(ConcatDepthwise().double())
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    masks = sk.prune(model, random_scores(model), 0.5, pattern="unit", example_inputs=x)
+    gone_b = ~masks["b.weight"].reshape(6, -1).any(dim=1)
+    assert torch.equal(~masks["bn.weight"][4:], gone_b)  # b's channels sit at 4..9 of bn
+    assert torch.equal(~masks["dw.weight"].reshape(5, -1).any(dim=1), ~masks["c.bias"])
+    small = sk.compress(model, masks, example_inputs=x)
+    kept_b = int((~gone_b).sum())
+    assert small.b.out_channels == kept_b and small.bn.num_features == small.c.in_channels
+    assert small.dw.groups == small.dw.out_channels == small.c.out_channels
+    assert _rel(small.eval()(x), _masked_out(model, masks, x)) <= 1e-10
