@@ -196,17 +196,30 @@ class SelfAttention(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm block: x + attn(LN(x)), then x + MLP(LN(x)) with a GELU MLP."""
+    """Pre-norm block: x + attn(LN(x)), then x + MLP(LN(x)) with a GELU MLP.
 
-    def __init__(self, dim: int, n_heads: int, mlp_dim: int) -> None:
+    ``attention="linear"``: :class:`SelfAttention` (heads removable); ``"mha"``:
+    ``nn.MultiheadAttention`` (its heads cannot be removed, its MLP neurons can).
+    """
+
+    def __init__(self, dim: int, n_heads: int, mlp_dim: int, attention: str = "linear") -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = SelfAttention(dim, n_heads)
+        if attention == "linear":
+            self.attn: nn.Module = SelfAttention(dim, n_heads)
+        elif attention == "mha":
+            self.attn = nn.MultiheadAttention(dim, n_heads, batch_first=True)
+        else:
+            raise ValueError(f"attention must be 'linear' or 'mha', got {attention!r}")
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
+        h = self.norm1(x)
+        if isinstance(self.attn, nn.MultiheadAttention):
+            x = x + self.attn(h, h, h, need_weights=False)[0]
+        else:
+            x = x + self.attn(h)
         return x + self.mlp(self.norm2(x))
 
 
@@ -233,12 +246,13 @@ class ViT(nn.Module):
         depth: int,
         n_heads: int,
         mlp_dim: int,
+        attention: str = "linear",
     ) -> None:
         super().__init__()
         self.embed = embed
         self.pos = nn.Parameter(0.02 * torch.randn(1, n_tokens, dim))
         self.blocks = nn.Sequential(
-            *[TransformerBlock(dim, n_heads, mlp_dim) for _ in range(depth)]
+            *[TransformerBlock(dim, n_heads, mlp_dim, attention) for _ in range(depth)]
         )
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, n_classes)
@@ -257,12 +271,16 @@ def vit(
     mlp_ratio: int = 2,
     patch: int = 4,
     vocab_size: int | None = None,
+    attention: str = "linear",
 ) -> ViT:
     """A small pre-norm transformer classifier.
 
     ``input_shape`` (C, H, W): images cut into ``patch``×``patch`` patches; (T,): sequences
     of T token ids below ``vocab_size`` (an ``nn.Embedding``). Blocks have ``n_heads``
     heads of width dim / n_heads and GELU MLPs of ``mlp_ratio``·dim neurons.
+    ``attention="linear"`` builds each attention from four ``nn.Linear`` projections
+    (:class:`SelfAttention`: Kronecker curvature, heads removable); ``"mha"`` uses
+    ``nn.MultiheadAttention`` (its packed projections cannot lose heads).
     """
     shape = tuple(input_shape)
     if len(shape) == 3:
@@ -279,7 +297,7 @@ def vit(
         raise ValueError(
             f"vit expects (C, H, W) images or (T,) token sequences, got input shape {shape}"
         )
-    model = ViT(embed, n_tokens, n_classes, dim, depth, n_heads, mlp_ratio * dim)
+    model = ViT(embed, n_tokens, n_classes, dim, depth, n_heads, mlp_ratio * dim, attention)
     model.input_shape, model.vocab_size = shape, vocab_size  # for tracing without a batch
     return model
 

@@ -262,3 +262,15 @@ def test_concatenation_and_depthwise_convolution():
     assert small.b.out_channels == kept_b and small.bn.num_features == small.c.in_channels
     assert small.dw.groups == small.dw.out_channels == small.c.out_channels
     assert _rel(small.eval()(x), _masked_out(model, masks, x)) <= 1e-10
+
+
+def test_multihead_attention_keeps_its_heads_and_loses_mlp_neurons():
+    torch.manual_seed(0)
+    model = vit((3, 8, 8), 3, dim=8, depth=1, n_heads=2, patch=4, attention="mha").double()
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    masks = sk.prune(model, random_scores(model), 0.5, pattern="unit", example_inputs=x)
+    assert sorted(masks) == ["blocks.0.mlp.0.bias", "blocks.0.mlp.0.weight"]
+    small = sk.compress(model, masks, example_inputs=x)
+    assert isinstance(small.blocks[0].attn, nn.MultiheadAttention)
+    assert small.blocks[0].attn.embed_dim == 8 and small.blocks[0].mlp[0].out_features == 8
+    assert _rel(small.eval()(x), _masked_out(model, masks, x)) <= 1e-10
