@@ -38,7 +38,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-@pytest.mark.parametrize("s", [0.25, 0.5, 0.75])
+@pytest.mark.parametrize("s", [0.25, 0.75])
 def test_compressed_equals_masked_and_is_smaller(name, s):
     torch.manual_seed(0)
     model = CASES[name]()
