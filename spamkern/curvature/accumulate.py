@@ -1,14 +1,20 @@
 """One pass over the data that accumulates every curvature block.
 
-Per batch: one forward with hooks that record each Linear/Conv2d input and output, then one
-backward of the (B, K, C) pseudo-gradients to those outputs only (no weight gradients are
-formed; exact GGN's K = C columns go through a single batched backward). From inputs a and
-output gradients g:
+Per batch: one forward with hooks that record the input and output of every linear map
+whose tensors need curvature — each Linear/Conv1d/Conv2d, and the q/k/v/out projections of
+``nn.MultiheadAttention`` (see :mod:`spamkern.curvature.attention`) — then one backward of
+the (B, K, C) pseudo-gradients to those outputs only (no weight gradients are formed; exact
+GGN's K = C columns go through a single batched backward). From inputs a and output
+gradients g:
 
 * Kronecker blocks: A += Σ a aᵀ / S and G += Σ g gᵀ (S = weight-sharing positions, the
-  "expand" convention); A is divided by N at the end — laplace-torch's scaling;
-* exact diagonal blocks of Linear/Conv2d: Σ_{n,k} (per-sample gradient)² formed from a and g;
-* any other tensor: exact per-sample, per-column gradients through ``torch.func``.
+  "expand" convention); A is divided by N at the end — laplace-torch's scaling. Grouped
+  convolutions sum per group (each group's output channels and input patch); attention's
+  packed ``in_proj`` gets one (G, A) per q/k/v slice, A from that slice's own input;
+* exact diagonal blocks of Linear/conv layers: Σ_{n,k} (per-sample gradient)² formed from
+  a and g;
+* any other tensor, a module called more than once, a tied weight: exact per-sample,
+  per-column gradients through ``torch.func`` (all uses at once).
 
 Every batch counts; N is the number of samples actually seen.
 """
@@ -277,7 +283,8 @@ def _generic_diag(
     generic: list[tuple[int, ParamBlock]],
     diags: dict,
 ) -> None:
-    """Exact Σ_{n,k} (J_nᵀ v_nk)² for tensors outside Linear/Conv2d, through torch.func."""
+    """Exact Σ_{n,k} (J_nᵀ v_nk)² for tensors without hooks, through torch.func (a tied
+    tensor is replaced in every module that holds it, so all its uses count)."""
     from torch.func import functional_call, vjp, vmap
 
     params = {name: p.detach() for name, p in model.named_parameters()}
@@ -298,7 +305,7 @@ def _generic_diag(
         raise ValueError(
             "per-sample gradients (torch.func) failed for the parameters "
             f"{names}, which need an exact diagonal block; make the model's forward "
-            "vmap-compatible, freeze these parameters, or use Linear/Conv2d layers. "
+            "vmap-compatible, freeze these parameters, or use Linear/conv layers. "
             f"Cause: {type(err).__name__}: {err}"
         ) from err
     for index, block in generic:
