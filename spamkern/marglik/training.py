@@ -21,7 +21,13 @@ from tqdm.auto import tqdm
 
 from spamkern.curvature.likelihood import check_label_range, check_targets, mean_loss
 from spamkern.curvature.structure import parameter_blocks
-from spamkern.data.batches import TensorBatches, as_batches, split_batch
+from spamkern.data.batches import (
+    TensorBatches,
+    as_batches,
+    check_epoch_samples,
+    epoch_size,
+    split_batch,
+)
 from spamkern.distributed import (
     all_gather_object,
     all_reduce_gradients,
@@ -35,10 +41,12 @@ from spamkern.marglik.checkpoint import (
     restore_rng_state,
     rng_state,
     save_checkpoint,
+    should_resume,
 )
 from spamkern.posterior.fit import fit_laplace
 from spamkern.posterior.laplace import LaplacePosterior
 from spamkern.prior.priors import Prior, make_prior
+from spamkern.validation import check_marglik_args, check_model_params, check_tensor_data
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULERS = ("cosine", None)
@@ -113,7 +121,7 @@ def marglik_train(
     progress: bool = True,
     seed: int = 0,
     checkpoint_path: str | None = None,
-    resume: bool = False,
+    resume: bool | str = False,
     dict_key_y: str = "labels",
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
 ) -> MarglikResult:
@@ -123,10 +131,23 @@ def marglik_train(
     batched on the device). ``masks`` (name → bool tensor, True = kept) are enforced after
     every optimiser step; ``online_pruning`` (see :mod:`spamkern.pruning`) updates them after
     each marglik step. With ``checkpoint_path`` a checkpoint is written after every epoch;
-    ``resume=True`` continues from it and reproduces the uninterrupted run.
+    ``resume=True`` continues from it (it must exist) and reproduces the uninterrupted run;
+    ``resume="if-exists"`` continues if it exists and starts afresh otherwise.
     ``on_epoch_end(record)`` is called after each epoch (and its checkpoint) with the
     history record, e.g. for logging or early stopping by raising.
     """
+    check_marglik_args(
+        likelihood=likelihood,
+        curvature=curvature,
+        sigma_noise=sigma_noise,
+        temperature=temperature,
+        n_epochs_burnin=n_epochs_burnin,
+        n_hypersteps=n_hypersteps,
+        lr=lr,
+        lr_hyp=lr_hyp,
+        momentum=momentum,
+        seed=seed,
+    )
     _check_schedule(n_epochs, n_epochs_burnin, marglik_frequency, n_hypersteps, lr, lr_hyp)
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
@@ -135,6 +156,7 @@ def marglik_train(
     if resume and checkpoint_path is None:
         raise ValueError("resume=True needs a checkpoint_path")
     blocks = parameter_blocks(model, structure)
+    check_model_params([b.param for b in blocks], "marglik_train")
     device, dtype = blocks[0].param.device, blocks[0].param.dtype
     params = [b.param for b in blocks]
     sizes = [p.numel() for p in params]
@@ -143,14 +165,16 @@ def marglik_train(
     mc_gen = torch.Generator(device=device).manual_seed(seed + 1 + rank())
     batches = as_batches(train_data, batch_size, shuffle=True, generator=batch_gen, device=device)
     fit_batches = as_batches(train_data, batch_size, shuffle=False, device=device)
-    n_data = _count(batches)
+    check_tensor_data(batches, dtype, likelihood)
+    size = epoch_size(batches, dict_key_y)  # this rank's samples and steps per epoch
+    n_data = size.n_data
     # in-memory labels get one range check (first step) instead of a device sync per step
     labels_prechecked = isinstance(batches, TensorBatches) and likelihood == "classification"
     labels_checked = not labels_prechecked
     if is_distributed():  # each rank holds a shard: the prior term needs the global N
         n_data = int(all_reduce_sum(float(n_data)))
-    n_steps_per_epoch = len(batches) if hasattr(batches, "__len__") else None
-    if is_distributed() and n_steps_per_epoch is not None:
+    n_steps_per_epoch = size.n_batches
+    if is_distributed():
         check_same_on_all_ranks(n_steps_per_epoch, "optimiser steps per epoch")
 
     prior_module = make_prior(
@@ -194,7 +218,7 @@ def marglik_train(
         "mc": mc_gen,
         "loader": getattr(train_data, "generator", None),
     }
-    if resume and checkpoint_path is not None and _exists(checkpoint_path):
+    if should_resume(resume, checkpoint_path):
         state = load_checkpoint(checkpoint_path, device)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -256,6 +280,7 @@ def marglik_train(
                 _apply_masks(model, masks)
             epoch_loss += data_loss.detach() * f.shape[0]
             seen += f.shape[0]
+        check_epoch_samples(seen, size.n_data, epoch)
         if not bool(torch.isfinite(epoch_loss)):
             raise ValueError(
                 f"the training loss became {float(epoch_loss)} in epoch {epoch}; lower the "
@@ -341,28 +366,7 @@ def _hypersteps(posterior, hyper_opt, prior_module, log_sigma, n_steps, learn_si
     return float(value)
 
 
-def _count(batches) -> int:
-    if hasattr(batches, "n_data"):
-        return batches.n_data
-    dataset = getattr(batches, "dataset", None)
-    if dataset is not None and hasattr(dataset, "__len__"):
-        sampler = getattr(batches, "sampler", None)
-        if sampler is not None and hasattr(sampler, "num_replicas"):
-            return len(sampler)  # DistributedSampler: this rank's share
-        return len(dataset)
-    n = sum(split_batch(b, torch.device("cpu"))[1].shape[0] for b in batches)
-    if n == 0:
-        raise ValueError("the training data yielded no batches (empty loader)")
-    return n
-
-
 def _set_sampler_epoch(data, epoch: int) -> None:
     sampler = getattr(data, "sampler", None)
     if sampler is not None and hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch)
-
-
-def _exists(path) -> bool:
-    from pathlib import Path
-
-    return Path(path).is_file()

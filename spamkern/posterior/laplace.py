@@ -54,8 +54,8 @@ class LaplacePosterior:
         self.named_params = [(b.name, b.param) for b in self.blocks]
         self.mean = torch.cat([b.param.detach().reshape(-1) for b in self.blocks])
         sigma = torch.as_tensor(sigma_noise, dtype=self.mean.dtype, device=self.mean.device)
-        if sigma.ndim != 0 or not bool(sigma > 0):
-            raise ValueError(f"sigma_noise must be one positive number, got {sigma_noise}")
+        if sigma.ndim != 0 or not (bool(sigma > 0) and bool(torch.isfinite(sigma))):
+            raise ValueError(f"sigma_noise must be one finite number > 0, got {sigma_noise}")
         if likelihood != "regression" and float(sigma) != 1.0:
             raise ValueError("sigma_noise applies to regression only")
         self.log_sigma = sigma.log().detach().clone()
