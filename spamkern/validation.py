@@ -58,6 +58,8 @@ def check_sigma_noise(sigma_noise: Any, likelihood: str) -> float:
 
 def check_marglik_args(
     *,
+    n_epochs: Any,
+    marglik_frequency: Any,
     likelihood: str,
     curvature: str,
     sigma_noise: Any,
@@ -76,6 +78,8 @@ def check_marglik_args(
     check_positive_finite("temperature", temperature)
     check_positive_finite("lr", lr)
     check_positive_finite("lr_hyp", lr_hyp)
+    check_count("n_epochs", n_epochs, minimum=1)
+    check_count("marglik_frequency", marglik_frequency, minimum=1)
     check_count("n_epochs_burnin", n_epochs_burnin)
     check_count("n_hypersteps", n_hypersteps)
     if isinstance(momentum, bool) or not (isinstance(momentum, numbers.Real) and 0 <= momentum < 1):

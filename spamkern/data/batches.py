@@ -65,7 +65,7 @@ class TensorBatches:
             raise ValueError("the training data is empty (X has 0 rows)")
         check_batch_size(batch_size)
         self.X = X.to(device) if device is not None else X
-        self.y = y.to(self.X.device)
+        self.y = _as_targets(y).to(self.X.device)
         self.batch_size = int(batch_size)
         self.shuffle = shuffle
         self.generator = generator
@@ -126,7 +126,6 @@ def as_batches(
             "training data must be a DataLoader / iterable of (x, y) or dict batches, or a "
             f"tuple (X, y) of tensors; got {type(data).__name__}"
         )
-    check_reiterable(data)
     _check_own_batch_size(data, batch_size)
     return data
 
@@ -158,8 +157,10 @@ def epoch_size(batches: Iterable, dict_key_y: str = "labels") -> EpochSize:
     Read from the loader where it can tell without loading data (in-memory tensors, a
     map-style DataLoader with a sized sampler: ``drop_last``, subset and distributed samplers
     counted exactly); otherwise (an ``IterableDataset``, custom batch samplers, plain lists of
-    batches) by one counting pass over the data.
+    batches) by one counting pass over the data. For data walked once per epoch: one-shot
+    iterators are refused.
     """
+    check_reiterable(batches)
     size = _size_without_loading(batches)
     if size is None:
         n_data, n_batches = 0, 0
@@ -207,6 +208,14 @@ def check_epoch_samples(seen: int, expected: int, epoch: int) -> None:
     )
 
 
+def _as_targets(y: torch.Tensor) -> torch.Tensor:
+    """Integer class labels as int64, the one integer type every loss and one_hot accepts
+    (int32 labels, e.g. from numpy on Windows, would crash inside cross_entropy)."""
+    if y.dtype in (torch.int8, torch.int16, torch.int32, torch.uint8):
+        return y.long()
+    return y
+
+
 def split_batch(
     batch: Any, device: torch.device, dict_key_y: str = "labels"
 ) -> tuple[Any, torch.Tensor]:
@@ -218,12 +227,14 @@ def split_batch(
                 f"a dict batch must hold its targets under {dict_key_y!r}; keys: {list(batch)}"
             )
         x = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-        return x, batch[dict_key_y].to(device)
+        return x, _as_targets(batch[dict_key_y]).to(device)
     if isinstance(batch, tuple | list) and len(batch) >= 2:
         x, y = batch[0], batch[1]
         if isinstance(x, torch.Tensor):
             x = x.to(device)
-        return x, y.to(device)
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(f"the targets of a batch must be a tensor, got {type(y).__name__}")
+        return x, _as_targets(y).to(device)
     raise TypeError(
         "each batch must be an (x, y) tuple or a dict with the targets under "
         f"{dict_key_y!r}; got {type(batch).__name__}"

@@ -76,6 +76,8 @@ def should_resume(resume: bool | str, path: str | os.PathLike | None) -> bool:
     """
     if not (isinstance(resume, bool) or resume == "if-exists"):
         raise ValueError(f"resume must be one of {RESUME_MODES}, got {resume!r}")
+    if path is not None and Path(path).is_dir():
+        raise ValueError(f"checkpoint_path {path} is a folder; give a file name inside it")
     if resume is False:
         return False
     if path is None:
@@ -130,19 +132,31 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def load_checkpoint(path: str | os.PathLike, device: torch.device) -> dict[str, Any]:
-    """The payload of a checkpoint written by :func:`save_checkpoint`, verified first."""
+def read_checkpoint(
+    path: str | os.PathLike, map_location: torch.device | str = "cpu"
+) -> dict[str, Any]:
+    """The payload of a checkpoint written by :func:`save_checkpoint`, verified first
+    (header, length, checksum), unpickled with ``weights_only=True``. For inspection."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint file at {path} to resume from")
+        raise FileNotFoundError(f"no checkpoint file at {path}")
     body = _verified_payload(path, path.read_bytes())
     try:
-        payload = torch.load(io.BytesIO(body), map_location=device, weights_only=True)
+        payload = torch.load(io.BytesIO(body), map_location=map_location, weights_only=True)
     except Exception as err:  # checksum fine, so written by another torch or by hand
         raise CheckpointError(
             path, f"passed its checksum but torch.load cannot read its payload: {err}"
         ) from err
-    if not isinstance(payload, dict) or "epoch" not in payload:
+    if not isinstance(payload, dict):
+        raise CheckpointError(path, f"holds a {type(payload).__name__}, not a dict")
+    return payload
+
+
+def load_checkpoint(path: str | os.PathLike, device: torch.device) -> dict[str, Any]:
+    """A verified training state to resume from on ``device`` in this process group."""
+    path = Path(path)
+    payload = read_checkpoint(path, device)
+    if "epoch" not in payload:
         raise CheckpointError(path, "does not hold a training state (no 'epoch' entry)")
     ranks = payload.get("rng")
     if isinstance(ranks, list) and len(ranks) != world_size():

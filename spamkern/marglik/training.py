@@ -137,6 +137,8 @@ def marglik_train(
     history record, e.g. for logging or early stopping by raising.
     """
     check_marglik_args(
+        n_epochs=n_epochs,
+        marglik_frequency=marglik_frequency,
         likelihood=likelihood,
         curvature=curvature,
         sigma_noise=sigma_noise,

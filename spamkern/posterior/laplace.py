@@ -27,6 +27,7 @@ from spamkern.posterior.blocks import (
     whitened_unit_eigen,
 )
 from spamkern.prior.priors import Prior, TensorPrecision
+from spamkern.validation import check_positive_finite
 
 
 class LaplacePosterior:
@@ -204,6 +205,7 @@ class LaplacePosterior:
         if sigma_noise is not None:
             if self.likelihood != "regression":
                 raise ValueError("sigma_noise can only be given for regression")
+            check_positive_finite("sigma_noise", sigma_noise)
             log_sigma = torch.as_tensor(sigma_noise, dtype=self.mean.dtype).log()
         return self._log_marglik(lp, log_sigma)
 

@@ -12,6 +12,7 @@ import spamkern as sk
 from spamkern.marglik.checkpoint import (
     CheckpointError,
     load_checkpoint,
+    read_checkpoint,
     save_checkpoint,
     should_resume,
 )
@@ -125,7 +126,23 @@ def test_resume_if_exists_starts_afresh_then_continues(tmp_path):
     assert again.history[:2] == first.history and again.history[2]["epoch"] == 3
 
 
+def test_a_folder_as_checkpoint_path_is_refused_before_training(tmp_path):
+    calls = []
+    with pytest.raises(ValueError, match="is a folder"):
+        sk.marglik_train(
+            _mlp(), _data(), **KWARGS, checkpoint_path=tmp_path, on_epoch_end=calls.append
+        )
+    assert calls == []
+
+
 @pytest.mark.parametrize("resume", ["yes", 1, None])
 def test_resume_takes_only_the_documented_values(tmp_path, resume):
     with pytest.raises(ValueError, match="resume must be one of"):
         should_resume(resume, tmp_path / "run.pt")
+
+
+def test_a_checkpoint_of_another_process_count_is_refused(tmp_path):
+    save_checkpoint(tmp_path / "c.pt", {"epoch": 1, "rng": [{}, {}]})  # two ranks' states
+    assert read_checkpoint(tmp_path / "c.pt")["epoch"] == 1  # fine to inspect
+    with pytest.raises(CheckpointError, match="written by 2 process"):
+        load_checkpoint(tmp_path / "c.pt", CPU)  # not to resume in one process

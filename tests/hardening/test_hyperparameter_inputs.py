@@ -46,6 +46,9 @@ def test_sigma_noise_must_be_finite_and_positive(sigma):
 
 def test_a_posterior_refuses_an_infinite_sigma_directly():
     post = sk.fit_laplace(_mlp(), _regression(), likelihood="regression", progress=False)
+    for sigma in BAD_POSITIVE:
+        with pytest.raises(ValueError, match="sigma_noise must be > 0 and finite"):
+            post.log_marginal_likelihood(sigma_noise=sigma)
     with pytest.raises(ValueError, match="sigma_noise must be one finite number > 0"):
         type(post)(
             post.model, post.curvature, post.prior, "regression", "kron", "ggn", 1.0, math.inf
@@ -77,6 +80,8 @@ def test_prior_precision_must_be_finite_and_positive(value):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
+        ({"n_epochs": True}, "n_epochs must be an integer >= 1"),
+        ({"marglik_frequency": 2.0}, "marglik_frequency must be an integer >= 1"),
         ({"n_epochs_burnin": 0.5}, "n_epochs_burnin must be an integer >= 0"),
         ({"n_hypersteps": 1.5}, "n_hypersteps must be an integer >= 0"),
         ({"seed": 1.5}, "seed must be an integer"),

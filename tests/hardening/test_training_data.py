@@ -100,6 +100,23 @@ def test_a_one_shot_generator_is_refused():
         sk.marglik_train(_mlp(), gen, **KWARGS)
 
 
+def test_a_generator_is_fine_for_one_pass_fits():
+    X, y = _data()
+    post = sk.fit_laplace(_mlp(), ((X[i : i + 5], y[i : i + 5]) for i in range(0, 20, 5)))
+    assert post.n_data == 20
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+def test_integer_labels_of_any_width_train_like_int64(dtype):
+    X, y = _data()
+    expected = sk.marglik_train(_mlp(), (X, y), **KWARGS)
+    _same_run(sk.marglik_train(_mlp(), (X, y.to(dtype)), **KWARGS), expected)
+    loader = DataLoader(TensorDataset(X, y), batch_size=10)
+    expected = sk.marglik_train(_mlp(), loader, **KWARGS)
+    loader = DataLoader(TensorDataset(X, y.to(dtype)), batch_size=10)
+    _same_run(sk.marglik_train(_mlp(), loader, **KWARGS), expected)
+
+
 def test_an_iterable_that_is_exhausted_after_one_pass_is_caught():
     X, y = _data()
 
