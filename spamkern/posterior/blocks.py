@@ -156,40 +156,219 @@ def _differentiable_eigh(mats: list[torch.Tensor]) -> list[tuple[torch.Tensor, t
     return out
 
 
-class KronEigenCache:
-    """Eigendecompositions of every Kronecker factor, computed once per fit, batched."""
+class StackedEigen:
+    """Eigenbases of a row-sliced block: one :class:`BlockEigen` per slice of rows."""
 
-    def __init__(self, factors: dict[int, list[torch.Tensor]], names: dict[int, str]):
-        keys, mats, labels = [], [], []
-        for index, facs in factors.items():
-            for j, F in enumerate(facs):
-                keys.append((index, j))
-                mats.append(F)
-                labels.append(f"{names[index]}[{'GA'[j]}]")
-        decomposed = batched_eigh(mats, labels)
-        self.values: dict[int, list[torch.Tensor]] = {}
-        self.vectors: dict[int, list[torch.Tensor]] = {}
-        for (index, _), (vals, vecs) in zip(keys, decomposed):
-            self.values.setdefault(index, []).append(vals)
-            self.vectors.setdefault(index, []).append(vecs)
+    def __init__(self, parts: list[BlockEigen]):
+        self.parts = parts
 
-    def eigenvalues(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        values = self.values[index]
+    def logdet(self) -> torch.Tensor:
+        return torch.stack([part.logdet() for part in self.parts]).sum()
+
+    def inverse_diag(self) -> torch.Tensor:
+        """(out, q): the slices' diagonals stacked row slice after row slice."""
+        return torch.cat([part.inverse_diag() for part in self.parts])
+
+    def quadratic(self, J: torch.Tensor) -> torch.Tensor:
+        """(B, C, C) J Π⁻¹ Jᵀ for J of shape (B, C, out, q): a sum over the slices."""
+        rows = J.shape[2] // len(self.parts)
+        total = None
+        for j, part in enumerate(self.parts):
+            value = part.quadratic(J[:, :, j * rows : (j + 1) * rows])
+            total = value if total is None else total + value
+        return total
+
+
+class DiagBlock:
+    """An exact diagonal block h (shaped like the parameter): Π = s·diag(h) + diag(δ)."""
+
+    def __init__(self, h: torch.Tensor, shape: torch.Size):
+        self.h = h
+        self.shape = torch.Size(shape)
+
+    def public_factors(self) -> torch.Tensor:
+        return self.h
+
+    def kron_parts(self) -> list[KronBlock]:
+        return []
+
+    def curvature_diag(self) -> torch.Tensor:
+        return self.h.reshape(-1)
+
+    def factor_diagonals(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Per consecutive run of entries: (diag G, diag A) — here the diagonal itself."""
+        return [(self.h.reshape(-1), None)]
+
+    def uses_plan(self, prior_kind: str) -> bool:
+        return True
+
+    def plan_eigenvalues(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        h = self.h.reshape(-1)
+        return [(h, h.new_ones(1))]
+
+    def plan_deltas(self, tp: TensorPrecision) -> list[torch.Tensor]:
+        return [tp.expand(self.shape).exp().reshape(-1, 1)]
+
+    def unitwise_parts(self, tp: TensorPrecision) -> list:
+        return []
+
+    def eigen(self, tp: TensorPrecision, scale, unitwise: bool) -> BlockEigen:
+        # laid out like the (p, q) view of the block that J and inverse_diag use
+        h = self.h.reshape(weight_matrix_shape(self.shape))
+        delta = tp.expand(self.shape).exp().reshape(h.shape)
+        return BlockEigen(None, None, scale * h + delta, None)
+
+
+class KronBlock:
+    """One Kronecker block: a weight's ``[G, A]`` (Π = s·G ⊗ A + D, vec row-major) or a
+    bias's ``[G]``. Its factors' eigendecompositions are set once per fit by
+    :func:`decompose_kron_blocks` (shared by every prior except unitwise)."""
+
+    def __init__(self, factors: list[torch.Tensor], shape: torch.Size, name: str):
+        self.factors = list(factors)
+        self.shape = torch.Size(shape)
+        self.name = name
+        self.values: list[torch.Tensor] | None = None
+        self.vectors: list[torch.Tensor] | None = None
+
+    def public_factors(self) -> tuple[torch.Tensor, ...]:
+        return tuple(self.factors)
+
+    def kron_parts(self) -> list[KronBlock]:
+        return [self]
+
+    def curvature_diag(self) -> torch.Tensor:
+        g = self.factors[0].diagonal()
+        return (
+            g if len(self.factors) == 1 else torch.outer(g, self.factors[1].diagonal()).reshape(-1)
+        )
+
+    def factor_diagonals(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        a = self.factors[1].diagonal() if len(self.factors) == 2 else None
+        return [(self.factors[0].diagonal(), a)]
+
+    def uses_plan(self, prior_kind: str) -> bool:
+        """Unitwise blocks are decomposed anew per (a, b); the others reuse one eigenbasis."""
+        return prior_kind != "unitwise"
+
+    def set_decomposition(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.values = [values for values, _ in pairs]
+        self.vectors = [vectors for _, vectors in pairs]
+
+    def eigenvalues(self) -> tuple[torch.Tensor, torch.Tensor]:
+        values = self.values
         l2 = values[1] if len(values) == 2 else values[0].new_ones(1)
         return values[0], l2
 
-    def projected_delta(self, index: int, delta: torch.Tensor) -> torch.Tensor:
+    def plan_eigenvalues(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [self.eigenvalues()]
+
+    def projected_delta(self, delta: torch.Tensor) -> torch.Tensor:
         """δ̃ = (Q1∘Q1)ᵀ D (Q2∘Q2) for a (p, q) precision matrix D (parameterwise)."""
-        vectors = self.vectors[index]
-        out = vectors[0].square().T @ delta
-        if len(vectors) == 2:
-            out = out @ vectors[1].square()
+        out = self.vectors[0].square().T @ delta
+        if len(self.vectors) == 2:
+            out = out @ self.vectors[1].square()
         return out
 
-    def eigen(self, index: int, delta: torch.Tensor, scale) -> BlockEigen:
-        """Scalar (0-d δ) or parameterwise ((p, q) D) block in the cached eigenbasis."""
-        l1, l2 = self.eigenvalues(index)
-        vectors = self.vectors[index]
-        d = delta if delta.ndim == 0 else self.projected_delta(index, delta)
-        q2 = vectors[1] if len(vectors) == 2 else None
-        return BlockEigen(vectors[0], q2, scale * torch.outer(l1, l2) + d, None)
+    def _delta(self, tp: TensorPrecision) -> torch.Tensor:
+        """0-d δ (scalar/layerwise) or the projected (p, q) δ̃ (parameterwise)."""
+        if tp.kind == "scalar":
+            return tp.log_delta.exp()
+        D = tp.expand(self.shape).exp().reshape(weight_matrix_shape(self.shape))
+        return self.projected_delta(D)
+
+    def plan_deltas(self, tp: TensorPrecision) -> list[torch.Tensor]:
+        return [self._delta(tp)]
+
+    def unitwise_parts(self, tp: TensorPrecision) -> list:
+        """Arguments of :func:`unitwise_logdet` for this block."""
+        return [(self.factors, tp, self.shape)]
+
+    def eigen(self, tp: TensorPrecision, scale, unitwise: bool) -> BlockEigen:
+        if unitwise:
+            return whitened_unit_eigen(self.factors, tp, self.shape, scale)
+        l1, l2 = self.eigenvalues()
+        q2 = self.vectors[1] if len(self.vectors) == 2 else None
+        return BlockEigen(self.vectors[0], q2, scale * torch.outer(l1, l2) + self._delta(tp), None)
+
+
+class RowSlicedKronBlock:
+    """Block-diagonal over equal row slices, each its own :class:`KronBlock` — a grouped or
+    depthwise convolution (one slice per group) or attention's packed q/k/v projection (three
+    slices). Factors are stacked: G (slices, r, r), A (slices, d, d). Every quantity (log
+    det, precision and covariance diagonals, J Σ Jᵀ) is exact slice by slice, with the
+    prior's rows split the same way (unitwise: a per row, b shared by the slices)."""
+
+    def __init__(self, factors: list[torch.Tensor], shape: torch.Size, name: str):
+        self.factors = list(factors)
+        self.shape = torch.Size(shape)
+        n_slices = factors[0].shape[0]
+        if self.shape[0] % n_slices:
+            raise ValueError(f"{name}: {self.shape[0]} rows do not split into {n_slices} slices")
+        self.rows = self.shape[0] // n_slices
+        part_shape = torch.Size((self.rows, *self.shape[1:]))
+        self.parts = [
+            KronBlock([F[j] for F in factors], part_shape, f"{name}[{j}]") for j in range(n_slices)
+        ]
+
+    def public_factors(self) -> tuple[torch.Tensor, ...]:
+        return tuple(self.factors)
+
+    def kron_parts(self) -> list[KronBlock]:
+        return self.parts
+
+    def _split(self, tp: TensorPrecision) -> list[TensorPrecision]:
+        return [tp.row_slice(j * self.rows, (j + 1) * self.rows) for j in range(len(self.parts))]
+
+    def curvature_diag(self) -> torch.Tensor:
+        return torch.cat([part.curvature_diag() for part in self.parts])
+
+    def factor_diagonals(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        return [pair for part in self.parts for pair in part.factor_diagonals()]
+
+    def uses_plan(self, prior_kind: str) -> bool:
+        return prior_kind != "unitwise"
+
+    def plan_eigenvalues(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [pair for part in self.parts for pair in part.plan_eigenvalues()]
+
+    def plan_deltas(self, tp: TensorPrecision) -> list[torch.Tensor]:
+        return [d for part, t in zip(self.parts, self._split(tp)) for d in part.plan_deltas(t)]
+
+    def unitwise_parts(self, tp: TensorPrecision) -> list:
+        return [x for part, t in zip(self.parts, self._split(tp)) for x in part.unitwise_parts(t)]
+
+    def eigen(self, tp: TensorPrecision, scale, unitwise: bool) -> StackedEigen:
+        return StackedEigen(
+            [part.eigen(t, scale, unitwise) for part, t in zip(self.parts, self._split(tp))]
+        )
+
+
+CurvatureBlock = DiagBlock | KronBlock | RowSlicedKronBlock
+
+
+def curvature_blocks(factors: list, names: list[str], shapes: list) -> list[CurvatureBlock]:
+    """One typed block per parameter tensor from its curvature: a tensor (exact diagonal),
+    2-D factors (Kronecker) or stacked 3-D factors (row-sliced Kronecker)."""
+    out: list[CurvatureBlock] = []
+    for block, name, shape in zip(factors, names, shapes, strict=True):
+        if isinstance(block, torch.Tensor):
+            out.append(DiagBlock(block, shape))
+        elif block[0].ndim == 3:
+            out.append(RowSlicedKronBlock(block, shape, name))
+        else:
+            out.append(KronBlock(block, shape, name))
+    return out
+
+
+def decompose_kron_blocks(blocks: list[CurvatureBlock]) -> None:
+    """Eigendecompose every Kronecker factor once, batched by size (sets each part's basis)."""
+    parts = [part for block in blocks for part in block.kron_parts() if part.values is None]
+    mats, labels = [], []
+    for part in parts:
+        for j, F in enumerate(part.factors):
+            mats.append(F)
+            labels.append(f"{part.name}[{'GA'[j]}]")
+    decomposed = iter(batched_eigh(mats, labels))
+    for part in parts:
+        part.set_decomposition([next(decomposed) for _ in part.factors])

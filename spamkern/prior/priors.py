@@ -75,6 +75,15 @@ class TensorPrecision:
         extra = (1,) * (len(shape) - 2)
         return grid.reshape(*grid.shape, *extra).expand(shape)
 
+    def row_slice(self, start: int, stop: int) -> TensorPrecision:
+        """The precision of rows ``start:stop`` (one slice of a block that is block-diagonal
+        over rows: a convolution group, attention's q, k or v); unitwise keeps the shared b."""
+        if self.kind == "scalar":
+            return self
+        if self.kind == "full":
+            return TensorPrecision("full", log_delta=self.log_delta[start:stop])
+        return TensorPrecision("unit", a=self.a[start:stop], b=self.b)
+
 
 class Prior(nn.Module):
     """Base: a flat vector of log precisions and the rule that expands it per tensor."""
