@@ -133,10 +133,21 @@ def map_predictive(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) ->
     was_training = model.training
     model.eval()
     try:
-        out = torch.cat([model(xb).softmax(dim=-1) for xb in _batches(x, batch_size)])
+        out = torch.cat([_logits(model(xb), xb).softmax(dim=-1) for xb in _batches(x, batch_size)])
     finally:
         model.train(was_training)
     return out
+
+
+def _logits(f: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Class scores must be (batch, classes): softmax over anything else (e.g. over the batch
+    of a model returning one logit per sample) would be a silently wrong distribution."""
+    if f.ndim != 2 or f.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"the model must return (batch, classes) scores, got shape {tuple(f.shape)} for "
+            f"{x.shape[0]} inputs (for one logit per sample, return two columns [0, logit])"
+        )
+    return f
 
 
 def _named_params(posterior) -> list[tuple[str, nn.Parameter]]:
@@ -181,7 +192,7 @@ def output_jacobian(
         return out, out
 
     jac, out = vmap(jacrev(f_single, has_aux=True), in_dims=(None, 0))(params, x)
-    b, c = out.shape
+    b, c = _logits(out, x).shape
     J = torch.cat([jac[n].reshape(b, c, -1) for n, _ in named_params], dim=2)
     return out, J
 

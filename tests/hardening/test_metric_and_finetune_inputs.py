@@ -100,3 +100,31 @@ def test_finetune_bad_inputs(kwargs, error, message):
     kwargs = {"data": _data(), **kwargs}
     with pytest.raises(error, match=message):
         finetune(_mlp(), kwargs.pop("data"), None, epochs=2, progress=False, **kwargs)
+
+
+class OneLogit(nn.Module):
+    """A binary classifier returning one logit per sample, shape (batch,)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.linear(x).squeeze(-1)
+
+
+def test_predictives_refuse_outputs_that_are_not_batch_by_classes():
+    x = torch.randn(6, 4)
+    with pytest.raises(
+        ValueError, match=r"must return \(batch, classes\) scores, got shape \(6,\)"
+    ):
+        map_predictive(OneLogit(), x)  # softmax over the batch would sum to 1 across samples
+
+    class Posterior:
+        model = OneLogit()
+
+        def functional_variance(self, J):
+            return J @ J.transpose(1, 2)
+
+    with pytest.raises(ValueError, match=r"must return \(batch, classes\) scores"):
+        glm_predictive(Posterior(), x)
