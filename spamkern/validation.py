@@ -111,16 +111,24 @@ def check_model_params(params: Iterable[torch.Tensor], what: str) -> None:
         )
 
 
-def check_tensor_data(batches: Any, dtype: torch.dtype, likelihood: str) -> None:
-    """In-memory data: inputs in the model's dtype, finite inputs and targets (one check
-    up front instead of a NaN loss blamed on the learning rate epochs later)."""
+def check_input_dtype(batches: Any, dtype: torch.dtype) -> None:
+    """In-memory inputs in the model's dtype (else a matmul error deep inside the model)."""
     if not isinstance(batches, TensorBatches):
         return
-    X, y = batches.X, batches.y
+    X = batches.X
     if X.is_floating_point() and X.dtype != dtype:
         raise TypeError(
             f"X is {X.dtype} but the model's parameters are {dtype}; convert with X.to({dtype})"
         )
+
+
+def check_tensor_data(batches: Any, dtype: torch.dtype, likelihood: str) -> None:
+    """In-memory training data: inputs in the model's dtype, finite inputs and targets (one
+    check up front instead of a NaN loss blamed on the learning rate epochs later)."""
+    if not isinstance(batches, TensorBatches):
+        return
+    check_input_dtype(batches, dtype)
+    X, y = batches.X, batches.y
     if X.is_floating_point() and not bool(torch.isfinite(X).all()):
         rows = (~torch.isfinite(X.reshape(X.shape[0], -1))).any(1).nonzero().flatten()
         raise ValueError(

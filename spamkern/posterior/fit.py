@@ -12,7 +12,12 @@ from spamkern.data.batches import as_batches
 from spamkern.distributed import all_reduce_curvature
 from spamkern.posterior.laplace import LaplacePosterior
 from spamkern.prior.priors import Prior, make_prior
-from spamkern.validation import check_model_params, check_positive_finite, check_sigma_noise
+from spamkern.validation import (
+    check_input_dtype,
+    check_model_params,
+    check_positive_finite,
+    check_sigma_noise,
+)
 
 
 def fit_laplace(
@@ -48,6 +53,7 @@ def fit_laplace(
     check_model_params([b.param for b in blocks], "fit_laplace")
     device = blocks[0].param.device
     batches = as_batches(train_data, batch_size=batch_size, device=device)
+    check_input_dtype(batches, blocks[0].param.dtype)
     result = accumulate_curvature(
         model, batches, blocks, likelihood, curvature, generator, progress, dict_key_y
     )

@@ -59,7 +59,12 @@ def test_sigma_noise_for_classification_is_refused_before_training():
     calls = []
     with pytest.raises(ValueError, match="sigma_noise applies to regression only"):
         sk.marglik_train(
-            _mlp(), _classification(), sigma_noise=2.0, on_epoch_end=calls.append, **KWARGS
+            _mlp(),
+            _classification(),
+            sigma_noise=2.0,
+            n_epochs_burnin=5,
+            on_epoch_end=calls.append,
+            **KWARGS,
         )
     assert calls == []  # refused up front, not after an epoch
 

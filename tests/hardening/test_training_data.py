@@ -164,6 +164,8 @@ def test_inputs_in_another_dtype_or_with_nan_are_refused_up_front():
     X, y = _data()
     with pytest.raises(TypeError, match="X is torch.float32 but the model's parameters are"):
         sk.marglik_train(_mlp(), (X.float(), y), **KWARGS)
+    with pytest.raises(TypeError, match="X is torch.float32 but the model's parameters are"):
+        sk.fit_laplace(_mlp(), (X.float(), y))
     X[7, 2] = math.nan
     with pytest.raises(ValueError, match=r"X contains NaN or Inf in 1 rows \(first: \[7\]\)"):
         sk.marglik_train(_mlp(), (X, y), **KWARGS)
