@@ -21,6 +21,7 @@ corrupted state or failing deep inside pickle.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import io
 import os
@@ -99,8 +100,15 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
-    torch.save(payload, buffer)
+    torch.save(_plain(payload), buffer)
     body = buffer.getvalue()
+    unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(body))
+    if unsafe:  # refuse now, not when resuming (loading uses weights_only=True)
+        raise TypeError(
+            f"cannot checkpoint objects of types {unsafe}: a checkpoint holds numbers, "
+            "strings, tensors and containers of them (check what on_epoch_end adds to the "
+            "history records)"
+        )
     digest = hashlib.sha256(body).hexdigest()
     header = MAGIC + f"v{VERSION} sha256={digest} bytes={len(body)}\n".encode()
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -116,6 +124,26 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def _plain(obj: Any) -> Any:
+    """numpy scalars and arrays as Python numbers and tensors (e.g. a metric that
+    ``on_epoch_end`` stores in the history), so the file loads with weights_only=True.
+    Containers are copied only where something changed (state dicts keep their metadata)."""
+    if type(obj).__module__ == "numpy" and hasattr(obj, "ndim"):
+        return obj.item() if obj.ndim == 0 else torch.from_numpy(obj)
+    if isinstance(obj, dict):
+        changed = {k: v2 for k, v in obj.items() if (v2 := _plain(v)) is not v}
+        if not changed:
+            return obj
+        out = copy.copy(obj)
+        out.update(changed)
+        return out
+    if type(obj) in (list, tuple):
+        items = [_plain(v) for v in obj]
+        changed = any(a is not b for a, b in zip(items, obj))
+        return type(obj)(items) if changed else obj
+    return obj
 
 
 def _fsync_dir(folder: Path) -> None:

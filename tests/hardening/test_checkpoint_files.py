@@ -146,3 +146,36 @@ def test_a_checkpoint_of_another_process_count_is_refused(tmp_path):
     assert read_checkpoint(tmp_path / "c.pt")["epoch"] == 1  # fine to inspect
     with pytest.raises(CheckpointError, match="written by 2 process"):
         load_checkpoint(tmp_path / "c.pt", CPU)  # not to resume in one process
+
+
+def test_numpy_values_in_the_history_survive_a_resume(tmp_path):
+    import numpy as np
+
+    def add_metric(record):
+        record["accuracy"] = np.float64(0.25)
+        record["confusion"] = np.eye(2)
+
+    path = tmp_path / "run.pt"
+    sk.marglik_train(_mlp(), _data(), **KWARGS, checkpoint_path=path, on_epoch_end=add_metric)
+    res = sk.marglik_train(
+        _mlp(), _data(), **{**KWARGS, "n_epochs": 3}, checkpoint_path=path, resume=True
+    )
+    assert res.history[0]["accuracy"] == 0.25
+    torch.testing.assert_close(res.history[0]["confusion"], torch.eye(2, dtype=torch.float64))
+
+
+class Custom:
+    """A user object torch.load(weights_only=True) would refuse."""
+
+
+def test_objects_that_could_not_be_loaded_back_are_refused_when_saving(tmp_path):
+    with pytest.raises(TypeError, match="cannot checkpoint objects of types.*Custom"):
+        save_checkpoint(tmp_path / "c.pt", {"epoch": 1, "history": [{"x": Custom()}]})
+    assert not (tmp_path / "c.pt").exists()
+
+
+def test_state_dict_metadata_is_kept(tmp_path):
+    model = nn.Sequential(nn.BatchNorm1d(3))
+    save_checkpoint(tmp_path / "c.pt", {"epoch": 1, "model": model.state_dict()})
+    loaded = load_checkpoint(tmp_path / "c.pt", CPU)["model"]
+    assert loaded._metadata == model.state_dict()._metadata
