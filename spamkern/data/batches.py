@@ -121,6 +121,7 @@ def as_batches(
         return TensorBatches(X, y, batch_size or min(256, X.shape[0]), shuffle, generator, device)
     if isinstance(data, torch.Tensor):
         raise TypeError("pass in-memory data as a tuple (X, y) of tensors, not a single tensor")
+    _check_pair_of_tensors(data)
     if not isinstance(data, Iterable) or isinstance(data, str | bytes | Mapping):
         raise TypeError(
             "training data must be a DataLoader / iterable of (x, y) or dict batches, or a "
@@ -128,6 +129,20 @@ def as_batches(
         )
     _check_own_batch_size(data, batch_size)
     return data
+
+
+def _check_pair_of_tensors(data: Any) -> None:
+    """``(X, y)`` with one of them not a tensor (a numpy array, a list) would otherwise be
+    walked as an iterable of two "batches" and fail with an unrelated message."""
+    if not (isinstance(data, tuple | list) and len(data) == 2):
+        return
+    kinds = [type(t).__name__ for t in data]
+    array_like = [isinstance(t, torch.Tensor) or hasattr(t, "__array__") for t in data]
+    if any(array_like) and not all(isinstance(t, torch.Tensor) for t in data):
+        raise TypeError(
+            f"in-memory data must be a tuple (X, y) of torch tensors, got ({kinds[0]}, "
+            f"{kinds[1]}); convert with torch.as_tensor"
+        )
 
 
 def _check_own_batch_size(data: Iterable, batch_size: int | None) -> None:

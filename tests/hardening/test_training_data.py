@@ -211,3 +211,14 @@ def test_parameters_on_two_devices_are_refused():
     model[2].to("meta")
     with pytest.raises(ValueError, match="all trainable parameters on one device"):
         sk.marglik_train(model, _data(), **KWARGS)
+
+
+@pytest.mark.parametrize(
+    "convert", [lambda t: t.numpy(), lambda t: t.tolist()], ids=["numpy", "list"]
+)
+def test_a_pair_that_is_not_two_tensors_is_named(convert):
+    X, y = _data()
+    with pytest.raises(TypeError, match=r"tuple \(X, y\) of torch tensors, got \(Tensor, "):
+        sk.fit_laplace(_mlp(), (X, convert(y)))
+    with pytest.raises(TypeError, match=r"tuple \(X, y\) of torch tensors, got \((ndarray|list), "):
+        sk.marglik_train(_mlp(), (convert(X), y), **KWARGS)
