@@ -88,7 +88,21 @@ def check_marglik_args(
         raise ValueError(f"seed must be an integer, got {seed!r}")
 
 
-def check_model_params(params: Iterable[torch.Tensor], what: str) -> None:
+HALF_LAPLACE = (
+    "the curvature sums and the evidence's log determinants lose all accuracy (or overflow) "
+    "in half precision. Convert with model.float(); the predictives (map_predictive, "
+    "glm_predictive) accept half-precision models afterwards"
+)
+HALF_OPTIMISER = (
+    "optimiser steps on half-precision parameters lose the small updates (float16 also "
+    "rounds Adam's eps to 0 and goes NaN). Keep float32 parameters; for mixed precision run "
+    "it under torch.autocast"
+)
+
+
+def check_model_params(
+    params: Iterable[torch.Tensor], what: str, half_reason: str = HALF_LAPLACE
+) -> None:
     """One floating dtype (float32/float64) and one device for every trainable tensor."""
     params = list(params)
     dtypes = {p.dtype for p in params}
@@ -104,10 +118,7 @@ def check_model_params(params: Iterable[torch.Tensor], what: str) -> None:
     (dtype,) = dtypes
     if dtype in HALF_DTYPES:
         raise TypeError(
-            f"{what} needs float32 or float64 parameters, the model's are {dtype}: the "
-            "curvature sums and the evidence's log determinants lose all accuracy (or "
-            "overflow) in half precision. Convert with model.float(); the predictives "
-            "(map_predictive, glm_predictive) accept half-precision models afterwards"
+            f"{what} needs float32 or float64 parameters, the model's are {dtype}: {half_reason}"
         )
 
 

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from spamkern.data.batches import check_batch_size, check_reiterable
 from spamkern.pruning.masks import apply_masks
 from spamkern.pruning.scores import iterate_batches
-from spamkern.validation import check_positive_finite
+from spamkern.validation import HALF_OPTIMISER, check_model_params, check_positive_finite
 
 __all__ = ["finetune"]
 
@@ -56,6 +56,9 @@ def finetune(
     if epochs > 1:
         check_reiterable(data)
     params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters (none with requires_grad=True)")
+    check_model_params(params, "finetune", HALF_OPTIMISER)
     if optimizer == "adam":
         opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     elif optimizer == "sgd":

@@ -128,3 +128,25 @@ def test_predictives_refuse_outputs_that_are_not_batch_by_classes():
 
     with pytest.raises(ValueError, match=r"must return \(batch, classes\) scores"):
         glm_predictive(Posterior(), x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_finetune_refuses_half_precision_parameters_with_the_reason(dtype):
+    X, y = _data()
+    with pytest.raises(TypeError, match=f"finetune needs float32 or float64.*{dtype}.*autocast"):
+        finetune(_mlp().to(dtype), (X.to(dtype), y), None, epochs=2, progress=False)
+
+
+def test_finetune_under_autocast_keeps_float32_parameters_and_learns():
+    X, y = _data(64)
+    model = _mlp()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = finetune(model, (X, y), None, epochs=5, lr=1e-2, progress=False)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert losses[-1] < losses[0]
+
+
+def test_finetune_refuses_a_model_without_trainable_parameters():
+    model = _mlp().requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        finetune(model, _data(), None, epochs=1, progress=False)
