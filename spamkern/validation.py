@@ -32,7 +32,7 @@ def check_positive_finite(name: str, value: Any) -> float:
     is_number = isinstance(value, numbers.Real) and not isinstance(value, bool)
     if not (is_number or (isinstance(value, torch.Tensor) and value.numel() == 1)):
         raise TypeError(f"{name} must be a positive number, got {value!r}")
-    number = float(value)
+    number = float(value.detach() if isinstance(value, torch.Tensor) else value)
     if not (math.isfinite(number) and number > 0):
         raise ValueError(f"{name} must be > 0 and finite, got {number}")
     return number

@@ -13,6 +13,7 @@ samples and optimiser steps of one epoch without loading data where the loader c
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -104,8 +105,8 @@ def as_batches(
     Accepts a DataLoader (or any re-iterable of ``(x, y)`` tuples or dict batches) or an
     in-memory ``(X, y)`` tuple of tensors, which is batched on ``device`` (``batch_size``
     rows at a time, default ``min(256, N)``). ``batch_size`` is only for tensors: a loader
-    or a list of batches batches itself, so a different ``batch_size`` is an error rather
-    than silently ignored.
+    or a list of batches batches itself, so a different ``batch_size`` is ignored with a
+    warning.
     """
     batch_size = check_batch_size(batch_size)
     if isinstance(data, TensorBatches):
@@ -146,15 +147,16 @@ def _check_pair_of_tensors(data: Any) -> None:
 
 
 def _check_own_batch_size(data: Iterable, batch_size: int | None) -> None:
-    """A loader/iterable that batches itself cannot honour another ``batch_size``."""
+    """A loader/iterable that batches itself ignores ``batch_size``: say so."""
     if batch_size is None:
         return
     own = data.batch_size if isinstance(data, DataLoader) else None
     if own != batch_size:
         where = f"its own batch_size={own}" if own is not None else "its own batches"
-        raise ValueError(
-            f"batch_size={batch_size} applies to (X, y) tensors only; the given "
-            f"{type(data).__name__} yields {where}. Leave batch_size=None or rebuild the loader"
+        warnings.warn(
+            f"batch_size={batch_size} is ignored: it applies to (X, y) tensors only, and the "
+            f"given {type(data).__name__} yields {where}",
+            stacklevel=3,
         )
 
 
@@ -180,7 +182,7 @@ def epoch_size(batches: Iterable, dict_key_y: str = "labels") -> EpochSize:
     if size is None:
         n_data, n_batches = 0, 0
         for batch in batches:
-            n_data += split_batch(batch, torch.device("cpu"), dict_key_y)[1].shape[0]
+            n_data += batch_targets(batch, dict_key_y).shape[0]
             n_batches += 1
         size = EpochSize(n_data, n_batches)
     if size.n_data == 0 or size.n_batches == 0:
@@ -231,26 +233,35 @@ def _as_targets(y: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def split_batch(
-    batch: Any, device: torch.device, dict_key_y: str = "labels"
-) -> tuple[Any, torch.Tensor]:
-    """``(inputs, targets)`` of one batch on ``device``; dict batches keep the whole dict as
-    the model input (as laplace-torch does) and take targets from ``dict_key_y``."""
+def batch_targets(batch: Any, dict_key_y: str = "labels") -> torch.Tensor:
+    """The targets of one ``(x, y)`` or dict batch, where they are (nothing is moved)."""
     if isinstance(batch, Mapping):
         if dict_key_y not in batch:
             raise ValueError(
                 f"a dict batch must hold its targets under {dict_key_y!r}; keys: {list(batch)}"
             )
-        x = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-        return x, _as_targets(batch[dict_key_y]).to(device)
-    if isinstance(batch, tuple | list) and len(batch) >= 2:
-        x, y = batch[0], batch[1]
-        if isinstance(x, torch.Tensor):
-            x = x.to(device)
-        if not isinstance(y, torch.Tensor):
-            raise TypeError(f"the targets of a batch must be a tensor, got {type(y).__name__}")
-        return x, _as_targets(y).to(device)
-    raise TypeError(
-        "each batch must be an (x, y) tuple or a dict with the targets under "
-        f"{dict_key_y!r}; got {type(batch).__name__}"
-    )
+        y = batch[dict_key_y]
+    elif isinstance(batch, tuple | list) and len(batch) >= 2:
+        y = batch[1]
+    else:
+        raise TypeError(
+            "each batch must be an (x, y) tuple or a dict with the targets under "
+            f"{dict_key_y!r}; got {type(batch).__name__}"
+        )
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"the targets of a batch must be a tensor, got {type(y).__name__}")
+    return y
+
+
+def split_batch(
+    batch: Any, device: torch.device, dict_key_y: str = "labels"
+) -> tuple[Any, torch.Tensor]:
+    """``(inputs, targets)`` of one batch on ``device``; dict batches keep the whole dict as
+    the model input (as laplace-torch does) and take targets from ``dict_key_y``."""
+    y = _as_targets(batch_targets(batch, dict_key_y)).to(device)
+    if isinstance(batch, Mapping):
+        return {
+            k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()
+        }, y
+    x = batch[0]
+    return (x.to(device) if isinstance(x, torch.Tensor) else x), y

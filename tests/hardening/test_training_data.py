@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -153,11 +154,15 @@ def test_bad_batch_sizes_are_refused_not_replaced(batch_size):
         sk.fit_laplace(_mlp(), _data(), batch_size=batch_size, progress=False)
 
 
-def test_a_batch_size_a_loader_cannot_honour_is_refused():
+def test_a_batch_size_a_loader_cannot_honour_is_not_silently_ignored():
     loader = DataLoader(TensorDataset(*_data()), batch_size=6)
-    with pytest.raises(ValueError, match="batch_size=3 applies to \\(X, y\\) tensors only"):
+    with pytest.warns(UserWarning, match="batch_size=3 is ignored.*its own batch_size=6"):
         sk.marglik_train(_mlp(), loader, batch_size=3, **KWARGS)
-    sk.marglik_train(_mlp(), loader, batch_size=6, **KWARGS)  # the loader's own size is fine
+    with pytest.warns(UserWarning, match="batch_size=3 is ignored.*list yields its own"):
+        sk.fit_laplace(_mlp(), list(loader), batch_size=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sk.marglik_train(_mlp(), loader, batch_size=6, **KWARGS)  # the loader's own: fine
 
 
 def test_inputs_in_another_dtype_or_with_nan_are_refused_up_front():
