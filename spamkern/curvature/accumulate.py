@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from spamkern.curvature.attention import recorded_attention
 from spamkern.curvature.likelihood import (
@@ -35,6 +34,7 @@ from spamkern.curvature.likelihood import (
 from spamkern.curvature.structure import CONVS, ParamBlock
 from spamkern.data.batches import TensorBatches, split_batch
 from spamkern.ops import conv_patch_gram, gram
+from spamkern.progress import progress_bar
 
 # per-sample gradient tensors are formed in chunks of at most this many elements
 _CHUNK_ELEMENTS = 1 << 26
@@ -324,7 +324,7 @@ def accumulate_curvature(
     was_training = model.training
     model.eval()
     try:
-        for batch in tqdm(batches, desc="curvature", disable=not progress, leave=False):
+        for batch in progress_bar(batches, desc="curvature", enabled=progress, leave=False):
             x, y = split_batch(batch, device, dict_key_y)
             if y.ndim > 0 and y.shape[0] == 0:  # an empty batch (a trailing slice) adds nothing
                 continue

@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from spamkern.curvature.likelihood import check_label_range, check_targets, mean_loss
 from spamkern.curvature.structure import parameter_blocks
@@ -46,6 +45,7 @@ from spamkern.marglik.checkpoint import (
 from spamkern.posterior.fit import fit_laplace
 from spamkern.posterior.laplace import LaplacePosterior
 from spamkern.prior.priors import Prior, make_prior
+from spamkern.progress import progress_bar
 from spamkern.validation import check_marglik_args, check_model_params, check_tensor_data
 
 OPTIMIZERS = ("adam", "sgd")
@@ -240,10 +240,10 @@ def marglik_train(
     if masks is not None:
         _apply_masks(model, masks)
 
-    epochs = tqdm(
+    epochs = progress_bar(
         range(start_epoch, n_epochs + 1),
         desc="marglik_train",
-        disable=not progress,
+        enabled=progress,
         initial=start_epoch - 1,
         total=n_epochs,
     )

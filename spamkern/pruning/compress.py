@@ -208,6 +208,193 @@ def _compress_units(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Modu
     return new_model
 
 
+def _custom_forward(model: nn.Module) -> str | None:
+    """Name of a Sequential container whose ``forward`` is not Sequential's own, if any."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Sequential) and type(m).forward is not nn.Sequential.forward:
+            return name or "the model"
+    return None
+
+
+def _compress_units_checked(
+    model: nn.Module, masks: dict[str, torch.Tensor], example_inputs
+) -> nn.Module:
+    """Unit compression, always checked against the masked model on a probe batch.
+
+    Plain Sequential stacks are shrunk layer by layer; anything else (residual models,
+    transformers, Sequential subclasses with their own ``forward``) is traced.
+    """
+    plain = isinstance(model, nn.Sequential) and _custom_forward(model) is None
+    if plain and all(
+        isinstance(m, nn.Sequential) or not any(True for _ in m.children()) for m in model.modules()
+    ):
+        small = _compress_units(model, masks)
+    else:
+        if example_inputs is None:
+            example_inputs = _probe_input(model)
+        if example_inputs is None:
+            raise ValueError(
+                "compress needs example_inputs (a batch the model accepts) to trace this "
+                f"model: {_why_traced(model)}, so its coupled channels must be found by "
+                "tracing"
+            )
+        small = compress_traced(model, masks, example_inputs)
+    probe = example_inputs if example_inputs is not None else _probe_input(model)
+    if probe is None:
+        raise ValueError(
+            "compress cannot build a probe batch for this model (it starts with a "
+            f"{type(_first_layer(model)).__name__}); pass example_inputs"
+        )
+    check_equivalent(model, masks, small, probe)
+    return small
+
+
+def _why_traced(model: nn.Module) -> str:
+    custom = _custom_forward(model)
+    if custom is not None:
+        return f"{custom!r} overrides Sequential.forward (e.g. a skip connection)"
+    return f"it is a {type(model).__name__}, not a plain nn.Sequential stack"
+
+
+def _first_layer(model: nn.Module) -> nn.Module | None:
+    return next((m for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d)), None)
+
+
+def _probe_input(model: nn.Module, n: int = 8) -> torch.Tensor | None:
+    """A random batch for a model whose first module is a Linear (its input size is known);
+    for a Conv2d-first Sequential, the smallest square image (≤ 64) it accepts."""
+    first = _first_layer(model)
+    p = next(model.parameters(), None)
+    if first is None or p is None:
+        return None
+    gen = torch.Generator().manual_seed(0)
+    if isinstance(first, nn.Linear):
+        return torch.randn(n, first.in_features, generator=gen, dtype=p.dtype).to(p.device)
+    if not isinstance(model, nn.Sequential):
+        return None
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for size in range(1, 65):
+                x = torch.randn(n, first.in_channels, size, size, generator=gen, dtype=p.dtype).to(
+                    p.device
+                )
+                try:
+                    model(x[:1])
+                except RuntimeError:
+                    continue
+                return x
+    finally:
+        model.train(was_training)
+    return None
+
+
+RTOL = 1e-5
+
+
+@torch.no_grad()
+def check_equivalent(
+    model: nn.Module, masks: dict[str, torch.Tensor], small: nn.Module, probe, rtol: float = RTOL
+) -> float:
+    """Relative difference of ``small`` and the masked ``model`` on ``probe`` (eval mode);
+    a ValueError when it exceeds ``rtol``."""
+    from spamkern.pruning.groups import _call
+
+    masked = apply_masks(copy.deepcopy(model), masks).eval()
+    was_training = small.training
+    small.eval()
+    try:
+        want, got = _call(masked, probe), _call(small, probe)
+    except Exception as err:
+        raise ValueError(
+            f"the compressed model fails on the probe batch ({type(err).__name__}: {err}); "
+            "some operation between coupled layers is not channel-wise (e.g. a reshape that "
+            "mixes channels, or attention heads not declared with register_attention)"
+        ) from err
+    finally:
+        small.train(was_training)
+    want = torch.cat([w.reshape(-1) for w in (want if isinstance(want, tuple | list) else [want])])
+    got = torch.cat([g.reshape(-1) for g in (got if isinstance(got, tuple | list) else [got])])
+    if want.shape != got.shape:
+        raise ValueError(
+            f"the compressed model's output has {got.numel()} entries on the probe batch, the "
+            f"masked model's {want.numel()}"
+        )
+    err = float((got - want).norm() / want.norm().clamp(min=torch.finfo(want.dtype).tiny))
+    if not err <= rtol:
+        raise ValueError(
+            f"the compressed model differs from the masked model by {err:.3g} (relative, "
+            f"limit {rtol:g}) on the probe batch: some operation between coupled layers does "
+            "not keep removed channels at exactly zero (e.g. an offset added after them, or "
+            "a reduction across channels); refusing to return a wrong model"
+        )
+    return err
+
+
+def _removable_units(family, masks: dict, float_masks: dict, ones: dict) -> torch.Tensor:
+    """Indices of the family's units whose producers are all masked out; a ValueError for
+    units masked only in part of their coupled producers, or that cannot go exactly."""
+    from spamkern.pruning.groups import unit_values
+
+    kept, _ = unit_values(family, {n: float_masks.get(n, ones[n]) for n in ones})
+    full, _ = unit_values(family, ones)
+    partial = torch.nonzero((kept > 0) & (kept < full)).squeeze(1)
+    gone = torch.nonzero(kept == 0).squeeze(1)
+    where = f"the coupled channel group rooted at {family.root!r}"
+    if len(partial) and family.unit == 1 and family.reason is None and not family.is_output:
+        missing = sorted({s.param for s in family.producers} - set(masks))
+        raise ValueError(
+            f"masks remove only part of unit(s) {partial[:5].tolist()} of {where}: all of "
+            f"{sorted(family.producer_params())} must be masked together (not masked: "
+            f"{missing or 'none, but rows are partly masked'}); prune with "
+            "pattern='unit' and example_inputs to mask whole coupled groups"
+        )
+    if len(gone) and family.reason is not None:
+        raise ValueError(
+            f"masks remove channels of {where}, which cannot go exactly: {family.reason}"
+        )
+    if len(gone) and family.is_output:
+        raise ValueError(f"masks remove outputs of {where}; that would change the output size")
+    return gone
+
+
+def compress_traced(model: nn.Module, masks: dict[str, torch.Tensor], example_inputs) -> nn.Module:
+    """Remove every coupled channel group whose producers are all masked out, with
+    Torch-Pruning's pruning functions on a masked copy of ``model`` (not yet checked)."""
+    from spamkern.pruning.groups import build_graph, channel_families
+
+    small = apply_masks(copy.deepcopy(model), masks)
+    grad_flags = {n: p.requires_grad for n, p in small.named_parameters()}
+    dg = build_graph(small, example_inputs)
+    families = channel_families(small, example_inputs, dg)
+    float_masks = {n: m.to(torch.float64) for n, m in masks.items()}
+    params = {n: torch.ones(()).expand(p.shape) for n, p in small.named_parameters()}
+    modules = dict(small.named_modules())
+    reached = set().union(*(f.producer_params() for f in families))
+    unreached = sorted(n for n, m in masks.items() if n not in reached and not bool(m.all()))
+    if unreached:
+        raise ValueError(
+            f"masks remove entries of parameters that produce no coupled group of the traced "
+            f"model: {unreached} (the trace on example_inputs did not reach them as channel "
+            "producers, e.g. a detached branch or an unsupported layer)"
+        )
+    for f in families:
+        gone = _removable_units(f, masks, float_masks, params)
+        if len(gone) == 0:
+            continue
+        if len(gone) == f.n_units:
+            gone = gone[1:]  # never empty a layer: the masked copy keeps one zero unit
+        channels = (gone.unsqueeze(1) * f.unit + torch.arange(f.unit)).reshape(-1)
+        root = modules[f.root]
+        pruner = dg.get_pruner_of_module(root)
+        group = dg.get_pruning_group(root, pruner.prune_out_channels, channels.tolist())
+        group.prune()
+    for n, p in small.named_parameters():
+        p.requires_grad_(grad_flags.get(n, True))
+    return small
+
+
 def _is_unit_mask(model: nn.Module, masks: dict[str, torch.Tensor]) -> bool:
     for m in masks.values():
         if m.ndim >= 2:
@@ -222,6 +409,7 @@ def compress(
     masks: dict[str, torch.Tensor],
     pattern: str | None = None,
     block: tuple[int, int] | None = None,
+    example_inputs: torch.Tensor | tuple | None = None,
 ) -> nn.Module:
     """A new model equivalent to ``model`` with ``masks`` applied, as small/fast as the
     pattern allows (see the module docs). ``model`` itself is not modified.
@@ -235,7 +423,7 @@ def compress(
     if pattern not in PATTERNS:
         raise ValueError(f"pattern must be one of {PATTERNS}, got {pattern!r}")
     if pattern == "unit":
-        return _compress_units(model, masks)
+        return _compress_units_checked(model, masks, example_inputs)
     if pattern == "block":
         from spamkern.sparse import convert_to_block_sparse
 

@@ -11,9 +11,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from spamkern.data.batches import check_batch_size, check_reiterable
+from spamkern.progress import progress_bar
 from spamkern.pruning.masks import apply_masks
 from spamkern.pruning.scores import iterate_batches
 from spamkern.validation import HALF_OPTIMISER, check_model_params, check_positive_finite
@@ -69,7 +69,9 @@ def finetune(
     apply_masks(model, masks)
     model.train()
     losses = []
-    for epoch in tqdm(range(1, epochs + 1), desc="fine-tune", disable=not progress, leave=False):
+    for epoch in progress_bar(
+        range(1, epochs + 1), desc="fine-tune", enabled=progress, leave=False
+    ):
         total, count = 0.0, 0
         for x, y in _shuffled(data, batch_size, generator):
             opt.zero_grad(set_to_none=True)

@@ -23,10 +23,9 @@ ROOT = Path(__file__).resolve().parents[2]
 def _cases(all_variants: bool):
     import triton.language as tl
 
-    import kernels.factors as kf
-    import kernels.logdet as kl
-    import kernels.opd as ko
-    import kernels.select as ks
+    from spamkern.dispatch import kernel_module
+
+    kf, kl, ko, ks = (kernel_module(n) for n in ("factors", "logdet", "opd", "select"))
 
     gram_types = [("fp32", "tf32x3"), ("fp32", "tf32"), ("fp32", "ieee"), ("fp16", "ieee"),
                   ("bf16", "ieee"), ("fp64", "ieee")]  # fmt: skip
