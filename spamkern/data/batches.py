@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import BatchSampler, DataLoader, IterableDataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset
 
 Batch = tuple[Any, torch.Tensor]
 
@@ -123,6 +123,11 @@ def as_batches(
     if isinstance(data, torch.Tensor):
         raise TypeError("pass in-memory data as a tuple (X, y) of tensors, not a single tensor")
     _check_pair_of_tensors(data)
+    if isinstance(data, Dataset):  # its items are single samples, not batches
+        raise TypeError(
+            f"got a {type(data).__name__} (a data set of single samples); wrap it in a "
+            "DataLoader(dataset, batch_size=...) or pass (X, y) tensors"
+        )
     if not isinstance(data, Iterable) or isinstance(data, str | bytes | Mapping):
         raise TypeError(
             "training data must be a DataLoader / iterable of (x, y) or dict batches, or a "

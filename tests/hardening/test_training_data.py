@@ -227,3 +227,13 @@ def test_a_pair_that_is_not_two_tensors_is_named(convert):
         sk.fit_laplace(_mlp(), (X, convert(y)))
     with pytest.raises(TypeError, match=r"tuple \(X, y\) of torch tensors, got \((ndarray|list), "):
         sk.marglik_train(_mlp(), (convert(X), y), **KWARGS)
+
+
+@pytest.mark.parametrize(
+    "dataset", [TensorDataset(*_data()), Stream(*_data())], ids=["map", "iterable"]
+)
+def test_a_dataset_instead_of_a_loader_is_named(dataset):
+    with pytest.raises(TypeError, match="a data set of single samples.*DataLoader"):
+        sk.marglik_train(_mlp(), dataset, **KWARGS)
+    with pytest.raises(TypeError, match="a data set of single samples.*DataLoader"):
+        sk.fit_laplace(_mlp(), dataset)
