@@ -76,7 +76,8 @@ def check_marglik_args(
     check_curvature(curvature)
     check_sigma_noise(sigma_noise, likelihood)
     check_positive_finite("temperature", temperature)
-    check_positive_finite("lr", lr)
+    if isinstance(lr, bool) or not (isinstance(lr, numbers.Real) and math.isfinite(lr) and lr >= 0):
+        raise ValueError(f"lr must be >= 0 and finite (0: curvature only), got {lr!r}")
     check_positive_finite("lr_hyp", lr_hyp)
     check_count("n_epochs", n_epochs, minimum=1)
     check_count("marglik_frequency", marglik_frequency, minimum=1)

@@ -213,23 +213,6 @@ def _size_without_loading(batches: Iterable) -> EpochSize | None:
     return EpochSize(n_samples, n_batches)
 
 
-def check_epoch_samples(seen: int, expected: int, epoch: int) -> None:
-    """An epoch must see as many samples as :func:`epoch_size` counted: the prior term and
-    the learning-rate schedule were sized by that count."""
-    if seen == expected:
-        return
-    if seen == 0:
-        raise ValueError(
-            f"the training data yielded no batches in epoch {epoch} (it held {expected} "
-            "samples before): an iterable that is exhausted after one pass cannot be trained "
-            "on; pass a DataLoader, a list of batches, or (X, y) tensors"
-        )
-    raise ValueError(
-        f"epoch {epoch} saw {seen} samples but the training data held {expected} when "
-        "counted: the data must yield the same samples every epoch"
-    )
-
-
 def _as_targets(y: torch.Tensor) -> torch.Tensor:
     """Integer class labels as int64, the one integer type every loss and one_hot accepts
     (int32 labels, e.g. from numpy on Windows, would crash inside cross_entropy)."""

@@ -69,11 +69,17 @@ def test_sigma_noise_for_classification_is_refused_before_training():
     assert calls == []  # refused up front, not after an epoch
 
 
-@pytest.mark.parametrize("name", ["temperature", "lr", "lr_hyp"])
+@pytest.mark.parametrize("name", ["temperature", "lr_hyp"])
 @pytest.mark.parametrize("value", BAD_POSITIVE)
 def test_rates_and_temperature_must_be_finite_and_positive(name, value):
     with pytest.raises(ValueError, match=f"{name} must be > 0 and finite"):
         sk.marglik_train(_mlp(), _classification(), **{**KWARGS, name: value})
+
+
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan, -1e-3])
+def test_lr_must_be_finite_and_not_negative(value):
+    with pytest.raises(ValueError, match="lr must be >= 0 and finite"):
+        sk.marglik_train(_mlp(), _classification(), **{**KWARGS, "lr": value})
 
 
 @pytest.mark.parametrize("value", [0.0, -2.0, math.inf, math.nan])
