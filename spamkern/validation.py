@@ -77,7 +77,7 @@ def check_marglik_args(
     check_sigma_noise(sigma_noise, likelihood)
     check_positive_finite("temperature", temperature)
     if isinstance(lr, bool) or not (isinstance(lr, numbers.Real) and math.isfinite(lr) and lr >= 0):
-        raise ValueError(f"lr must be >= 0 and finite (0: curvature only), got {lr!r}")
+        raise ValueError(f"need a finite lr >= 0 (0: curvature only), got lr={lr!r}")
     check_positive_finite("lr_hyp", lr_hyp)
     check_count("n_epochs", n_epochs, minimum=1)
     check_count("marglik_frequency", marglik_frequency, minimum=1)

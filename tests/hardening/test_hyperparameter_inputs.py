@@ -78,7 +78,7 @@ def test_rates_and_temperature_must_be_finite_and_positive(name, value):
 
 @pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan, -1e-3])
 def test_lr_must_be_finite_and_not_negative(value):
-    with pytest.raises(ValueError, match="lr must be >= 0 and finite"):
+    with pytest.raises(ValueError, match="need a finite lr >= 0"):
         sk.marglik_train(_mlp(), _classification(), **{**KWARGS, "lr": value})
 
 
