@@ -16,7 +16,6 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,9 +27,9 @@ from spamkern.curvature.harvest import (
     check_curvature_source,
 )
 from spamkern.curvature.structure import parameter_blocks
-from spamkern.data.batches import TensorBatches, as_batches, split_batch
+from spamkern.data.batches import TensorBatches, as_batches, epoch_size, split_batch
 from spamkern.distributed import all_reduce_sum, check_same_on_all_ranks, is_distributed, rank
-from spamkern.marglik.checkpoint import load_checkpoint, save_checkpoint
+from spamkern.marglik.checkpoint import load_checkpoint, save_checkpoint, should_resume
 from spamkern.marglik.epoch import LabelRange, MaskEnforcer, PriorGradient, train_epoch
 from spamkern.marglik.hyper import HYPER_OPTIMIZERS, make_hyper_optimizer
 from spamkern.marglik.marglik_step import fit_posterior, marglik_step
@@ -38,6 +37,7 @@ from spamkern.marglik.state import RunSettings, TrainingState
 from spamkern.posterior.laplace import LaplacePosterior
 from spamkern.prior.priors import Prior, make_prior
 from spamkern.progress import progress_bar
+from spamkern.validation import check_marglik_args, check_model_params, check_tensor_data
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULERS = ("cosine", None)
@@ -119,7 +119,7 @@ def marglik_train(
     progress: bool = True,
     seed: int = 0,
     checkpoint_path: str | None = None,
-    resume: bool = False,
+    resume: bool | str = False,
     dict_key_y: str = "labels",
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
     curvature_source: str = "refit",
@@ -132,7 +132,8 @@ def marglik_train(
     batched on the device). ``masks`` (name → bool tensor, True = kept) are enforced after
     every optimiser step; ``online_pruning`` (see :mod:`spamkern.pruning`) updates them after
     each marglik step. With ``checkpoint_path`` a checkpoint is written after every epoch;
-    ``resume=True`` continues from it and reproduces the uninterrupted run.
+    ``resume=True`` continues from it (it must exist) and reproduces the uninterrupted run;
+    ``resume="if-exists"`` continues if it exists and starts afresh otherwise.
     ``on_epoch_end(record)`` is called after each epoch (and its checkpoint) with the
     history record, e.g. for logging or early stopping by raising.
 
@@ -145,16 +146,33 @@ def marglik_train(
     The returned posterior is fitted at the final θ and masks when ``fit_final_posterior``
     (without it: the last marglik step's, or None if a prune came after it).
     """
+    check_marglik_args(
+        n_epochs=n_epochs,
+        marglik_frequency=marglik_frequency,
+        likelihood=likelihood,
+        curvature=curvature,
+        sigma_noise=sigma_noise,
+        temperature=temperature,
+        n_epochs_burnin=n_epochs_burnin,
+        n_hypersteps=n_hypersteps,
+        lr=lr,
+        lr_hyp=lr_hyp,
+        momentum=momentum,
+        seed=seed,
+    )
     _check_schedule(n_epochs, n_epochs_burnin, marglik_frequency, n_hypersteps, lr, lr_hyp)
     _check_choices(optimizer, scheduler, hyper_optimizer, resume, checkpoint_path)
     blocks = parameter_blocks(model, structure)
+    check_model_params([b.param for b in blocks], "marglik_train")
     check_curvature_source(curvature_source, curvature, blocks)
     device = blocks[0].param.device
     batch_gen = torch.Generator(device="cpu").manual_seed(seed)
     # MC-GGN draws: independent across ranks (each rank samples labels for its own shard)
     mc_gen = torch.Generator(device=device).manual_seed(seed + 1 + rank())
     batches = as_batches(train_data, batch_size, shuffle=True, generator=batch_gen, device=device)
-    n_data, n_steps = _data_size(batches)
+    check_tensor_data(batches, blocks[0].param.dtype, likelihood)
+    size = epoch_size(batches, dict_key_y)  # this rank's samples and steps per epoch
+    n_data, n_steps = size.n_data, size.n_batches
     if is_distributed():  # each rank holds a shard: the prior term needs the global N
         n_data = int(all_reduce_sum(float(n_data)))
         check_same_on_all_ranks(n_steps, "optimiser steps per epoch")
@@ -201,7 +219,7 @@ def marglik_train(
         input_factors=InputFactors(blocks, cache_input_factors and not is_distributed()),
         masks=masks,
     )
-    if resume and checkpoint_path is not None and Path(checkpoint_path).is_file():
+    if should_resume(resume, checkpoint_path):
         state.restore(load_checkpoint(checkpoint_path, device))
         if online_pruning is not None:
             online_pruning.masks = state.masks
@@ -337,35 +355,6 @@ def _first_inputs(batches, device: torch.device, dict_key_y: str):
     for batch in batches:
         return split_batch(batch, device, dict_key_y)[0]
     raise ValueError("the training data yielded no batches (empty loader)")
-
-
-def _data_size(batches) -> tuple[int, int]:
-    """(samples, optimiser steps) of one epoch; data without a length are counted in one
-    pass, so a cosine schedule decays over the true number of steps."""
-    n_data = _known_n_data(batches)
-    try:
-        n_steps = len(batches)
-    except TypeError:  # no __len__, or a DataLoader over an IterableDataset
-        n_steps = None
-    if n_data is None or n_steps is None:
-        sizes = [split_batch(b, torch.device("cpu"))[1].shape[0] for b in batches]
-        n_data = sum(sizes) if n_data is None else n_data
-        n_steps = len(sizes) if n_steps is None else n_steps
-    if n_data == 0 or n_steps == 0:
-        raise ValueError("the training data yielded no batches (empty loader)")
-    return n_data, n_steps
-
-
-def _known_n_data(batches) -> int | None:
-    if hasattr(batches, "n_data"):
-        return batches.n_data
-    dataset = getattr(batches, "dataset", None)
-    if dataset is not None and hasattr(dataset, "__len__"):
-        sampler = getattr(batches, "sampler", None)
-        if sampler is not None and hasattr(sampler, "num_replicas"):
-            return len(sampler)  # DistributedSampler: this rank's share
-        return len(dataset)
-    return None
 
 
 def _set_sampler_epoch(data, epoch: int) -> None:

@@ -12,6 +12,12 @@ from spamkern.data.batches import as_batches
 from spamkern.distributed import all_reduce_curvature
 from spamkern.posterior.laplace import LaplacePosterior
 from spamkern.prior.priors import Prior, make_prior
+from spamkern.validation import (
+    check_input_dtype,
+    check_model_params,
+    check_positive_finite,
+    check_sigma_noise,
+)
 
 
 def fit_laplace(
@@ -44,11 +50,13 @@ def fit_laplace(
     """
     check_likelihood(likelihood)
     check_curvature(curvature)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    check_positive_finite("temperature", temperature)
+    check_sigma_noise(sigma_noise, likelihood)
     blocks = parameter_blocks(model, structure)
+    check_model_params([b.param for b in blocks], "fit_laplace")
     device = blocks[0].param.device
     batches = as_batches(train_data, batch_size=batch_size, device=device)
+    check_input_dtype(batches, blocks[0].param.dtype)
     if distributed is None:
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if distributed and input_factors:

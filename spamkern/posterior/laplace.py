@@ -28,6 +28,7 @@ from spamkern.posterior.blocks import (
     weight_matrix_shape,
 )
 from spamkern.prior.priors import Prior, TensorPrecision
+from spamkern.validation import check_positive_finite
 
 
 class LaplacePosterior:
@@ -55,8 +56,8 @@ class LaplacePosterior:
         self.named_params = [(b.name, b.param) for b in self.blocks]
         self.mean = torch.cat([b.param.detach().reshape(-1) for b in self.blocks])
         sigma = torch.as_tensor(sigma_noise, dtype=self.mean.dtype, device=self.mean.device)
-        if sigma.ndim != 0 or not bool(sigma > 0):
-            raise ValueError(f"sigma_noise must be one positive number, got {sigma_noise}")
+        if sigma.ndim != 0 or not (bool(sigma > 0) and bool(torch.isfinite(sigma))):
+            raise ValueError(f"sigma_noise must be one finite number > 0, got {sigma_noise}")
         if likelihood != "regression" and float(sigma) != 1.0:
             raise ValueError("sigma_noise applies to regression only")
         self.log_sigma = sigma.log().detach().clone()
@@ -194,6 +195,7 @@ class LaplacePosterior:
         if sigma_noise is not None:
             if self.likelihood != "regression":
                 raise ValueError("sigma_noise can only be given for regression")
+            check_positive_finite("sigma_noise", sigma_noise)
             log_sigma = torch.as_tensor(sigma_noise, dtype=self.mean.dtype).log()
         return self.log_evidence(lp, log_sigma)
 
