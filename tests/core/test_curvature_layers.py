@@ -225,7 +225,7 @@ def test_attention_it_cannot_factor_is_refused(attention, batched, match):
     assert rel_err(diag.curvature_diag(), H.diagonal()) < TOL
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 @pytest.mark.parametrize("case", ["grouped", "self-attention"])
 def test_cuda_matches_cpu(case):
     """float64 on the GPU: the same row-sliced factors and unitwise/parameterwise evidence."""
