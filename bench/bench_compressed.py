@@ -10,16 +10,17 @@ compressed model is checked against its masked model inside ``compress``).
 Latency: forward passes in eval mode, batch 1 and 64, on the CPU with 1 thread (and on
 a GPU when present); dense and compressed models are timed *interleaved*, round by
 round, and each ratio is the median over rounds of dense time / compressed time, so a
-busy machine slows both alike. FLOPs per sample come from ``torch.utils.flop_counter``
-(every matmul, attention products included). Targets (CPU, 1 thread, batch 64): ResNet
-with 50 % of units removed ≥ 1.8× faster; ViT with half its heads and MLP neurons
-removed ≥ 1.6× faster. ``--e2e`` adds a short SpaM (unitwise) → OPD → compress run.
+busy machine slows both alike. FLOPs per sample: ``spamkern.pruning.count_flops``
+(``torch.utils.flop_counter``: every matmul, attention products included). Targets
+(CPU, 1 thread, batch 64): ResNet with 50 % of units removed ≥ 1.8× faster; ViT with half
+its heads and MLP neurons removed ≥ 1.6× faster. ``--e2e`` adds a short SpaM (unitwise)
+→ OPD → compress run.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -28,11 +29,10 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import spamkern as sk
 from spamkern.models import resnet, vit
-from spamkern.pruning import count_params, magnitude_scores
+from spamkern.pruning import count_flops, count_params, magnitude_scores
 
 FRACTIONS = (0.25, 0.5, 0.75)
 BATCHES = (1, 64)
@@ -62,13 +62,6 @@ def compressed_variants(model: torch.nn.Module, x: torch.Tensor) -> dict[float, 
         masks = sk.prune(model, scores, s, pattern="unit", scope="layerwise", example_inputs=x)
         out[s] = sk.compress(model, masks, example_inputs=x).eval()
     return out
-
-
-def flops(model: torch.nn.Module, x: torch.Tensor) -> int:
-    """Forward FLOPs of one sample (2 per multiply–add, every matmul and convolution)."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x[:1])
-    return int(counter.get_total_flops())
 
 
 def _sync(device: torch.device) -> None:
@@ -111,7 +104,7 @@ def measure(quick: bool, device: torch.device) -> list[dict]:
         x_trace = torch.randn(2, *INPUT, device=device)
         variants = compressed_variants(model, x_trace)
         named = {"dense": model, **{f"{int(100 * s)}%": m for s, m in variants.items()}}
-        f = {k: flops(m, x_trace) for k, m in named.items()}
+        f = {k: count_flops(m, INPUT) for k, m in named.items()}
         p = {k: count_params(m) for k, m in named.items()}
         for batch in BATCHES:
             x = torch.randn(batch, *INPUT, device=device)
@@ -137,8 +130,9 @@ def measure(quick: bool, device: torch.device) -> list[dict]:
 
 
 def e2e(quick: bool) -> list[dict]:
-    """SpaM (unitwise) → OPD unit pruning of coupled groups at 50 % → compress → latency,
-    each stage timed, on random 32×32 images (a workload timing, not an accuracy claim)."""
+    """SpaM (unitwise) → OPD unit pruning of coupled groups at 50 % (global and layerwise
+    ranking) → compress → latency, each stage timed, on random 32×32 images (a workload
+    timing, not an accuracy claim)."""
     out = []
     n = 256 if quick else 1024
     gen = torch.Generator().manual_seed(0)
@@ -150,41 +144,42 @@ def e2e(quick: bool) -> list[dict]:
             progress=False,
         )  # fmt: skip
         t1 = time.perf_counter()
-        masks = sk.prune(model, res.posterior, 0.5, pattern="unit", example_inputs=X[:2])
-        t2 = time.perf_counter()
-        small = sk.compress(model, masks, example_inputs=X[:2]).eval()
-        t3 = time.perf_counter()
-        times = interleaved_times({"dense": model.eval(), "small": small}, X[:64], 9, 1)
-        ratios = [d / s for d, s in zip(times["dense"], times["small"])]
-        out.append(
-            {
-                "model": name,
-                "sizes": "quick",
-                "n_train": n,
-                "spam_s": t1 - t0,
-                "prune_s": t2 - t1,
-                "compress_s": t3 - t2,
-                "units_removed": masks.sparsity(),
-                "params": [count_params(model), count_params(small)],
-                "speedup_batch64_cpu_1thread": statistics.median(ratios),
-            }
-        )
+        for scope in ("global", "layerwise"):
+            t2 = time.perf_counter()
+            masks = sk.prune(
+                model, res.posterior, 0.5, pattern="unit", scope=scope, example_inputs=X[:2]
+            )
+            small = sk.compress(model, masks, example_inputs=X[:2]).eval()
+            t3 = time.perf_counter()
+            times = interleaved_times({"dense": model.eval(), "small": small}, X[:64], 9, 1)
+            ratios = [d / s for d, s in zip(times["dense"], times["small"])]
+            out.append(
+                {
+                    "model": name,
+                    "sizes": "quick",
+                    "n_train": n,
+                    "scope": scope,
+                    "spam_s": t1 - t0,
+                    "prune_and_compress_s": t3 - t2,
+                    "units_removed": masks.sparsity(),
+                    "params": [count_params(model), count_params(small)],
+                    "flop_ratio": count_flops(model, INPUT) / count_flops(small, INPUT),
+                    "speedup_batch64_cpu_1thread": statistics.median(ratios),
+                }
+            )
     return out
 
 
-def environment(threads: int) -> dict:
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+def environment() -> dict:
+    """The suite's run conditions (card, versions, threads, load, date) plus the machine."""
+    from conftest import run_conditions
+
+    return run_conditions() | {
         "machine": platform.node(),
         "cpu": platform.processor() or platform.machine(),
-        "gpu": gpu,
-        "torch": torch.__version__,
-        "spamkern": sk.__version__,
-        "python": platform.python_version(),
-        "cpu_threads": threads,
+        "torch_pruning": importlib.metadata.version("torch-pruning"),
         "load_average_1_5_15": _load_avg(),
-        "machine_busy": "shared machine; ratios measured interleaved in one run",
+        "machine_busy": "shared build machine; ratios measured interleaved in one run",
     }
 
 
@@ -221,18 +216,28 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small models, few rounds")
     ap.add_argument("--e2e", action="store_true", help="also time SpaM → prune → compress")
+    ap.add_argument(
+        "--devices", default="all", choices=("all", "cpu", "cuda"),
+        help="where to time: the CPU (1 thread) and the GPU when present (all), or one",
+    )  # fmt: skip
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args(argv)
+    if args.devices == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench_compressed: --devices cuda, but no CUDA device is present")
     torch.set_num_threads(1)
-    rows = measure(args.quick, torch.device("cpu"))
-    if torch.cuda.is_available():
+    rows = []
+    if args.devices in ("all", "cpu"):
+        rows += measure(args.quick, torch.device("cpu"))
+    if args.devices in ("all", "cuda") and torch.cuda.is_available():
         rows += measure(args.quick, torch.device("cuda"))
-    result = {"environment": environment(1), "quick": args.quick, "rows": rows}
+    result = {"environment": environment(), "quick": args.quick, "rows": rows}
     if args.e2e:
         result["e2e"] = e2e(args.quick)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "compressed-quick" if args.quick else "compressed"
+    if args.devices == "cuda":
+        stem = f"{stem}-gpu"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(rows, out / f"{stem}.png")
     for r in rows:
@@ -248,13 +253,15 @@ def main(argv: list[str] | None = None) -> dict:
 # ---------------------------------------------------------------------------- pytest
 def test_compressed_latency(benchmark, request):
     """pytest-benchmark: the compressed ViT and ResNet at 50 %, CPU, 1 thread, batch 64."""
-    quick = request.config.getoption("--quick")
+    from conftest import quick_mode
+
+    quick = quick_mode(request.config)
     torch.set_num_threads(1)
     x = torch.randn(64, *INPUT)
     small = {}
     for name, model in models(quick).items():
         small[name] = compressed_variants(model.eval(), x[:2])[0.5]
-        assert flops(small[name], x) < flops(model, x)
+        assert count_flops(small[name], INPUT) < count_flops(model, INPUT)
 
     def run():
         with torch.no_grad():

@@ -32,7 +32,7 @@ echo "torch==$TORCH_VERSION" > "$constraints"
 # triton: the version torch's own CUDA builds pin (3.7.1 for torch 2.13); numpy for its interpreter
 pip install -q -c "$constraints" "triton==3.7.1" numpy scipy tqdm matplotlib scikit-learn \
   pybind11 ninja setuptools wheel pytest pytest-benchmark ruff \
-  einops opt-einsum packaging lightning-utilities torch-pruning
+  einops opt-einsum packaging lightning-utilities "torch-pruning>=1.6,<2"
 # laplace-torch (the reference implementation) without torchvision, which would replace torch
 pip install -q --no-deps "laplace-torch==0.3" "asdfghjkl==0.1a4" backpack-for-pytorch \
   "curvlinops-for-pytorch>=3.0.1" unfoldNd einconv torchmetrics linear_operator

@@ -35,6 +35,7 @@ from spamkern.experiment import (
     training_config,
     write_csv,
 )
+from spamkern.models import MODEL_NAMES
 
 
 # ---------------------------------------------------------------------------- arguments
@@ -83,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="unitwise",
         choices=("scalar", "layerwise", "unitwise", "parameterwise"),
         help="SpaM prior (default unitwise)",
+    )
+    p.add_argument(
+        "--model",
+        default="auto",
+        choices=MODEL_NAMES,
+        help="network: auto (CancerNet for features, the CNN for images), resnet (ResNet-20) "
+        "or vit (a small transformer); unit pruning of resnet/vit removes coupled groups",
     )
     p.add_argument(
         "--structure",

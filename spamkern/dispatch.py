@@ -181,9 +181,12 @@ def _ensure_loaded() -> None:
     loaders.append((EXTENSION_MODULE, lambda: importlib.import_module(EXTENSION_MODULE)))
     for module, load in loaders:
         try:
-            load()
+            loaded = load()
         except Exception as err:  # any failure: say which module and why, keep the rest
             _report_load_failure(module, err)
+            continue
+        if getattr(loaded, "LOAD_ERROR", None):  # _ext warned already, with a rebuild hint
+            _LOAD_ERRORS["spamkern._C"] = loaded.LOAD_ERROR
 
 
 def _kernel_package() -> ModuleType:

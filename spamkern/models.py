@@ -14,7 +14,16 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["SelfAttention", "build_model", "cancer_net", "lenet", "resnet", "vit"]
+__all__ = [
+    "MODEL_NAMES",
+    "SelfAttention",
+    "build_model",
+    "cancer_net",
+    "lenet",
+    "model_by_name",
+    "resnet",
+    "vit",
+]
 
 
 def cancer_net(n_in: int = 30, n_hidden: int = 100, n_classes: int = 2) -> nn.Sequential:
@@ -62,6 +71,18 @@ def lenet(input_shape: tuple[int, int, int], n_classes: int = 10) -> nn.Sequenti
         nn.Linear(c2 * h_out * w_out, hidden),
         nn.ReLU(),
         nn.Linear(hidden, n_classes),
+    )
+
+
+def build_model(input_shape: tuple[int, ...], n_classes: int) -> nn.Sequential:
+    """CancerNet for flat feature vectors, the LeNet-style CNN for (C, H, W) images."""
+    if len(input_shape) == 1:
+        return cancer_net(input_shape[0], 100, n_classes)
+    if len(input_shape) == 3:
+        return lenet(tuple(input_shape), n_classes)
+    raise ValueError(
+        f"no built-in model for inputs of shape {tuple(input_shape)}; "
+        "accepted: (features,) for CancerNet or (C, H, W) for the CNN"
     )
 
 
@@ -134,7 +155,9 @@ def resnet(
             f"2 + {2 * len(widths)}·n for n ≥ 1 (e.g. {2 + 2 * len(widths)}, "
             f"{2 + 4 * len(widths)})"
         )
-    return ResNet(input_shape[0], n_classes, tuple(widths), per_stage)
+    model = ResNet(input_shape[0], n_classes, tuple(widths), per_stage)
+    model.input_shape = tuple(input_shape)  # lets prune/compress trace without a batch
+    return model
 
 
 # ---------------------------------------------------------------------------- transformer
@@ -173,17 +196,30 @@ class SelfAttention(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm block: x + attn(LN(x)), then x + MLP(LN(x)) with a GELU MLP."""
+    """Pre-norm block: x + attn(LN(x)), then x + MLP(LN(x)) with a GELU MLP.
 
-    def __init__(self, dim: int, n_heads: int, mlp_dim: int) -> None:
+    ``attention="linear"``: :class:`SelfAttention` (heads removable); ``"mha"``:
+    ``nn.MultiheadAttention`` (its heads cannot be removed, its MLP neurons can).
+    """
+
+    def __init__(self, dim: int, n_heads: int, mlp_dim: int, attention: str = "linear") -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = SelfAttention(dim, n_heads)
+        if attention == "linear":
+            self.attn: nn.Module = SelfAttention(dim, n_heads)
+        elif attention == "mha":
+            self.attn = nn.MultiheadAttention(dim, n_heads, batch_first=True)
+        else:
+            raise ValueError(f"attention must be 'linear' or 'mha', got {attention!r}")
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
+        h = self.norm1(x)
+        if isinstance(self.attn, nn.MultiheadAttention):
+            x = x + self.attn(h, h, h, need_weights=False)[0]
+        else:
+            x = x + self.attn(h)
         return x + self.mlp(self.norm2(x))
 
 
@@ -202,14 +238,21 @@ class ViT(nn.Module):
     """Embedding + learned positions, pre-norm blocks, final LayerNorm, mean-pooled head."""
 
     def __init__(
-        self, embed: nn.Module, n_tokens: int, n_classes: int, dim: int, depth: int,
-        n_heads: int, mlp_dim: int,
-    ) -> None:  # fmt: skip
+        self,
+        embed: nn.Module,
+        n_tokens: int,
+        n_classes: int,
+        dim: int,
+        depth: int,
+        n_heads: int,
+        mlp_dim: int,
+        attention: str = "linear",
+    ) -> None:
         super().__init__()
         self.embed = embed
         self.pos = nn.Parameter(0.02 * torch.randn(1, n_tokens, dim))
         self.blocks = nn.Sequential(
-            *[TransformerBlock(dim, n_heads, mlp_dim) for _ in range(depth)]
+            *[TransformerBlock(dim, n_heads, mlp_dim, attention) for _ in range(depth)]
         )
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, n_classes)
@@ -228,12 +271,16 @@ def vit(
     mlp_ratio: int = 2,
     patch: int = 4,
     vocab_size: int | None = None,
+    attention: str = "linear",
 ) -> ViT:
     """A small pre-norm transformer classifier.
 
     ``input_shape`` (C, H, W): images cut into ``patch``×``patch`` patches; (T,): sequences
     of T token ids below ``vocab_size`` (an ``nn.Embedding``). Blocks have ``n_heads``
     heads of width dim / n_heads and GELU MLPs of ``mlp_ratio``·dim neurons.
+    ``attention="linear"`` builds each attention from four ``nn.Linear`` projections
+    (:class:`SelfAttention`: Kronecker curvature, heads removable); ``"mha"`` uses
+    ``nn.MultiheadAttention`` (its packed projections cannot lose heads).
     """
     shape = tuple(input_shape)
     if len(shape) == 3:
@@ -250,16 +297,28 @@ def vit(
         raise ValueError(
             f"vit expects (C, H, W) images or (T,) token sequences, got input shape {shape}"
         )
-    return ViT(embed, n_tokens, n_classes, dim, depth, n_heads, mlp_ratio * dim)
+    model = ViT(embed, n_tokens, n_classes, dim, depth, n_heads, mlp_ratio * dim, attention)
+    model.input_shape, model.vocab_size = shape, vocab_size  # for tracing without a batch
+    return model
 
 
-def build_model(input_shape: tuple[int, ...], n_classes: int) -> nn.Sequential:
-    """CancerNet for flat feature vectors, the LeNet-style CNN for (C, H, W) images."""
-    if len(input_shape) == 1:
-        return cancer_net(input_shape[0], 100, n_classes)
-    if len(input_shape) == 3:
-        return lenet(tuple(input_shape), n_classes)
-    raise ValueError(
-        f"no built-in model for inputs of shape {tuple(input_shape)}; "
-        "accepted: (features,) for CancerNet or (C, H, W) for the CNN"
-    )
+# ---------------------------------------------------------------------------- by name
+MODEL_NAMES = ("auto", "resnet", "vit")
+
+
+def model_by_name(name: str, input_shape: tuple[int, ...], n_classes: int) -> nn.Module:
+    """The main job's ``--model``: ``auto`` (:func:`build_model`), ``resnet`` (ResNet-20)
+    or ``vit`` (4×4 patches, 2 blocks of 4 heads); the last two need (C, H, W) images."""
+    if name not in MODEL_NAMES:
+        raise ValueError(f"model must be one of {MODEL_NAMES}, got {name!r}")
+    if name == "auto":
+        return build_model(input_shape, n_classes)
+    if len(input_shape) != 3:
+        raise ValueError(
+            f"--model {name} needs (C, H, W) images; this data set has inputs of shape "
+            f"{tuple(input_shape)} (use --model auto)"
+        )
+    if name == "resnet":
+        return resnet(tuple(input_shape), n_classes)
+    patch = 4 if input_shape[1] % 4 == 0 and input_shape[2] % 4 == 0 else 2
+    return vit(tuple(input_shape), n_classes, patch=patch)

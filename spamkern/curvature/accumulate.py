@@ -1,14 +1,20 @@
 """One pass over the data that accumulates every curvature block.
 
-Per batch: one forward with hooks that record each Linear/Conv2d input and output, then one
-backward of the (B, K, C) pseudo-gradients to those outputs only (no weight gradients are
-formed; exact GGN's K = C columns go through a single batched backward). From inputs a and
-output gradients g:
+Per batch: one forward with hooks that record the input and output of every linear map
+whose tensors need curvature — each Linear/Conv1d/Conv2d, and the q/k/v/out projections of
+``nn.MultiheadAttention`` (see :mod:`spamkern.curvature.attention`) — then one backward of
+the (B, K, C) pseudo-gradients to those outputs only (no weight gradients are formed; exact
+GGN's K = C columns go through a single batched backward). From inputs a and output
+gradients g:
 
 * Kronecker blocks: A += Σ a aᵀ / S and G += Σ g gᵀ (S = weight-sharing positions, the
-  "expand" convention); A is divided by N at the end — laplace-torch's scaling;
-* exact diagonal blocks of Linear/Conv2d: Σ_{n,k} (per-sample gradient)² formed from a and g;
-* any other tensor: exact per-sample, per-column gradients through ``torch.func``.
+  "expand" convention); A is divided by N at the end — laplace-torch's scaling. Grouped
+  convolutions sum per group (each group's output channels and input patch); attention's
+  packed ``in_proj`` gets one (G, A) per q/k/v slice, A from that slice's own input;
+* exact diagonal blocks of Linear/conv layers: Σ_{n,k} (per-sample gradient)² formed from
+  a and g;
+* any other tensor, a module called more than once, a tied weight: exact per-sample,
+  per-column gradients through ``torch.func`` (all uses at once).
 
 Every batch counts; N is the number of samples actually seen.
 """
@@ -155,14 +161,16 @@ def _needs(blocks) -> tuple[bool, bool]:
 
 
 def _accumulate_linear(
-    key, a: torch.Tensor, g: torch.Tensor, positions, blocks, G_sums, raw_A, diags
+    key, a: torch.Tensor, g: torch.Tensor, positions, blocks, G_sums, raw_A, diags, with_A=True
 ) -> None:
     """a: (B, *, in) (or sequence-first for attention, with ``positions`` given);
-    g: (K, B, *, out). G is summed per recorded map (weight and bias share it)."""
+    g: (K, B, *, out). G is summed per recorded map (weight and bias share it); A only
+    ``with_A`` (False: given from elsewhere)."""
     d_in, d_out = a.shape[-1], g.shape[-1]
     if positions is None:
         positions = a[0, ..., 0].numel() if a.ndim > 2 else 1
     need_G, need_A = _needs(blocks)
+    need_A = need_A and with_A
     if need_G:
         G_sums[key] = gram(g.reshape(-1, d_out), G_sums.get(key))
     if need_A:
@@ -216,15 +224,25 @@ def _grouped_gram(x: torch.Tensor, out: torch.Tensor | None, alpha: float) -> to
 
 
 def _accumulate_conv(
-    key, conv: nn.Module, a: torch.Tensor, g: torch.Tensor, blocks, G_sums, raw_A, diags
+    key,
+    conv: nn.Module,
+    a: torch.Tensor,
+    g: torch.Tensor,
+    blocks,
+    G_sums,
+    raw_A,
+    diags,
+    with_A=True,
 ) -> None:
     """a: (B, c, *spatial); g: (K, B, out, *spatial_out). G is summed per module; with
-    ``groups`` > 1 both factors are per group, stacked: G (g, out/g, out/g), A (g, d, d)."""
+    ``groups`` > 1 both factors are per group, stacked: G (g, out/g, out/g), A (g, d, d);
+    A only ``with_A``."""
     a, kernel, stride, padding, dilation = _as_conv2d(conv, a)
     g = g.reshape(*g.shape[:3], -1)  # (K, B, out, S)
     groups, d_out, positions = conv.groups, g.shape[2], g.shape[3]
     rows = d_out // groups
     need_G, need_A = _needs(blocks)
+    need_A = need_A and with_A
     grouped_u = None
     if need_G:
         g_rows = g.permute(0, 1, 3, 2).reshape(-1, d_out)  # (K·B·S, out)
@@ -287,7 +305,8 @@ def _generic_diag(
     generic: list[tuple[int, ParamBlock]],
     diags: dict,
 ) -> None:
-    """Exact Σ_{n,k} (J_nᵀ v_nk)² for tensors outside Linear/Conv2d, through torch.func."""
+    """Exact Σ_{n,k} (J_nᵀ v_nk)² for tensors without hooks, through torch.func (a tied
+    tensor is replaced in every module that holds it, so all its uses count)."""
     from torch.func import functional_call, vjp, vmap
 
     params = {name: p.detach() for name, p in model.named_parameters()}
@@ -308,7 +327,7 @@ def _generic_diag(
         raise ValueError(
             "per-sample gradients (torch.func) failed for the parameters "
             f"{names}, which need an exact diagonal block; make the model's forward "
-            "vmap-compatible, freeze these parameters, or use Linear/Conv2d layers. "
+            "vmap-compatible, freeze these parameters, or use Linear/conv layers. "
             f"Cause: {type(err).__name__}: {err}"
         ) from err
     for index, block in generic:
@@ -327,8 +346,13 @@ def accumulate_curvature(
     generator: torch.Generator | None = None,
     progress: bool = False,
     dict_key_y: str = "labels",
+    input_factors: dict[int, torch.Tensor] | None = None,
 ) -> Curvature:
-    """Accumulate loss and curvature blocks over all batches (model in eval mode)."""
+    """Accumulate loss and curvature blocks over all batches (model in eval mode).
+
+    ``input_factors`` (block index → A, already divided by N) are taken as given instead
+    of accumulated, e.g. the data-only A of a first layer computed in an earlier pass.
+    """
     check_likelihood(likelihood)
     check_curvature(curvature)
     device = blocks[0].param.device
@@ -340,6 +364,8 @@ def accumulate_curvature(
     raw_A: dict[int, torch.Tensor] = {}
     diags: dict[int, torch.Tensor] = {}
     raw_mean: dict[int, torch.Tensor] = {}
+    input_factors = input_factors or {}
+    given_A = {(id(blocks[i].module), site) for i in input_factors for site in blocks[i].sites}
     loss = torch.zeros((), dtype=dtype, device=device)
     n_data, n_outputs = 0, None
     # in-memory labels are validated once, so the per-batch check needs no device sync
@@ -382,10 +408,12 @@ def accumulate_curvature(
                     a, _, positions = rec.calls[i][site]
                     own = _per_call_blocks(rec, site)
                     key = (id(rec.module), site)
+                    with_A = key not in given_A
                     if isinstance(rec.module, CONVS):
-                        _accumulate_conv(key, rec.module, a, g, own, G_sums, raw_A, diags)
+                        _accumulate_conv(key, rec.module, a, g, own, G_sums, raw_A, diags, with_A)
                     else:
-                        _accumulate_linear(key, a, g, positions, own, G_sums, raw_A, diags)
+                        parts = (G_sums, raw_A, diags, with_A)
+                        _accumulate_linear(key, a, g, positions, own, *parts)
                     _accumulate_mean(rec.module, a, positions, own, raw_mean)
             # a module called more than once: its per-sample gradient is the sum over the
             # calls, so squaring call by call would be wrong; take those diagonals exactly
@@ -408,6 +436,8 @@ def accumulate_curvature(
     for index, block in enumerate(blocks):
         if block.kind == "kron":
             factors[index] = _kron_factors(block, G_sums, raw_A, n_data)
+            if index in input_factors:
+                factors[index][1] = input_factors[index]
         elif index not in diags:
             diags[index] = torch.zeros_like(block.param, memory_format=torch.contiguous_format)
         else:

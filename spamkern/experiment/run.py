@@ -20,7 +20,7 @@ from torch import nn
 
 from spamkern.experiment.config import CSV_FIELDS, METHODS, TrainConfig, training_config
 from spamkern.metrics import classification_metrics, glm_predictive, map_predictive
-from spamkern.models import build_model
+from spamkern.models import model_by_name
 from spamkern.progress import progress_bar
 from spamkern.pruning import (
     OnlinePruning,
@@ -89,7 +89,8 @@ def train_models(
     import spamkern as sk
 
     torch.manual_seed(seed)
-    init = build_model(split.input_shape, split.n_classes).to(device)
+    init = model_by_name(args.model, split.input_shape, split.n_classes)
+    init = init.to(device)
     common = {
         "n_epochs": cfg.epochs,
         "structure": args.structure,

@@ -15,6 +15,12 @@ so log det Π = Σ log denom − 2 Σ log w and Π⁻¹ = W Q diag(1/denom) Qᵀ
   (Hadamard's inequality for the positive definite QᵀΠQ) and its inverse an approximation.
 
 A bias block has the single factor G: the same with λ2 ≡ 1, Q2 = [1].
+
+Each parameter tensor's curvature is one typed block with the operations the posterior
+needs (curvature and factor diagonals, log det plan entries, eigenbasis, unitwise parts):
+:class:`DiagBlock` (exact diagonal), :class:`KronBlock` (``[G, A]`` or ``[G]``) and
+:class:`RowSlicedKronBlock` — block-diagonal over equal row slices, each slice its own
+Kronecker block (grouped convolutions, attention's packed q/k/v), exact slice by slice.
 """
 
 from __future__ import annotations
@@ -156,27 +162,53 @@ def _differentiable_eigh(mats: list[torch.Tensor]) -> list[tuple[torch.Tensor, t
     return out
 
 
+@dataclass
 class StackedEigen:
-    """Eigenbases of a row-sliced block: one :class:`BlockEigen` per slice of rows."""
+    """A row-sliced block's precision in its eigenbasis, stacked over the g slices: the
+    fields of :class:`BlockEigen` with a leading slice dimension (q1 (g, r, r), q2 (g, d, d),
+    denom and log_w (g, r, d)); every operation runs on all slices at once."""
 
-    def __init__(self, parts: list[BlockEigen]):
-        self.parts = parts
+    q1: torch.Tensor | None
+    q2: torch.Tensor | None
+    denom: torch.Tensor
+    log_w: torch.Tensor | None
+
+    @classmethod
+    def stack(cls, parts: list[BlockEigen]) -> StackedEigen:
+        def both(field: str):
+            values = [getattr(part, field) for part in parts]
+            return None if values[0] is None else torch.stack(values)
+
+        return cls(both("q1"), both("q2"), both("denom"), both("log_w"))
 
     def logdet(self) -> torch.Tensor:
-        return torch.stack([part.logdet() for part in self.parts]).sum()
+        total = self.denom.log().sum()
+        if self.log_w is not None:
+            total = total - 2.0 * self.log_w.expand_as(self.denom).sum()
+        return total
 
     def inverse_diag(self) -> torch.Tensor:
-        """(out, q): the slices' diagonals stacked row slice after row slice."""
-        return torch.cat([part.inverse_diag() for part in self.parts])
+        """(out, q): the slices' diagonals of Π⁻¹, row slice after row slice."""
+        out = self.denom.reciprocal()
+        if self.q1 is not None:
+            out = self.q1.square() @ out
+        if self.q2 is not None:
+            out = out @ self.q2.square().mT
+        if self.log_w is not None:
+            out = out * (2.0 * self.log_w).exp()
+        return out.reshape(-1, out.shape[-1])
 
     def quadratic(self, J: torch.Tensor) -> torch.Tensor:
         """(B, C, C) J Π⁻¹ Jᵀ for J of shape (B, C, out, q): a sum over the slices."""
-        rows = J.shape[2] // len(self.parts)
-        total = None
-        for j, part in enumerate(self.parts):
-            value = part.quadratic(J[:, :, j * rows : (j + 1) * rows])
-            total = value if total is None else total + value
-        return total
+        slices, rows = self.denom.shape[0], self.denom.shape[1]
+        J = J.reshape(J.shape[0], J.shape[1], slices, rows, J.shape[-1])
+        if self.log_w is not None:
+            J = J * self.log_w.exp()
+        if self.q1 is not None:
+            J = torch.einsum("gmp,bcgmq->bcgpq", self.q1, J)
+        if self.q2 is not None:
+            J = torch.einsum("bcgpn,gnq->bcgpq", J, self.q2)
+        return torch.einsum("bcgpq,bdgpq->bcd", J / self.denom, J)
 
 
 class DiagBlock:
@@ -310,6 +342,7 @@ class RowSlicedKronBlock:
         self.parts = [
             KronBlock([F[j] for F in factors], part_shape, f"{name}[{j}]") for j in range(n_slices)
         ]
+        self._basis: tuple | None = None
 
     def public_factors(self) -> tuple[torch.Tensor, ...]:
         return tuple(self.factors)
@@ -321,27 +354,62 @@ class RowSlicedKronBlock:
         return [tp.row_slice(j * self.rows, (j + 1) * self.rows) for j in range(len(self.parts))]
 
     def curvature_diag(self) -> torch.Tensor:
-        return torch.cat([part.curvature_diag() for part in self.parts])
+        g = self.factors[0].diagonal(dim1=1, dim2=2)  # (slices, r)
+        if len(self.factors) == 1:
+            return g.reshape(-1)
+        return (g.unsqueeze(2) * self.factors[1].diagonal(dim1=1, dim2=2).unsqueeze(1)).reshape(-1)
 
     def factor_diagonals(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        return [pair for part in self.parts for pair in part.factor_diagonals()]
+        """One run of entries (the fused op takes an exact diagonal when slices differ)."""
+        return [(self.curvature_diag(), None)]
 
     def uses_plan(self, prior_kind: str) -> bool:
         return prior_kind != "unitwise"
 
+    def _stacked_basis(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(λ1 ⊗ λ2 per slice (g, r, d), Q1 (g, r, r), Q2 (g, d, d) or None) from the parts'
+        decompositions (set by :func:`decompose_kron_blocks`)."""
+        if self._basis is None:
+            l1 = torch.stack([part.eigenvalues()[0] for part in self.parts])
+            l2 = torch.stack([part.eigenvalues()[1] for part in self.parts])
+            q1 = torch.stack([part.vectors[0] for part in self.parts])
+            q2 = (
+                torch.stack([part.vectors[1] for part in self.parts])
+                if len(self.factors) == 2
+                else None
+            )
+            self._basis = (l1.unsqueeze(2) * l2.unsqueeze(1), q1, q2)
+        return self._basis
+
     def plan_eigenvalues(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [pair for part in self.parts for pair in part.plan_eigenvalues()]
+        """The whole block as one plan entry: the products λ1_p λ2_q of every slice, with
+        λ2 ≡ 1 (Σ log(s·λ + δ) is the same sum)."""
+        products = self._stacked_basis()[0].reshape(-1)
+        return [(products, products.new_ones(1))]
+
+    def _delta(self, tp: TensorPrecision) -> torch.Tensor:
+        """0-d δ, or the per-slice projected δ̃ = (Q1∘Q1)ᵀ D (Q2∘Q2), (g, r, d)."""
+        if tp.kind == "scalar":
+            return tp.log_delta.exp()
+        _, q1, q2 = self._stacked_basis()
+        D = tp.expand(self.shape).exp().reshape(len(self.parts), self.rows, -1)
+        out = q1.square().mT @ D
+        return out @ q2.square() if q2 is not None else out
 
     def plan_deltas(self, tp: TensorPrecision) -> list[torch.Tensor]:
-        return [d for part, t in zip(self.parts, self._split(tp)) for d in part.plan_deltas(t)]
+        delta = self._delta(tp)
+        return [delta if delta.ndim == 0 else delta.reshape(-1, 1)]
 
     def unitwise_parts(self, tp: TensorPrecision) -> list:
         return [x for part, t in zip(self.parts, self._split(tp)) for x in part.unitwise_parts(t)]
 
     def eigen(self, tp: TensorPrecision, scale, unitwise: bool) -> StackedEigen:
-        return StackedEigen(
-            [part.eigen(t, scale, unitwise) for part, t in zip(self.parts, self._split(tp))]
-        )
+        if unitwise:  # whitened per slice (each slice has its own rows of a)
+            return StackedEigen.stack(
+                [part.eigen(t, scale, True) for part, t in zip(self.parts, self._split(tp))]
+            )
+        products, q1, q2 = self._stacked_basis()
+        return StackedEigen(q1, q2, scale * products + self._delta(tp), None)
 
 
 CurvatureBlock = DiagBlock | KronBlock | RowSlicedKronBlock

@@ -28,6 +28,7 @@ from spamkern.posterior.blocks import (
     weight_matrix_shape,
 )
 from spamkern.prior.priors import Prior, TensorPrecision
+from spamkern.validation import check_positive_finite
 
 
 class LaplacePosterior:
@@ -55,8 +56,8 @@ class LaplacePosterior:
         self.named_params = [(b.name, b.param) for b in self.blocks]
         self.mean = torch.cat([b.param.detach().reshape(-1) for b in self.blocks])
         sigma = torch.as_tensor(sigma_noise, dtype=self.mean.dtype, device=self.mean.device)
-        if sigma.ndim != 0 or not bool(sigma > 0):
-            raise ValueError(f"sigma_noise must be one positive number, got {sigma_noise}")
+        if sigma.ndim != 0 or not (bool(sigma > 0) and bool(torch.isfinite(sigma))):
+            raise ValueError(f"sigma_noise must be one finite number > 0, got {sigma_noise}")
         if likelihood != "regression" and float(sigma) != 1.0:
             raise ValueError("sigma_noise applies to regression only")
         self.log_sigma = sigma.log().detach().clone()
@@ -187,25 +188,44 @@ class LaplacePosterior:
         ``prior_precision`` (optional) evaluates it at other precisions — any shape
         :meth:`Prior.to_log_precision` accepts, differentiable if it requires grad; by default
         the prior's own ``log_precision`` parameter is used (so ``.backward()`` reaches it).
-        Nothing is overwritten.
+        Nothing is overwritten. Optimisers that work in log space call :meth:`log_evidence`.
         """
-        if prior_precision is None:
-            lp = self.prior.log_precision
-        else:
-            lp = self.prior.to_log_precision(prior_precision)
-        _check_finite_hyper(lp)
+        lp = None if prior_precision is None else self.prior.to_log_precision(prior_precision)
         log_sigma = None
         if sigma_noise is not None:
             if self.likelihood != "regression":
                 raise ValueError("sigma_noise can only be given for regression")
+            check_positive_finite("sigma_noise", sigma_noise)
             log_sigma = torch.as_tensor(sigma_noise, dtype=self.mean.dtype).log()
-        return self._log_marglik(lp, log_sigma)
+        return self.log_evidence(lp, log_sigma)
+
+    def log_evidence(
+        self, log_precision: torch.Tensor | None = None, log_sigma: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Laplace log evidence (0-d) at log precisions in the prior's own flat layout.
+
+        The cheap path for hyperparameter optimisers: no conversion or positivity check of
+        user precisions, differentiable w.r.t. both arguments, and neither the prior nor the
+        posterior's σ is touched. ``log_precision`` defaults to the prior's parameter,
+        ``log_sigma`` (regression only) to the posterior's own log σ.
+        """
+        lp = self.prior.log_precision if log_precision is None else log_precision
+        if lp.shape != self.prior.log_precision.shape:
+            raise ValueError(
+                f"log_precision must have the prior's shape {tuple(self.prior.log_precision.shape)}"
+                f" (its flat hyperparameter vector), got {tuple(lp.shape)}"
+            )
+        if log_sigma is not None and self.likelihood != "regression":
+            raise ValueError("log_sigma can only be given for regression")
+        _check_finite_hyper(lp)
+        log_delta = self.prior.log_precision_diag(lp)
+        scatter = (log_delta.exp() * self.mean.square()).sum()
+        log_det_ratio = self.log_det_posterior_precision(lp, log_sigma) - log_delta.sum()
+        return self.log_likelihood(log_sigma) - 0.5 * (log_det_ratio + scatter)
 
     def _log_marglik(self, log_precision: torch.Tensor, log_sigma: torch.Tensor | None):
-        log_delta = self.prior.log_precision_diag(log_precision)
-        scatter = (log_delta.exp() * self.mean.square()).sum()
-        log_det_ratio = self.log_det_posterior_precision(log_precision, log_sigma) - log_delta.sum()
-        return self.log_likelihood(log_sigma) - 0.5 * (log_det_ratio + scatter)
+        """Former private name of :meth:`log_evidence`, kept for existing callers."""
+        return self.log_evidence(log_precision, log_sigma)
 
     # -- predictive --------------------------------------------------------------------------
     def _block_eigen(self, index: int, tp: TensorPrecision, scale) -> BlockEigen | StackedEigen:

@@ -13,6 +13,11 @@ unitwise         per ≥2-D tensor a ∈ R^out, b ∈ R^in;       exp(a_m + b_n)
 parameterwise    P                                          δ_i
 ===============  =========================================  ==================================
 
+"in" is dim 1 of the tensor: in/g for a grouped convolution's weight (out, in/g, k…), whose b
+is then shared by its groups; E for attention's packed ``in_proj_weight`` (3E, E). Blocks
+that are block-diagonal over row slices (convolution groups, q/k/v) take each slice's rows
+of the precision with :meth:`TensorPrecision.row_slice`.
+
 Initial value: log δ = log(T · prior_precision) for every entry; unitwise splits it evenly,
 a_m = b_n = ½ log(T · prior_precision), so a_m + b_n is exactly that value.
 """

@@ -2,9 +2,13 @@
 
 * ``unit`` masks: removed units disappear — a Linear row / Conv2d filter and its bias
   leave the layer, and the matching inputs leave the next layer (through activations,
-  pooling, dropout and Flatten). Works on residual-free :class:`torch.nn.Sequential`
-  stacks (nested Sequentials included); anything that cannot be shrunk exactly raises a
-  ValueError naming the module. The result computes exactly what the masked model does.
+  pooling, dropout and Flatten). Plain :class:`torch.nn.Sequential` stacks are shrunk
+  layer by layer; any other model (residual networks, transformers, Sequential
+  subclasses with their own ``forward``) is traced on ``example_inputs`` and its coupled
+  channel groups (:mod:`spamkern.pruning.groups`) are removed with Torch-Pruning's
+  pruning functions. Either way the result is run against the masked model on a probe
+  batch and refused (ValueError) unless they agree to 1e-5 relative; masks that cannot
+  be removed exactly raise a ValueError naming the layers.
 * ``block`` masks: the masked weights go to
   ``spamkern.sparse.convert_to_block_sparse`` (Linear layers become BlockSparseLinear).
 * ``2:4`` masks: masked Linear layers become ``spamkern.sparse.SemiStructuredLinear``
@@ -22,6 +26,7 @@ import time
 import torch
 from torch import nn
 
+from spamkern.pruning.groups import default_inputs, is_plain_chain
 from spamkern.pruning.masks import PATTERNS, apply_masks
 
 __all__ = ["compress", "compression_report", "count_flops", "count_params", "measure_latency"]
@@ -208,14 +213,6 @@ def _compress_units(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Modu
     return new_model
 
 
-def _custom_forward(model: nn.Module) -> str | None:
-    """Name of a Sequential container whose ``forward`` is not Sequential's own, if any."""
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Sequential) and type(m).forward is not nn.Sequential.forward:
-            return name or "the model"
-    return None
-
-
 def _compress_units_checked(
     model: nn.Module, masks: dict[str, torch.Tensor], example_inputs
 ) -> nn.Module:
@@ -224,14 +221,11 @@ def _compress_units_checked(
     Plain Sequential stacks are shrunk layer by layer; anything else (residual models,
     transformers, Sequential subclasses with their own ``forward``) is traced.
     """
-    plain = isinstance(model, nn.Sequential) and _custom_forward(model) is None
-    if plain and all(
-        isinstance(m, nn.Sequential) or not any(True for _ in m.children()) for m in model.modules()
-    ):
+    if is_plain_chain(model):
         small = _compress_units(model, masks)
     else:
         if example_inputs is None:
-            example_inputs = _probe_input(model)
+            example_inputs = default_inputs(model)
         if example_inputs is None:
             raise ValueError(
                 "compress needs example_inputs (a batch the model accepts) to trace this "
@@ -239,55 +233,23 @@ def _compress_units_checked(
                 "tracing"
             )
         small = compress_traced(model, masks, example_inputs)
-    probe = example_inputs if example_inputs is not None else _probe_input(model)
+    probe = example_inputs if example_inputs is not None else default_inputs(model)
     if probe is None:
         raise ValueError(
-            "compress cannot build a probe batch for this model (it starts with a "
-            f"{type(_first_layer(model)).__name__}); pass example_inputs"
+            "compress cannot build a probe batch for this model (its input size is not "
+            "known); pass example_inputs"
         )
     check_equivalent(model, masks, small, probe)
     return small
 
 
 def _why_traced(model: nn.Module) -> str:
-    custom = _custom_forward(model)
+    from spamkern.pruning.groups import custom_forward
+
+    custom = custom_forward(model)
     if custom is not None:
         return f"{custom!r} overrides Sequential.forward (e.g. a skip connection)"
     return f"it is a {type(model).__name__}, not a plain nn.Sequential stack"
-
-
-def _first_layer(model: nn.Module) -> nn.Module | None:
-    return next((m for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d)), None)
-
-
-def _probe_input(model: nn.Module, n: int = 8) -> torch.Tensor | None:
-    """A random batch for a model whose first module is a Linear (its input size is known);
-    for a Conv2d-first Sequential, the smallest square image (≤ 64) it accepts."""
-    first = _first_layer(model)
-    p = next(model.parameters(), None)
-    if first is None or p is None:
-        return None
-    gen = torch.Generator().manual_seed(0)
-    if isinstance(first, nn.Linear):
-        return torch.randn(n, first.in_features, generator=gen, dtype=p.dtype).to(p.device)
-    if not isinstance(model, nn.Sequential):
-        return None
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for size in range(1, 65):
-                x = torch.randn(n, first.in_channels, size, size, generator=gen, dtype=p.dtype).to(
-                    p.device
-                )
-                try:
-                    model(x[:1])
-                except RuntimeError:
-                    continue
-                return x
-    finally:
-        model.train(was_training)
-    return None
 
 
 RTOL = 1e-5
@@ -350,7 +312,7 @@ def _removable_units(family, masks: dict, float_masks: dict, ones: dict) -> torc
             f"{missing or 'none, but rows are partly masked'}); prune with "
             "pattern='unit' and example_inputs to mask whole coupled groups"
         )
-    if len(gone) and family.reason is not None:
+    if (len(gone) or len(partial)) and family.reason is not None:
         raise ValueError(
             f"masks remove channels of {where}, which cannot go exactly: {family.reason}"
         )
@@ -369,7 +331,7 @@ def compress_traced(model: nn.Module, masks: dict[str, torch.Tensor], example_in
     dg = build_graph(small, example_inputs)
     families = channel_families(small, example_inputs, dg)
     float_masks = {n: m.to(torch.float64) for n, m in masks.items()}
-    params = {n: torch.ones(()).expand(p.shape) for n, p in small.named_parameters()}
+    ones = {n: torch.ones(()).expand(p.shape) for n, p in small.named_parameters()}
     modules = dict(small.named_modules())
     reached = set().union(*(f.producer_params() for f in families))
     unreached = sorted(n for n, m in masks.items() if n not in reached and not bool(m.all()))
@@ -380,7 +342,7 @@ def compress_traced(model: nn.Module, masks: dict[str, torch.Tensor], example_in
             "producers, e.g. a detached branch or an unsupported layer)"
         )
     for f in families:
-        gone = _removable_units(f, masks, float_masks, params)
+        gone = _removable_units(f, masks, float_masks, ones)
         if len(gone) == 0:
             continue
         if len(gone) == f.n_units:
@@ -463,37 +425,40 @@ def count_params(model: nn.Module, nonzero: bool = False) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _sample_inputs(
+    model: nn.Module, input_shape: tuple[int, ...], batch_size: int, random: bool
+) -> torch.Tensor:
+    """A batch of ``input_shape`` inputs: token ids below ``model.vocab_size`` when the
+    model has one, else floats in the model's dtype (random or zeros)."""
+    p = next(model.parameters())
+    shape = (batch_size, *input_shape)
+    vocab = getattr(model, "vocab_size", None)
+    if vocab is not None:
+        return torch.randint(0, vocab, shape, device=p.device)
+    if random:
+        return torch.randn(shape, dtype=p.dtype, device=p.device)
+    return torch.zeros(shape, dtype=p.dtype, device=p.device)
+
+
 @torch.no_grad()
 def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """FLOPs of one sample's forward pass: 2 × multiply–adds of every Linear and Conv2d.
+    """FLOPs of one sample's forward pass, 2 per multiply–add of every matrix product and
+    convolution (attention's products included), counted by ``torch.utils.flop_counter``.
 
     Dense counting: zeros inside a weight still count (only physical shrinking saves).
+    Token models (with ``vocab_size``) are fed token ids.
     """
-    total = 0
+    from torch.utils.flop_counter import FlopCounterMode
 
-    def hook(mod: nn.Module, _inp, out: torch.Tensor) -> None:
-        nonlocal total
-        if isinstance(mod, nn.Linear):
-            total += 2 * (out.numel() // out.shape[-1]) * mod.in_features * mod.out_features
-        else:
-            k = mod.weight[0].numel()  # (in / groups) · kh · kw
-            total += 2 * out.numel() * k
-
-    handles = [
-        m.register_forward_hook(hook)
-        for m in model.modules()
-        if isinstance(m, nn.Linear | nn.Conv2d)
-    ]
-    p = next(model.parameters())
+    x = _sample_inputs(model, input_shape, 1, random=False)
     was_training = model.training
     model.eval()
     try:
-        model(torch.zeros((1, *input_shape), dtype=p.dtype, device=p.device))
+        with FlopCounterMode(display=False) as counter:
+            model(x)
     finally:
         model.train(was_training)
-        for h in handles:
-            h.remove()
-    return total
+    return int(counter.get_total_flops())
 
 
 @torch.no_grad()
@@ -504,9 +469,9 @@ def measure_latency(
     repeats: int = 30,
     threads: int = 1,
 ) -> float:
-    """Median wall time in milliseconds of one forward pass on the CPU with ``threads``."""
-    p = next(model.parameters())
-    x = torch.randn((batch_size, *input_shape), dtype=p.dtype, device=p.device)
+    """Median wall time in milliseconds of one forward pass on the CPU with ``threads``
+    (random inputs; random token ids for models with ``vocab_size``)."""
+    x = _sample_inputs(model, input_shape, batch_size, random=True)
     old_threads = torch.get_num_threads()
     was_training = model.training
     torch.set_num_threads(threads)

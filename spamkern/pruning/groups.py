@@ -30,7 +30,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-__all__ = ["ChannelFamily", "Slice", "channel_families", "register_attention"]
+__all__ = [
+    "ChannelFamily",
+    "Slice",
+    "channel_families",
+    "default_inputs",
+    "is_plain_chain",
+    "register_attention",
+    "successors",
+]
 
 # Attention modules whose q/k/v projections are laid out head by head:
 # type → function(module) → (the projections' modules, channels per head).
@@ -41,7 +49,8 @@ def register_attention(
     cls: type, layout: Callable[[nn.Module], tuple[list[nn.Module], int]]
 ) -> None:
     """Declare ``cls`` an attention module: ``layout(m)`` gives the modules whose output
-    channels are split into heads (q, k, v) and the head width. Their channels are then
+    channels are split into heads, in the order q, k, v (the last one, the values, is what
+    the output projection reads), and the head width. Their channels are then
     pruned and removed in whole heads only. The module must derive its head count from
     the projections' width at run time (as :class:`spamkern.models.SelfAttention` does).
     """
@@ -92,8 +101,67 @@ class ChannelFamily:
         return {s.param for s in self.producers}
 
 
+# ---------------------------------------------------------------------------- inputs
+def custom_forward(model: nn.Module) -> str | None:
+    """Name of a Sequential container whose ``forward`` is not Sequential's own, if any."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Sequential) and type(m).forward is not nn.Sequential.forward:
+            return name or "the model"
+    return None
+
+
+def is_plain_chain(model: nn.Module) -> bool:
+    """Whether ``model`` is a (nested) nn.Sequential of leaves with Sequential's forward:
+    its layers then feed each other in order and need no tracing."""
+    return (
+        isinstance(model, nn.Sequential)
+        and custom_forward(model) is None
+        and all(
+            isinstance(m, nn.Sequential) or not any(True for _ in m.children())
+            for m in model.modules()
+        )
+    )
+
+
+def default_inputs(model: nn.Module, n: int = 8):
+    """A random batch for tracing and probing when none is given, where the model's input
+    is known: a model recording ``input_shape`` (and ``vocab_size`` for token ids), as
+    spamkern's ResNet and ViT do; a model whose first layer is a Linear; a Conv2d-first
+    Sequential (the smallest square image ≤ 64 it accepts). ``None`` otherwise."""
+    p = next(model.parameters(), None)
+    if p is None:
+        return None
+    gen = torch.Generator().manual_seed(0)
+    shape = getattr(model, "input_shape", None)
+    if shape is not None:
+        vocab = getattr(model, "vocab_size", None)
+        if vocab is not None:
+            return torch.randint(0, vocab, (n, *shape), generator=gen).to(p.device)
+        return torch.randn(n, *shape, generator=gen, dtype=p.dtype).to(p.device)
+    first = next((m for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d)), None)
+    if isinstance(first, nn.Linear):
+        return torch.randn(n, first.in_features, generator=gen, dtype=p.dtype).to(p.device)
+    if first is None or not isinstance(model, nn.Sequential):
+        return None
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for size in range(1, 65):
+                x = torch.randn(n, first.in_channels, size, size, generator=gen, dtype=p.dtype)
+                try:
+                    model(x[:1].to(p.device))
+                except RuntimeError:
+                    continue
+                return x.to(p.device)
+    finally:
+        model.train(was_training)
+    return None
+
+
 # ---------------------------------------------------------------------------- tracing
-def _call(model: nn.Module, example_inputs) -> None:
+def _call(model: nn.Module, example_inputs):
+    """``model`` applied to a batch, a tuple of positional inputs or a dict of keywords."""
     if isinstance(example_inputs, dict):
         return model(**example_inputs)
     if isinstance(example_inputs, tuple | list):
@@ -206,7 +274,7 @@ def _family(dg, group, root: nn.Module, names: dict) -> ChannelFamily:
         target.extend(Slice(name, dim, root_idx, index) for name, dim in slices)
         if out_side:
             fam.is_output |= _reaches_output(dg.module2node.get(module))
-    fam.unit = _head_width(fam, root, dg, names)
+    fam.unit = _head_width(fam, names)
     return fam
 
 
@@ -233,11 +301,10 @@ def _reaches_output(node) -> bool:
     return is_out(node) or not node.outputs or any(is_out(o) for o in node.outputs)
 
 
-def _head_width(fam: ChannelFamily, root: nn.Module, dg, names: dict) -> int:
+def _head_width(fam: ChannelFamily, names: dict) -> int:
     """Channels per removable unit: the head width when the family holds q/k/v projections."""
-    by_name = {n: m for m, n in names.items() if isinstance(m, nn.Module)}
     produced = {s.param.rpartition(".")[0] for s in fam.producers}
-    for module in by_name.values():
+    for module in names:
         layout = _ATTENTION.get(type(module))
         if layout is None:
             continue
@@ -286,3 +353,55 @@ def unit_values(
         )
     u = family.unit
     return values.reshape(-1, u).sum(dim=1), sizes.reshape(-1, u).sum(dim=1)
+
+
+def _layer_of(param: str, modules: dict[str, nn.Module]) -> tuple[str, nn.Module] | None:
+    name = param.rpartition(".")[0]
+    m = modules.get(name)
+    return (name, m) if isinstance(m, nn.Linear | nn.Conv2d) else None
+
+
+def successors(
+    model: nn.Module, example_inputs, families: list[ChannelFamily] | None = None
+) -> dict[str, tuple[str, nn.Module, int]]:
+    """Layer name → (next layer's name, next layer, input columns per channel) wherever a
+    removed unit's output is read by exactly one Linear/Conv2d and by nothing else.
+
+    This is where next-layer compensation applies (re-fitting the reader's kept input
+    columns by least squares): a layer whose channels reach their reader directly
+    (through activations, pooling, a per-channel BatchNorm or Flatten) or an attention
+    module's value projection (read by the output projection). It does not apply to
+    channels coupled by residual additions (a removed channel also leaves the sum, which
+    no reader can re-fit), to the output layer, or to groups that cannot go exactly.
+    """
+    if families is None:
+        families = channel_families(model, example_inputs)
+    modules = dict(model.named_modules())
+    out = {}
+    for f in families:
+        if f.reason is not None or f.is_output or len({s.param for s in f.consumers}) != 1:
+            continue
+        reader = _layer_of(f.consumers[0].param, modules)
+        sources = {lay[0] for s in f.producers if (lay := _layer_of(s.param, modules))}
+        if reader is None or (isinstance(reader[1], nn.Conv2d) and reader[1].groups != 1):
+            continue
+        if len(sources) > 1:  # heads: the value projection feeds the reader
+            owner = next(
+                (m for m in modules.values() if type(m) in _ATTENTION
+                 and {modules.get(n) for n in sources} <= set(_ATTENTION[type(m)](m)[0])),
+                None,
+            )  # fmt: skip
+            if owner is None:
+                continue  # several layers write the channel: a residual sum
+            value = _ATTENTION[type(owner)](owner)[0][-1]
+            sources = {n for n in sources if modules[n] is value}
+        (source,) = sources
+        rm = reader[1]
+        width = rm.in_channels if isinstance(rm, nn.Conv2d) else rm.in_features
+        if len(f.consumers[0].index) != width or width % f.n_channels:
+            continue  # the reader sees these channels among others (a concatenation)
+        per_channel = rm.weight[0, 0].numel() if isinstance(rm, nn.Conv2d) else 1
+        if isinstance(rm, nn.Linear):
+            per_channel = width // f.n_channels  # after Flatten: each channel's positions
+        out[source] = (reader[0], rm, per_channel)
+    return out

@@ -15,6 +15,11 @@ What "sparsity" counts, per pattern:
   ranking uses the *mean* score per parameter of a unit (sum / size); within one layer
   this is the same order as the sum. At least one unit per layer is always kept (a layer
   with no units would cut the network), so at most n_units − n_layers units go.
+  With ``example_inputs`` (or for non-chain models whose input is known) the model is
+  traced and a unit is a *coupled group*: channel c of every layer tied to it by residual
+  additions, BatchNorm, concatenation, or a whole attention head; its score is the sum
+  over all its producer entries, and all of them are masked together (see
+  :mod:`spamkern.pruning.groups`). "Layer" above then means a family of groups.
 * ``block``: r×c blocks of each prunable weight viewed as (out, in·kh·kw); block score =
   sum. All blocks have r·c entries, so this also counts entries.
 * ``2:4``: in every group of 4 consecutive inputs of each output row (never across rows
@@ -32,6 +37,7 @@ import torch
 from torch import nn
 
 from spamkern.ops import kth_smallest
+from spamkern.pruning.groups import default_inputs, is_plain_chain
 from spamkern.pruning.scores import scores_to_dict
 
 __all__ = [
@@ -362,6 +368,8 @@ def prune(
     tensor; the model itself is not modified (use :func:`apply_masks`).
     ``example_inputs`` (a batch the model accepts) lets ``pattern="unit"`` trace the
     model and rank whole coupled groups of channels (residual models, transformers).
+    Without it, models other than plain Sequential chains are traced on a random batch
+    when their input is known (:func:`spamkern.pruning.groups.default_inputs`).
     """
     s = check_sparsity(sparsity)
     if pattern not in PATTERNS:
@@ -369,13 +377,15 @@ def prune(
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     sd = {k: v.detach() for k, v in scores_to_dict(model, scores).items()}
-    if pattern == "unstructured":
-        masks = _unstructured(model, sd, s, scope, prune_output_layer, prune_1d)
-    elif pattern == "unit" and example_inputs is not None:
+    if pattern == "unit" and example_inputs is None and not is_plain_chain(model):
+        example_inputs = default_inputs(model)
+    if pattern == "unit" and example_inputs is not None:
         masks, fraction = _unit_groups(model, sd, s, scope, prune_output_layer, example_inputs)
         out = PruningMasks(masks, pattern=pattern, scope=scope, target=s)
         out.unit_fraction = fraction
         return out
+    if pattern == "unstructured":
+        masks = _unstructured(model, sd, s, scope, prune_output_layer, prune_1d)
     elif pattern == "unit":
         masks = _unit(model, sd, s, scope, prune_output_layer)
     elif pattern == "block":

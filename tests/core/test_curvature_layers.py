@@ -173,3 +173,74 @@ def test_unitwise_hyperparameters_of_grouped_and_attention_weights():
     prior = sk.make_prior("unitwise", list(model.named_parameters()))
     widths = {slot.name: slot.stop - slot.start for slot in prior.slots}
     assert widths["attn.in_proj_weight"] == 12 + 4 and widths["attn.in_proj_bias"] == 12
+
+
+def test_laplace_torch_backend_refuses_row_sliced_blocks():
+    """laplace-torch's Kron holds one (G, A) per tensor: a grouped convolution is refused by
+    name (its DiagLaplace path works)."""
+    from spamkern.integrations.laplace import SpamkernGGN
+
+    model, X, y = L.grouped(seed=1)
+    backend = SpamkernGGN(model, "classification")
+    with pytest.raises(ValueError, match="'0.weight'.*row slice"):
+        backend.kron(X, y, N=len(y))
+    H, _ = dense_curvature(model, X, y)
+    _, diag = backend.diag(X, y, N=len(y))
+    assert rel_err(diag, H.diagonal()) < TOL
+
+
+class _ScaledAttention(nn.MultiheadAttention):
+    """A subclass whose forward is not PyTorch's attention: it must not be factored as one."""
+
+    def forward(self, query, key, value, **kwargs):
+        out, weights = super().forward(query, key, value, **kwargs)
+        return 2.0 * out, weights
+
+
+class _AttentionOn(nn.Module):
+    def __init__(self, attention: nn.MultiheadAttention, batched: bool = True):
+        super().__init__()
+        self.attn, self.head, self.batched = attention, nn.Linear(4, 3), batched
+
+    def forward(self, x):
+        if self.batched:
+            return self.head(self.attn(x, x, x)[0].mean(1))
+        return torch.stack([self.head(self.attn(s, s, s)[0].mean(0)) for s in x])
+
+
+@pytest.mark.parametrize(
+    ("attention", "batched", "match"),
+    [
+        (_ScaledAttention(4, 2, batch_first=True), True, "could not reproduce"),
+        (nn.MultiheadAttention(4, 2, batch_first=True), False, "unbatched"),
+    ],
+)
+def test_attention_it_cannot_factor_is_refused(attention, batched, match):
+    model = _AttentionOn(attention, batched).double()
+    X, y = torch.randn(3, 2, 4, dtype=torch.float64), torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match=match):
+        sk.fit_laplace(model, (X, y), progress=False)
+    H, _ = dense_curvature(model, X, y)  # structure="diag" needs no factorisation
+    diag = sk.fit_laplace(model, (X, y), structure="diag", progress=False)
+    assert rel_err(diag.curvature_diag(), H.diagonal()) < TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["grouped", "self-attention"])
+def test_cuda_matches_cpu(case):
+    """float64 on the GPU: the same row-sliced factors and unitwise/parameterwise evidence."""
+    model, X, y = CASES[case][0](seed=9)
+    results = {}
+    for device in ("cpu", "cuda"):
+        m = model.to(device)
+        for prior in ("unitwise", "parameterwise"):
+            post = sk.fit_laplace(m, (X.to(device), y.to(device)), prior=prior, progress=False)
+            arrays = [
+                t.cpu() for f in post.kron_factors for t in (f if isinstance(f, tuple) else [f])
+            ]
+            results[device, prior] = (arrays, float(post.log_marginal_likelihood().detach()))
+    for prior in ("unitwise", "parameterwise"):
+        (cpu_arrays, cpu_lml), (gpu_arrays, gpu_lml) = results["cpu", prior], results["cuda", prior]
+        for a, b in zip(gpu_arrays, cpu_arrays, strict=True):
+            assert rel_err(a, b) < 1e-8
+        assert gpu_lml == pytest.approx(cpu_lml, rel=1e-8)

@@ -40,7 +40,7 @@ def _interpreted(module) -> bool:
 
 @pytest.fixture
 def triton_backend(monkeypatch):
-    """Select the Triton backend for the test (skips when it cannot run here)."""
+    """Select the Triton backend for the test (fails when it cannot run here)."""
     if KERNELS is None:
         pytest.fail("triton is not installed")
     if DEVICE.type == "cpu" and not _interpreted(KERNELS):

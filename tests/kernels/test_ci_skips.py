@@ -7,8 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 CONFTEST = Path(__file__).resolve().parents[1] / "conftest.py"
 
 _TESTS = """
@@ -41,18 +39,25 @@ def test_only_gpu_tests_skipped_passes(tmp_path):
     assert ("1 skipped" in result.stdout) != torch.cuda.is_available()
 
 
-@pytest.mark.parametrize(
-    "extra",
-    [
-        "\ndef test_skipped():\n    pytest.skip('feature missing')\n",
-        "\nnothing = pytest.importorskip('a_module_that_is_not_there')\n",
-        "\n@pytest.mark.skipif(True, reason='tool missing')\ndef test_skipif():\n    pass\n",
-    ],
-    ids=["skip", "importorskip", "skipif"],
-)
-def test_any_other_skip_fails_the_run(tmp_path, extra):
-    result = _run(tmp_path, extra)
+_BAD_SKIPS = {
+    "test_cases.py::test_skipped": "\ndef test_skipped():\n    pytest.skip('feature missing')\n",
+    "test_cases.py::test_skipif": (
+        "\n@pytest.mark.skipif(True, reason='tool missing')\ndef test_skipif():\n    pass\n"
+    ),
+}
+
+
+def test_any_other_skip_fails_the_run(tmp_path):
+    result = _run(tmp_path, "".join(_BAD_SKIPS.values()))
     assert result.returncode == 1, result.stdout[-2000:]
-    assert "skips outside the GPU-only tests" in result.stdout
-    allowed = _run(tmp_path, extra, "--allow-skips")  # 5: pytest's "no tests collected"
-    assert allowed.returncode in (0, 5), allowed.stdout[-2000:]
+    report = result.stdout.split("skips outside the GPU-only tests")[1]
+    assert all(node in report for node in _BAD_SKIPS), report
+    assert "test_gpu_only" not in report
+    allowed = _run(tmp_path, "".join(_BAD_SKIPS.values()), "--allow-skips")
+    assert allowed.returncode == 0, allowed.stdout[-2000:]
+
+
+def test_a_skipped_module_fails_the_run(tmp_path):
+    result = _run(tmp_path, "\nnothing = pytest.importorskip('a_module_that_is_not_there')\n")
+    assert result.returncode == 1, result.stdout[-2000:]
+    assert "(whole module)" in result.stdout

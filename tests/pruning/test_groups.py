@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -85,3 +87,44 @@ def test_untraceable_models_are_refused_naming_the_cause():
         channel_families(Detached(), torch.randn(2, 5))
     with pytest.raises(ValueError, match="example_inputs"):
         channel_families(Detached(), None)
+
+
+@pytest.mark.parametrize("name", ["resnet", "vit", "lenet"])
+def test_successors_name_the_reader_columns_of_each_unit(name):
+    """Zeroing a unit's producers equals zeroing the reader's columns successors points at."""
+    from spamkern.models import lenet
+    from spamkern.pruning import apply_masks
+    from spamkern.pruning.groups import successors
+
+    torch.manual_seed(0)
+    model = (
+        {
+            "resnet": lambda: resnet((3, 8, 8), 4, depth=6, widths=(4, 8)),
+            "vit": lambda: vit((3, 8, 8), 3, dim=8, depth=1, n_heads=2, patch=4),
+            "lenet": lambda: lenet((1, 8, 8)),
+        }[name]()
+        .double()
+        .eval()
+    )
+    x = torch.randn(3, *model.input_shape if hasattr(model, "input_shape") else (1, 8, 8))
+    x = x.double()
+    fams = channel_families(model, x)
+    succ = successors(model, x, fams)
+    want = {"resnet": 2, "vit": 2, "lenet": 3}[name]  # residual streams are not listed
+    assert len(succ) == want
+    for source, (reader_name, _, cols) in succ.items():
+        fam = next(f for f in fams if f"{source}.weight" in f.producer_params())
+        removed = torch.zeros(fam.n_units, dtype=torch.bool)
+        removed[0] = True
+        chan = removed.repeat_interleave(fam.unit)
+        params = dict(model.named_parameters())
+        masks = {}
+        for sl in fam.producers:
+            m = masks.setdefault(sl.param, torch.ones_like(params[sl.param], dtype=torch.bool))
+            m.index_fill_(sl.dim, sl.index[chan[sl.root]], False)
+        with torch.no_grad():
+            masked = apply_masks(copy.deepcopy(model), masks)(x)
+            cut = copy.deepcopy(model)
+            w = cut.get_submodule(reader_name).weight
+            w.view(w.shape[0], -1)[:, chan.repeat_interleave(cols)] = 0
+            torch.testing.assert_close(cut(x), masked)

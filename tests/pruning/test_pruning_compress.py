@@ -102,8 +102,12 @@ def test_errors_name_the_module():
             return self.b(x + self.a(x))
 
     res = Residual()  # traced: a's channels are added to the model's input
+    with pytest.raises(ValueError, match="no prunable coupled channel group"):
+        prune(res, random_scores(res), 0.5, pattern="unit")
+    masks = {"a.weight": torch.ones(4, 4, dtype=torch.bool)}
+    masks["a.weight"][2] = False
     with pytest.raises(ValueError, match="rooted at 'a', which cannot go exactly"):
-        compress(res, prune(res, random_scores(res), 0.5, pattern="unit"))
+        compress(res, masks)
 
     mlp = make_mlp()
     unstructured = prune(mlp, random_scores(mlp), 0.5)
