@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from spamkern.experiment.config import CSV_FIELDS, METHODS, TrainConfig, training_config
 from spamkern.metrics import classification_metrics, glm_predictive, map_predictive
-from spamkern.models import build_model
+from spamkern.models import model_by_name
+from spamkern.progress import progress_bar
 from spamkern.pruning import (
     OnlinePruning,
     apply_masks,
@@ -89,7 +89,8 @@ def train_models(
     import spamkern as sk
 
     torch.manual_seed(seed)
-    init = build_model(split.input_shape, split.n_classes).to(device)
+    init = model_by_name(args.model, split.input_shape, split.n_classes)
+    init = init.to(device)
     common = {
         "n_epochs": cfg.epochs,
         "structure": args.structure,
@@ -308,8 +309,8 @@ def _pruned_rows(run: Run) -> list[dict]:
     args = run.args
     jobs = [(m, p, s) for m in args.methods for p in args.patterns for s in args.sparsities]
     scores: dict[str, torch.Tensor] = {}
-    bar = tqdm(
-        jobs, desc=f"prune {run.name} seed {run.seed}", disable=args.no_progress, leave=False
+    bar = progress_bar(
+        jobs, desc=f"prune {run.name} seed {run.seed}", enabled=not args.no_progress, leave=False
     )
     rows = []
     for method, pattern, pct in bar:
