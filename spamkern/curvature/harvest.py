@@ -13,8 +13,8 @@ A divided by N):
 
 θ moves during the epoch, so this is a running estimate over the epoch, not the curvature
 at the epoch's final θ; with a learning rate of 0 it equals a refit. The summed loss is the
-training loss over the epoch. Every trainable tensor must sit in a Linear/Conv2d layer
-(others need per-sample autograd: use a refit); exact GGN always refits.
+training loss over the epoch. Every trainable tensor must sit in a Linear, convolution or
+attention layer (others need per-sample autograd: use a refit); exact GGN always refits.
 
 :class:`InputFactors` keeps the Kronecker A of layers whose input depends on the data only
 (no trainable parameter upstream, e.g. the first layer): computed in the first pass of a
@@ -63,8 +63,8 @@ def check_curvature_source(curvature_source: str, curvature: str, blocks: list[P
     others = [b.name for b in blocks if not b.via_hooks]
     if others:
         raise ValueError(
-            f"curvature_source='epoch' needs every trainable tensor in a Linear/Conv2d layer; "
-            f"{others} need per-sample autograd: use curvature_source='refit'"
+            "curvature_source='epoch' needs every trainable tensor in a Linear, convolution "
+            f"or attention layer; {others} need per-sample autograd: use curvature_source='refit'"
         )
 
 

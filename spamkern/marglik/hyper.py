@@ -86,19 +86,17 @@ class AdamHyper:
 
 @dataclass
 class _Point:
-    """The evidence at one (log δ, log σ) and what the next update needs from there."""
+    """The evidence at one point x = (log δ, [log σ]) and what the next update needs there."""
 
-    log_precision: torch.Tensor
-    log_sigma: torch.Tensor | None
+    x: torch.Tensor  # flat: the prior's log precisions, then log σ if it is learned
     value: float
-    gamma: torch.Tensor | None = None  # per hyperparameter: Σ_{i∈g} (1 − δ_i Σ_ii)
-    scatter: torch.Tensor | None = None  # per hyperparameter: Σ_{i∈g} δ_i θ_i²
-    sigma_fit: float | None = None  # 2·s·L (regression)
-    sigma_dof: float | None = None  # N·C − γ_total (regression)
+    grad: torch.Tensor  # ∂E/∂x
+    mackay: torch.Tensor  # the fixed-point step from x (see FixedPointHyper._mackay)
+    scale: torch.Tensor  # mackay / grad: a positive diagonal preconditioner
 
 
 class FixedPointHyper:
-    """MacKay fixed-point iteration with an evidence guard (see the module docstring)."""
+    """MacKay fixed-point steps, accelerated and guarded (see the module docstring)."""
 
     method = "fixed-point"
 
@@ -111,6 +109,7 @@ class FixedPointHyper:
         tol: float,
         max_log_step: float = 3.0,
         log_bounds: tuple[float, float] = (-30.0, 30.0),
+        memory: int = 10,
     ):
         self.prior = prior
         self.log_sigma = log_sigma
@@ -119,13 +118,11 @@ class FixedPointHyper:
         self.tol = tol
         self.max_log_step = max_log_step
         self.log_bounds = log_bounds
+        self.memory = memory
         self.n_evaluations = 0
         self.n_iterations = 0
-        self._count = self._group_sums(
-            torch.ones(
-                prior.n_params, dtype=prior.log_precision.dtype, device=prior.log_precision.device
-            )
-        )
+        lp = prior.log_precision
+        self._count = self._group_sums(torch.ones(prior.n_params, dtype=lp.dtype, device=lp.device))
         self._share = self._shared_fraction()
 
     # -- group bookkeeping -----------------------------------------------------------------
@@ -146,83 +143,107 @@ class FixedPointHyper:
                     share[slot.start : slot.stop] = 0.5
         return share
 
+    def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        n = self.prior.log_precision.numel()
+        return x[:n], (x[n] if self.learn_sigma else None)
+
     # -- one evaluation ----------------------------------------------------------------------
-    def _evaluate(self, posterior, lp: torch.Tensor, ls: torch.Tensor | None, grad: bool):
-        if not grad:
-            with torch.no_grad():
-                return _Point(lp, ls, float(posterior.log_evidence(lp, self._arg(ls))))
-        lp = lp.detach().requires_grad_(True)
-        ls_var = None if ls is None else ls.detach().requires_grad_(self.learn_sigma)
-        value = posterior.log_evidence(lp, self._arg(ls_var))
-        inputs = [lp] + ([ls_var] if self.learn_sigma else [])
-        grads = torch.autograd.grad(value, inputs)
+    def _evaluate(self, posterior: LaplacePosterior, x: torch.Tensor) -> _Point:
+        x = x.detach().requires_grad_(True)
+        lp, ls = self._split(x)
+        value = posterior.log_evidence(lp, ls)
+        (grad,) = torch.autograd.grad(value, x)
         with torch.no_grad():
-            theta2 = posterior.mean.square()
-            scatter = self._group_sums(self.prior.precision_diag(lp.detach()) * theta2)
-            gamma = 2.0 * grads[0] + scatter  # ∂E/∂log δ_g = ½ (γ_g − δ_g ‖θ_g‖²)
-        point = _Point(lp.detach(), ls, float(value.detach()), gamma, scatter)
-        if self.learn_sigma:  # ∂E/∂log σ = 2sL − (N·C − γ_total)
-            fit = float(2.0 * posterior._scale(ls) * posterior.curvature.loss)
-            point.sigma_fit, point.sigma_dof = fit, fit - float(grads[1])
-        return point
+            scatter = self._group_sums(self.prior.precision_diag(lp) * posterior.mean.square())
+            gamma = 2.0 * grad[: lp.numel()] + scatter  # ∂E/∂log δ_g = ½ (γ_g − δ_g ‖θ_g‖²)
+            step, scale = self._mackay(gamma, scatter)
+            if self.learn_sigma:  # ∂E/∂log σ = 2sL − (N·C − γ_total)
+                fit = 2.0 * posterior._scale(ls) * posterior.curvature.loss
+                dof = fit - grad[-1]
+                s_step, s_scale = _log_step(fit, dof)
+                step = torch.cat([step, (0.5 * s_step).reshape(1)])
+                scale = torch.cat([scale, (0.5 * s_scale).reshape(1)])
+        return _Point(x.detach(), float(value.detach()), grad, step, scale)
 
-    def _arg(self, ls):
-        return ls if self.learn_sigma else None
+    def _mackay(self, gamma: torch.Tensor, scatter: torch.Tensor):
+        """Newton step on log δ_g = log(γ_g / ‖θ_g‖²), and its ratio to ∂E/∂log δ_g.
 
-    # -- the update --------------------------------------------------------------------------
-    def _direction(self, point: _Point) -> tuple[torch.Tensor, float]:
-        """Newton step on log δ_g = log(γ_g / ‖θ_g‖²) (and σ's fixed point), bounded.
+        Same sign as the gradient, so an ascent direction. The divisor 2 − γ_g/n_g
+        approximates 1 − d log γ_g / d log δ_g: about 1 when the data determine the group
+        (the plain MacKay step), about 2 when the prior does (where the plain step
+        oscillates). The ratio to the gradient ½ (γ_g − ‖θ_g‖²_δ) is a positive diagonal
+        preconditioner for the quasi-Newton acceleration."""
+        step, scale = _log_step(gamma, scatter)
+        damp = self._share / (2.0 - (gamma / self._count.clamp_min(1.0)).clamp(0.0, 1.0))
+        return step * damp, 2.0 * scale * damp
 
-        Its sign is the sign of ∂E/∂log δ_g, so it is an ascent direction. The divisor
-        2 − γ_g/n_g approximates 1 − d log γ_g / d log δ_g: about 1 when the data determine
-        the group (the plain MacKay step), about 2 when the prior does (where the plain step
-        oscillates)."""
-        gamma = point.gamma.clamp_min(0.0)
-        log_ratio = _safe_log_ratio(gamma, point.scatter)
-        fraction = (gamma / self._count.clamp_min(1.0)).clamp(0.0, 1.0)
-        step = log_ratio / (2.0 - fraction) * self._share
-        step = step.clamp(-self.max_log_step, self.max_log_step)
-        sigma_step = 0.0
-        if self.learn_sigma:
-            dof = max(point.sigma_dof, 1e-12)
-            sigma_step = 0.5 * math.log(max(point.sigma_fit, 1e-300) / dof)
-            sigma_step = max(-self.max_log_step, min(self.max_log_step, sigma_step))
-        return step, sigma_step
+    # -- the iteration -----------------------------------------------------------------------
+    def _x0(self, posterior: LaplacePosterior) -> torch.Tensor:
+        lp = self.prior.log_precision.detach()
+        if not self.learn_sigma:
+            return lp.clone()
+        return torch.cat([lp, self.log_sigma.detach().reshape(1).to(lp)])
+
+    def _direction(self, point: _Point, pairs: list) -> torch.Tensor:
+        """L-BFGS direction with the MacKay preconditioner; the MacKay step if not ascent."""
+        q = point.grad.clone()
+        alphas = []
+        for s, y, rho in reversed(pairs):
+            alpha = rho * torch.dot(s, q)
+            q -= alpha * y
+            alphas.append(alpha)
+        s_last, y_last, rho_last = pairs[-1] if pairs else (None, None, None)
+        r = q / (rho_last * torch.dot(y_last, y_last)) if pairs else point.scale * q
+        for (s, y, rho), alpha in zip(pairs, reversed(alphas)):
+            r += s * (alpha - rho * torch.dot(y, r))
+        r = r.clamp(-self.max_log_step, self.max_log_step)
+        if not pairs or not bool(torch.dot(r, point.grad) > 0):
+            pairs.clear()
+            r = point.mackay.clamp(-self.max_log_step, self.max_log_step)
+        return r
 
     def step(self, posterior: LaplacePosterior) -> float:
-        lp0 = self.prior.log_precision.detach().clone()
-        ls0 = self.log_sigma.detach().clone() if self.log_sigma is not None else None
-        if ls0 is None and posterior.likelihood == "regression":
-            ls0 = posterior.log_sigma.detach().clone()
-        point = self._evaluate(posterior, lp0, ls0, grad=True)
-        evaluations, iterations = 1, 0
-        scale = self.tol * posterior.n_data
-        lo, hi = self.log_bounds
+        x0 = self._x0(posterior)
+        lo, hi = x0.clone(), x0.clone()
+        n = self.prior.log_precision.numel()
+        lo[:n] = x0[:n].clamp_max(self.log_bounds[0])
+        hi[:n] = x0[:n].clamp_min(self.log_bounds[1])
+        lo[n:], hi[n:] = -math.inf, math.inf
+        point = self._evaluate(posterior, x0)
+        pairs: list = []
+        evaluations = iterations = 0
         while iterations < self.n_steps:
-            step, sigma_step = self._direction(point)
-            t, accepted = 1.0, None
-            for _ in range(20):  # halve until the evidence does not decrease
-                lp = (point.log_precision + t * step).clamp(min(lo, lp0.min()), max(hi, lp0.max()))
-                ls = None if ls0 is None else point.log_sigma + t * sigma_step
-                candidate = self._evaluate(posterior, lp, ls, grad=True)
+            iterations += 1
+            direction = self._direction(point, pairs)
+            if float(torch.dot(direction, point.grad)) <= self.tol * posterior.n_data:
+                break  # the first-order gain of a full step is below the tolerance
+            accepted = None
+            for _ in range(12):  # halve until the evidence does not decrease
+                x = torch.minimum(torch.maximum(point.x + direction, lo), hi)
+                candidate = self._evaluate(posterior, x)
                 evaluations += 1
                 if math.isfinite(candidate.value) and candidate.value >= point.value:
                     accepted = candidate
                     break
-                t *= 0.5
-            iterations += 1
+                direction = 0.5 * direction
             if accepted is None:  # no ascent left at round-off level
                 break
+            s, y = accepted.x - point.x, point.grad - accepted.grad  # y: change of ∇(−E)
+            sy = torch.dot(s, y)
+            if sy > 1e-12 * s.norm() * y.norm():
+                pairs.append((s, y, 1.0 / sy))
+                del pairs[: -self.memory]
             gain = accepted.value - point.value
             point = accepted
-            if gain <= scale:
+            if gain <= self.tol * posterior.n_data:
                 break
+        lp, ls = self._split(point.x)
         with torch.no_grad():
-            self.prior.log_precision.copy_(point.log_precision)
+            self.prior.log_precision.copy_(lp)
             if self.learn_sigma:
-                self.log_sigma.copy_(point.log_sigma)
-                posterior.log_sigma = point.log_sigma.clone()
-        self.n_evaluations, self.n_iterations = evaluations, iterations
+                self.log_sigma.copy_(ls)
+                posterior.log_sigma = ls.clone()
+        self.n_evaluations, self.n_iterations = evaluations + 1, iterations
         value = torch.tensor(point.value)
         _check_finite(value, self.prior, self.log_sigma if self.learn_sigma else None)
         return point.value
@@ -235,10 +256,37 @@ class FixedPointHyper:
         _check_method(state, self.method)
 
 
-def _safe_log_ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    """log(num/den) with 0/0 → 0, x/0 → +inf, 0/x → −inf (clamped by the caller)."""
-    out = num.log() - den.log()
-    return torch.where((num <= 0) & (den <= 0), torch.zeros_like(out), out)
+def effective_parameters(
+    posterior: LaplacePosterior, log_precision: torch.Tensor | None = None
+) -> torch.Tensor:
+    """γ_g = Σ_{i∈g} (1 − δ_i Σ_ii) for every hyperparameter g of the posterior's prior.
+
+    The effective number of parameters each prior precision governs, from one gradient of the
+    log det (∂ log det Π / ∂ log δ_g = Σ_{i∈g} δ_i Σ_ii) — no covariance diagonal needed.
+    """
+    lp = posterior.prior.log_precision if log_precision is None else log_precision
+    with torch.enable_grad():
+        lp = lp.detach().requires_grad_(True)
+        (dlogdet,) = torch.autograd.grad(posterior.log_det_posterior_precision(lp), lp)
+        log_delta = posterior.prior.log_precision_diag(lp)
+        (count,) = torch.autograd.grad(log_delta.sum(), lp)
+    return count - dlogdet
+
+
+def _log_step(num: torch.Tensor, den: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log(num/den), log(num/den) / (num − den)) for num, den ≥ 0, elementwise.
+
+    The second is 1 / the logarithmic mean of num and den: finite and positive wherever
+    either is positive, so step = ratio · (num − den) keeps the sign of num − den."""
+    num, den = num.clamp_min(0.0), den.clamp_min(0.0)
+    tiny = torch.finfo(num.dtype).tiny
+    log_ratio = num.clamp_min(tiny).log() - den.clamp_min(tiny).log()
+    diff = num - den
+    close = diff.abs() <= 1e-8 * torch.maximum(num, den).clamp_min(tiny)
+    mean = torch.maximum(num, den).clamp_min(tiny)  # logarithmic mean ≈ either when close
+    ratio = torch.where(close, mean.reciprocal(), log_ratio / torch.where(close, 1.0, diff))
+    step = torch.where(close, diff * ratio, log_ratio)
+    return step, ratio
 
 
 def _check_method(state: dict[str, Any], method: str) -> None:
