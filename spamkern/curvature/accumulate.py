@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spamkern.curvature.attention import recorded_attention
+from spamkern.curvature.attention import random_state, recorded_attention
 from spamkern.curvature.likelihood import (
     check_curvature,
     check_label_range,
@@ -77,6 +77,7 @@ class _ModuleRecord:
         self.module = module
         self.blocks = blocks
         self.calls: list[dict[str, tuple[torch.Tensor, torch.Tensor, int | None]]] = []
+        self.random_state = None  # attention: the random state before its forward
 
     def clear(self) -> None:
         self.calls.clear()
@@ -94,14 +95,18 @@ class _Recorder:
                     self.records[key] = _ModuleRecord(block.module, [])
                 self.records[key].blocks.append((index, block))
         self.active = True
-        self._handles = [self._register(rec) for rec in self.records.values()]
+        self._handles = [h for rec in self.records.values() for h in self._register(rec)]
 
-    def _register(self, record: _ModuleRecord):
-        if isinstance(record.module, nn.MultiheadAttention):
-            return record.module.register_forward_hook(
-                self._attention_hook(record), with_kwargs=True
-            )
-        return record.module.register_forward_hook(self._hook(record))
+    def _register(self, record: _ModuleRecord) -> list:
+        module = record.module
+        if isinstance(module, nn.MultiheadAttention):
+            return [
+                module.register_forward_pre_hook(
+                    self._attention_pre_hook(record), with_kwargs=True
+                ),
+                module.register_forward_hook(self._attention_hook(record), with_kwargs=True),
+            ]
+        return [module.register_forward_hook(self._hook(record))]
 
     def _hook(self, record: _ModuleRecord):
         def hook(module, inputs, output):
@@ -110,11 +115,17 @@ class _Recorder:
 
         return hook
 
+    def _attention_pre_hook(self, record: _ModuleRecord):
+        def hook(module, args, kwargs):
+            record.random_state = random_state(module, args, kwargs) if self.active else None
+
+        return hook
+
     def _attention_hook(self, record: _ModuleRecord):
         def hook(module, args, kwargs, output):
             if not self.active:
                 return None
-            output, sites = recorded_attention(module, args, kwargs, output)
+            output, sites = recorded_attention(module, args, kwargs, output, record.random_state)
             record.calls.append({k: (a.detach(), out, n) for k, (a, out, n) in sites.items()})
             return output
 
