@@ -175,7 +175,7 @@ def test_online_pruning_uses_the_same_machinery(setting):
         sk.OnlinePruning(0.5, score_fn=sk.opd_scores, method="obs")
 
 
-def test_units_of_a_non_sequential_model_skip_compensation(setting):
+def test_units_of_a_non_sequential_model_are_compensated_through_the_trace(setting):
     _, data, _ = setting
 
     class Wrapped(nn.Module):
@@ -190,14 +190,14 @@ def test_units_of_a_non_sequential_model_skip_compensation(setting):
     post = sk.fit_laplace(model, data, progress=False)
     x = data[0][:3]
     result = sk.sparsify(model, post, 0.3, pattern="unit", example_inputs=x)
-    assert result.reconstruct == "none"
+    assert result.reconstruct == "posterior" and result.uncompensated == ()
+    want = sk.pruning.compensate_units(model, result.masks, post, example_inputs=x)
     masked = sk.apply_masks(copy.deepcopy(model), result.masks)
     with torch.no_grad():
-        torch.testing.assert_close(result.model(x), masked(x))
-    with pytest.raises(ValueError, match="Sequential"):
-        sk.sparsify(
-            model, post, 0.3, pattern="unit", reconstruct="data", data=data, example_inputs=x
-        )
+        torch.testing.assert_close(result.model(x), want(x), rtol=1e-10, atol=1e-12)
+        assert float((result.model(x) - masked(x)).abs().max()) > 1e-6
+    with pytest.raises(ValueError, match="example_inputs"):  # nothing to trace it on
+        sk.sparsify(model, post, 0.3, pattern="unit", reconstruct="data", data=data)
 
 
 def test_default_for_a_dense_laplace_torch_posterior_is_obs():
