@@ -20,7 +20,7 @@ For ``pattern="unit"`` reconstruction means compensating each pruned layer's *ne
 chain the next layer in order, in any other model (traced on ``example_inputs``) the one
 Linear/Conv2d that alone reads the removed channels. Units of channels that a residual sum
 carries, or of the output layer, have no such reader; they are only removed, and
-``result.uncompensated`` names their layers.
+``result.uncompensated`` names the first layer of each such group.
 """
 
 from __future__ import annotations
