@@ -29,6 +29,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -234,27 +235,35 @@ def harvest_gaps(work: Work) -> dict[str, dict[str, float]]:
 
 
 def run_table(setting: Setting, rounds: int, only: list[str] | None = None) -> dict:
-    """Time every case in one process; ratios to the plain loop. The two short runs (plain
-    loop, MAP) alternate ``rounds`` times and keep their best; every other case runs once."""
+    """Time every case in one process, each as a multiple of the plain loop timed right
+    around it: the machine's load drifts (other jobs), so every case gets its own
+    denominator — the mean of the plain loop just before and just after it (MAP, as short
+    as the plain loop: ``rounds`` alternations, the best of each). Every other case runs
+    once."""
     device = torch.device("cpu")
     work = Work(setting, device)
     warm = Work(Setting(n=256, epochs=1, hypersteps=2), device)
     table = cases()
-    chosen = [n for n in table if not only or n in only or n == "plain_loop"]
-    for name in chosen:
+    chosen = [n for n in table if n != "plain_loop" and (not only or n in only)]
+    for name in ["plain_loop", *chosen]:
         table[name](warm)  # imports and first calls happen here, not in the timed runs
+    plain = partial(_time, table["plain_loop"], work)
     seconds: dict[str, float] = {}
-    short = [n for n in ("plain_loop", "map_marglik_train") if n in chosen]
-    for _ in range(rounds):
-        for name in short:
-            seconds[name] = min(seconds.get(name, float("inf")), _time(table[name], work))
+    ratios: dict[str, float] = {"plain_loop": 1.0}
+    before = plain()
     for name in chosen:
-        if name not in short:
-            seconds[name] = _time(table[name], work)
-    for name, value in seconds.items():
-        print(f"{name:34s} {value:8.2f} s", flush=True)
-    base = seconds["plain_loop"]
-    ratios = {k: v / base for k, v in seconds.items()}
+        if name == "map_marglik_train":  # two short runs alternating: the best of each
+            pairs = [(_time(table[name], work), plain()) for _ in range(rounds)]
+            best, after = min(t for t, _ in pairs), pairs[-1][1]
+            denominator = min([before] + [p for _, p in pairs])
+        else:
+            best, after = _time(table[name], work), plain()
+            denominator = 0.5 * (before + after)
+        seconds[name] = best
+        ratios[name] = best / denominator
+        print(f"{name:34s} {best:8.2f} s  {ratios[name]:6.2f}x", flush=True)
+        before = after
+    seconds["plain_loop"] = before
     gaps = {} if only else harvest_gaps(work)
     return {
         "run": run_conditions(),  # card, versions, threads, date, load per core
