@@ -87,6 +87,18 @@ def prior_scores(
 
 
 # ---------------------------------------------------------------------------- c(M)
+def _block_terms(posterior: object) -> PosteriorTerms:
+    """Terms of a posterior whose precision is block-diagonal in the forms c(M) reads."""
+    t = _checked_terms(posterior)
+    if t.dense_curvature:
+        raise ValueError(
+            f"the Kronecker cost reads Kronecker or diagonal blocks; a "
+            f"{type(posterior).__name__} has a dense curvature matrix — use method 'obs' "
+            "(its covariance diagonal is exact) or fit a Kron/Diag posterior"
+        )
+    return t
+
+
 def _blocks(t: PosteriorTerms):
     """Per tensor: (name, θ as a (p, q) matrix, δ (p, q), factors or None, h (p, q))."""
     offset = 0
@@ -126,7 +138,7 @@ def _block_cost(s: float, theta, delta, facs, h, removed: torch.Tensor) -> torch
 def kron_cost(posterior: object, masks: dict[str, torch.Tensor]) -> torch.Tensor:
     """c(M) = ½ vec(Δ)ᵀ Π vec(Δ), Δ = −θ on the masked-out entries, from the posterior's
     blocks (Kronecker: ½ s·tr(G Δ A Δᵀ) + ½ Σ δ Δ²; diagonal: ½ Σ (s·h + δ) Δ²)."""
-    t = _checked_terms(posterior)
+    t = _block_terms(posterior)
     names = {n for n, _ in t.named_params}
     unknown = sorted(set(masks) - names)
     if unknown:
@@ -189,7 +201,7 @@ def kron_masks(
     s = check_sparsity(sparsity)
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
-    t = _checked_terms(posterior)
+    t = _block_terms(posterior)
     model = model if model is not None else getattr(posterior, "model", None)
     if model is None:
         raise TypeError("kron_masks needs a model (or a posterior with a .model)")

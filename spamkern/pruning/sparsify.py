@@ -118,12 +118,15 @@ def sparsify(
 
     ``model`` is not modified; ``result.model`` is a new module with the pruned entries at
     zero (for ``pattern="unit"`` the compressed, smaller model). ``method=None`` uses
-    :data:`DEFAULT_METHOD`. ``data`` (inputs or (X, y) or batches; labels unused) enables
-    layer-by-layer reconstruction on the pruned network's own inputs. ``example_inputs``
-    is passed to :func:`prune`/:func:`compress` for models that need a traced graph.
+    :data:`DEFAULT_METHOD` (``"obs"`` for posteriors with a dense curvature matrix).
+    ``data`` (inputs or (X, y) or batches; labels unused) enables layer-by-layer
+    reconstruction on the pruned network's own inputs. ``example_inputs`` is passed to
+    :func:`prune`/:func:`compress` for models that need a traced graph.
     """
     s = check_sparsity(sparsity)
-    method = DEFAULT_METHOD if method is None else method
+    if method is None:  # a dense-curvature posterior has no block form for 'kron'
+        dense = posterior is not None and posterior_terms(posterior).dense_curvature
+        method = "obs" if dense else DEFAULT_METHOD
     if method not in SPARSIFY_METHODS:
         raise ValueError(f"method must be one of {SPARSIFY_METHODS} or None, got {method!r}")
     if pattern not in PATTERNS:

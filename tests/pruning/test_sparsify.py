@@ -198,3 +198,21 @@ def test_units_of_a_non_sequential_model_skip_compensation(setting):
         sk.sparsify(
             model, post, 0.3, pattern="unit", reconstruct="data", data=data, example_inputs=x
         )
+
+
+def test_default_for_a_dense_laplace_torch_posterior_is_obs():
+    from laplace import FullLaplace
+
+    from spamkern.integrations.laplace import SpamkernGGN
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+    x, y = classification_data(20, (5,), 3)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=10)
+    la = FullLaplace(model, "classification", prior_precision=0.7, backend=SpamkernGGN)
+    la.fit(loader, progress_bar=False)
+    result = sk.sparsify(model, la, 0.5, data=x)
+    assert result.method == "obs" and result.reconstruct == "data"
+    expected = sk.prune(model, sk.obs_scores(la), 0.5)
+    for name in expected:
+        assert torch.equal(result.masks[name], expected[name])
