@@ -309,8 +309,11 @@ class _Stats:
             return input_statistics(model, layer, self.data, self.batch_size)
         wname = _pname(name, "weight")
         facs = self.kron.get(wname)
-        if not isinstance(facs, tuple | list) or len(facs) != 2:
-            raise ValueError(f"the posterior has no Kronecker factor A for {wname!r}")
+        if not isinstance(facs, tuple | list) or len(facs) != 2 or facs[1].ndim != 2:
+            raise ValueError(
+                f"the posterior has no single Kronecker factor A for {wname!r} (grouped "
+                "layers have one per group); pass data (inputs, no labels needed)"
+            )
         return facs[1], self.means.get(wname)
 
     def prior_row_damping(self, name: str) -> torch.Tensor:

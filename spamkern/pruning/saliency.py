@@ -120,9 +120,12 @@ def _blocks(t: PosteriorTerms):
 
 
 def _residual(facs: tuple, delta_w: torch.Tensor) -> torch.Tensor:
-    """R = G Δ A for a weight, G Δ for a bias (Δ as a (p, q) matrix)."""
-    r = facs[0] @ delta_w
-    return r @ facs[1] if len(facs) == 2 else r
+    """R = G Δ A for a weight, G Δ for a bias (Δ as a (p, q) matrix); for stacked factors
+    (grouped convolutions, packed q/k/v: one block per row slice) R_j = G_j Δ_j A_j."""
+    d = delta_w.reshape(facs[0].shape[0], -1, delta_w.shape[-1]) if facs[0].ndim == 3 else delta_w
+    r = facs[0] @ d  # batched over the slices for stacked factors
+    r = r @ facs[1] if len(facs) == 2 else r
+    return r.reshape(delta_w.shape)
 
 
 def _block_cost(s: float, theta, delta, facs, h, removed: torch.Tensor) -> torch.Tensor:
@@ -169,10 +172,7 @@ def _marginal_costs(t: PosteriorTerms, removed: dict[str, torch.Tensor]) -> dict
             cost = 0.5 * (s * h + delta) * sq
         else:
             d = torch.where(rem, -theta, torch.zeros_like(theta))
-            diag = facs[0].diagonal()[:, None]
-            if len(facs) == 2:
-                diag = diag * facs[1].diagonal()[None, :]
-            cost = s * (-theta * _residual(facs, d) + 0.5 * diag * sq) + 0.5 * delta * sq
+            cost = s * (-theta * _residual(facs, d) + 0.5 * h * sq) + 0.5 * delta * sq
         out[name] = cost.reshape(p.shape)
     return out
 
@@ -327,7 +327,7 @@ def _unit_layers(
     out = []
     for name, (nname, nxt, cols), family in links:
         f = facs.get(f"{nname}.weight")
-        if not isinstance(f, tuple) or len(f) != 2:
+        if not isinstance(f, tuple) or len(f) != 2 or f[0].ndim != 2:
             return None
         W = nxt.weight.detach().reshape(nxt.weight.shape[0], -1).to(t.mean.dtype)
         out.append((name, f[0].to(W.dtype), f[1].to(W.dtype), W, cols, family))
