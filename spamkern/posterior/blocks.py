@@ -84,82 +84,125 @@ def unit_log_grid(tp: TensorPrecision, shape: torch.Size) -> tuple[torch.Tensor,
     return tp.a, tp.b.repeat_interleave(positions)
 
 
+class WhitenedEigenCache:
+    """The last eigendecomposition of each whitened factor of one Kronecker block, with the
+    log precisions it was whitened by.
+
+    A hyperparameter update that moves only the rows a (or only the columns b) changes
+    G̃ (or Ã) alone: the other factor's decomposition is reused bit for bit, so evidence and
+    gradient equal those of a fresh decomposition exactly. Keyed by exact equality of the
+    whitening vector, so any change at all decomposes anew."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None, None]
+        self.n_decompositions = 0
+
+    def lookup(self, slot: int, log_w: torch.Tensor):
+        entry = self.entries[slot]
+        if entry is None or entry[0].dtype != log_w.dtype or not torch.equal(entry[0], log_w):
+            return None
+        return entry[1], entry[2]
+
+    def store(self, slot: int, log_w: torch.Tensor, values, vectors) -> None:
+        self.entries[slot] = (log_w.detach().clone(), values, vectors)
+        self.n_decompositions += 1
+
+
+def _whitening_vectors(factors, tp: TensorPrecision, shape: torch.Size) -> list[torch.Tensor]:
+    """The log precisions each factor is whitened by: [a, b_rep] for a weight, [d] for a
+    1-D tensor (one per entry)."""
+    if len(factors) == 2:
+        return list(unit_log_grid(tp, shape))
+    return [tp.expand(shape).reshape(-1)]
+
+
+def _whitened_eigen(
+    parts: list[tuple[list[torch.Tensor], TensorPrecision, torch.Size, WhitenedEigenCache | None]],
+) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """(λ, Q) of every whitened factor of every block, differentiable in λ w.r.t. the
+    whitening; eigendecompositions come from each block's cache when its whitening did not
+    change, the rest in one stacked ``eigh`` per size.
+
+    No autograd through ``eigh``: for F̃ = D^{-½} F D^{-½}, D = diag(e^u), first-order
+    perturbation gives ∂λ_i/∂u_m = −λ_i Q_mi² exactly (also for repeated eigenvalues, as
+    log det is a spectral function). λ is returned as λ·exp(−(Q∘Q)ᵀ(u − u₀)) with u₀ = u
+    detached: the same value, and this exact first derivative."""
+    logws = [_whitening_vectors(factors, tp, shape) for factors, tp, shape, _ in parts]
+    found: list[list] = []
+    todo: dict[tuple, list[tuple[int, int, torch.Tensor]]] = {}
+    for i, ((factors, _, _, cache), ws) in enumerate(zip(parts, logws)):
+        row = []
+        for j, (F, u) in enumerate(zip(factors, ws)):
+            hit = cache.lookup(j, u.detach()) if cache is not None else None
+            row.append(hit)
+            if hit is None:
+                with torch.no_grad():
+                    mat = F * torch.exp(-0.5 * (u[:, None] + u[None, :]))
+                    mat = 0.5 * (mat + mat.T)
+                todo.setdefault((mat.shape[-1], mat.dtype, mat.device), []).append((i, j, mat))
+        found.append(row)
+    for items in todo.values():
+        values, vectors = torch.linalg.eigh(torch.stack([mat for _, _, mat in items]))
+        for k, (i, j, _) in enumerate(items):
+            pair = (values[k].clamp_min(0.0), vectors[k])
+            found[i][j] = pair
+            cache = parts[i][3]
+            if cache is not None:
+                cache.store(j, logws[i][j], *pair)
+    out = []
+    for row, ws in zip(found, logws):
+        pairs = []
+        for (values, vectors), u in zip(row, ws):
+            if u.requires_grad:
+                moved = vectors.square().T @ (u - u.detach())
+                values = values * torch.exp(-moved)
+            pairs.append((values, vectors))
+        out.append(pairs)
+    return out
+
+
 def whitened_unit_eigen(
-    factors: list[torch.Tensor], tp: TensorPrecision, shape: torch.Size, scale
+    factors: list[torch.Tensor],
+    tp: TensorPrecision,
+    shape: torch.Size,
+    scale,
+    cache: WhitenedEigenCache | None = None,
 ) -> BlockEigen:
-    """Exact unitwise block through whitened factors (decomposed anew for each (a, b))."""
-    G = factors[0]
+    """Exact unitwise block through whitened factors (decomposed for each (a, b), or taken
+    from ``cache`` when it holds the decomposition for the same whitening)."""
+    ((l1, q1), *rest) = _whitened_eigen([(factors, tp, shape, cache)])[0]
     if len(factors) == 2:
         a, b_rep = unit_log_grid(tp, shape)
-        A = factors[1]
-        Gw = G * torch.exp(-0.5 * (a[:, None] + a[None, :]))
-        Aw = A * torch.exp(-0.5 * (b_rep[:, None] + b_rep[None, :]))
-        (l1, q1), (l2, q2) = _differentiable_eigh([Gw, Aw])
+        (l2, q2) = rest[0]
         denom = scale * torch.outer(l1, l2) + 1.0
-        log_w = -0.5 * (a[:, None] + b_rep[None, :])
-        return BlockEigen(q1, q2, denom, log_w)
-    d = tp.expand(shape).reshape(-1)  # a 1-D tensor: one log precision per entry
-    Gw = G * torch.exp(-0.5 * (d[:, None] + d[None, :]))
-    ((l1, q1),) = _differentiable_eigh([Gw])
+        return BlockEigen(q1, q2, denom, -0.5 * (a[:, None] + b_rep[None, :]))
+    d = tp.expand(shape).reshape(-1)
     return BlockEigen(q1, None, (scale * l1 + 1.0)[:, None], -0.5 * d[:, None])
 
 
-def unitwise_logdet(
-    blocks: list[tuple[list[torch.Tensor], TensorPrecision, torch.Size]], scale
-) -> torch.Tensor:
-    """Σ over unitwise Kronecker blocks of their exact log det, eigenvalues batched.
+def unitwise_logdet(blocks: list[tuple], scale) -> torch.Tensor:
+    """Σ over unitwise Kronecker blocks of their exact log det.
 
-    Same value as ``whitened_unit_eigen(...).logdet()`` per block, but the whitened factors
-    of equal size are decomposed in one stacked ``eigvalsh`` call per size (one solver
-    launch per size on a GPU instead of two per layer) — this runs at every hyperstep.
+    ``blocks``: ``(factors, tp, shape[, cache])`` per block. Same value as
+    ``whitened_unit_eigen(...).logdet()`` per block; the whitened factors of equal size are
+    decomposed in one stacked call per size (one solver launch per size on a GPU), factors
+    whose whitening did not change since the cached decomposition not at all — this runs at
+    every hyperstep. Differentiable (first order) w.r.t. the log precisions and ``scale``.
     """
-    mats: list[torch.Tensor] = []
-    shift = None  # −2 Σ log w = Σ_mn (a_m + b_n) for weights, Σ d for 1-D tensors
-    layout = []
-    for factors, tp, shape in blocks:
-        if len(factors) == 2:
-            a, b_rep = unit_log_grid(tp, shape)
-            mats.append(factors[0] * torch.exp(-0.5 * (a[:, None] + a[None, :])))
-            mats.append(factors[1] * torch.exp(-0.5 * (b_rep[:, None] + b_rep[None, :])))
+    parts = [(b[0], b[1], b[2], b[3] if len(b) > 3 else None) for b in blocks]
+    total = None
+    for (factors, tp, shape, _), pairs in zip(parts, _whitened_eigen(parts)):
+        ws = _whitening_vectors(factors, tp, shape)
+        if len(factors) == 2:  # −2 Σ log w = Σ_mn (a_m + b_n)
+            a, b_rep = ws
             term = a.sum() * b_rep.numel() + b_rep.sum() * a.numel()
-            layout.append(2)
+            l1, l2 = pairs[0][0], pairs[1][0]
         else:
-            d = tp.expand(shape).reshape(-1)
-            mats.append(factors[0] * torch.exp(-0.5 * (d[:, None] + d[None, :])))
-            term = d.sum()
-            layout.append(1)
-        shift = term if shift is None else shift + term
-    values = _stacked_eigvalsh(mats)
-    total, pos = shift, 0
-    for n_factors in layout:
-        l1 = values[pos]
-        l2 = values[pos + 1] if n_factors == 2 else l1.new_ones(1)
-        total = total + torch.log(scale * torch.outer(l1, l2) + 1.0).sum()
-        pos += n_factors
+            term = ws[0].sum()
+            l1, l2 = pairs[0][0], pairs[0][0].new_ones(1)
+        term = term + torch.log(scale * torch.outer(l1, l2) + 1.0).sum()
+        total = term if total is None else total + term
     return total
-
-
-def _stacked_eigvalsh(mats: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Eigenvalues (clamped at 0) of symmetric matrices, one stacked call per size."""
-    out: list[torch.Tensor | None] = [None] * len(mats)
-    groups: dict[int, list[int]] = {}
-    for i, m in enumerate(mats):
-        groups.setdefault(m.shape[-1], []).append(i)
-    for indices in groups.values():
-        stack = torch.stack([mats[i] for i in indices])
-        values = torch.linalg.eigvalsh(0.5 * (stack + stack.transpose(-1, -2)))
-        for j, i in enumerate(indices):
-            out[i] = values[j].clamp_min(0.0)
-    return out  # type: ignore[return-value]
-
-
-def _differentiable_eigh(mats: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """eigh that keeps autograd (the whitened factors depend on the hyperparameters)."""
-    out = []
-    for m in mats:
-        values, vectors = torch.linalg.eigh(0.5 * (m + m.T))
-        out.append((values.clamp_min(0.0), vectors))
-    return out
 
 
 @dataclass
@@ -262,6 +305,7 @@ class KronBlock:
         self.name = name
         self.values: list[torch.Tensor] | None = None
         self.vectors: list[torch.Tensor] | None = None
+        self.unit_cache = WhitenedEigenCache()
 
     def public_factors(self) -> tuple[torch.Tensor, ...]:
         return tuple(self.factors)
@@ -314,11 +358,11 @@ class KronBlock:
 
     def unitwise_parts(self, tp: TensorPrecision) -> list:
         """Arguments of :func:`unitwise_logdet` for this block."""
-        return [(self.factors, tp, self.shape)]
+        return [(self.factors, tp, self.shape, self.unit_cache)]
 
     def eigen(self, tp: TensorPrecision, scale, unitwise: bool) -> BlockEigen:
         if unitwise:
-            return whitened_unit_eigen(self.factors, tp, self.shape, scale)
+            return whitened_unit_eigen(self.factors, tp, self.shape, scale, self.unit_cache)
         l1, l2 = self.eigenvalues()
         q2 = self.vectors[1] if len(self.vectors) == 2 else None
         return BlockEigen(self.vectors[0], q2, scale * torch.outer(l1, l2) + self._delta(tp), None)
