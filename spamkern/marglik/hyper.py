@@ -12,7 +12,9 @@ Two methods behind one interface (``make_hyper_optimizer(...).step(posterior)``)
   preconditioned by the per-group curvature, replaces it while it points uphill. Every
   update is an ascent direction of the evidence; it is accepted only if the evidence does
   not decrease (otherwise halved), and the iteration stops once an iteration gains less
-  than ``tol`` per data point.
+  than ``tol`` per data point. For unitwise Kronecker posteriors every other step moves
+  only the rows, whose evaluation reuses the cached decomposition of each block's large
+  input-side factor.
 
 See docs/hyperparameters.md for the update rules and when to pick which.
 """
@@ -193,14 +195,20 @@ class FixedPointHyper:
             return lp.clone()
         return torch.cat([lp, self.log_sigma.detach().reshape(1).to(lp)])
 
-    def _direction(self, point: _Point, pairs: list, diagonal: bool) -> torch.Tensor:
+    def _direction(
+        self, point: _Point, pairs: list, diagonal: bool, side: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """L-BFGS direction; the MacKay step first and whenever that is not uphill.
 
         ``diagonal``: start from the per-group curvature of :meth:`_mackay` (fastest where
         the groups are nearly independent), else from a multiple of the identity (for
         parameterwise Kronecker blocks, whose projected δ̃ couples every entry of a block
         with all others, so the per-entry curvature misleads — measured: several times more
-        evaluations, or no convergence within 100 iterations)."""
+        evaluations, or no convergence within 100 iterations).
+
+        ``side`` (a 0/1 mask, see :meth:`_rows`) restricts the step to those entries; its
+        MacKay fallback is then the whole coordinate step of a row (not the half that a
+        row and a column moving together each take)."""
         q = point.grad.clone()
         alphas = []
         for s, y, rho in reversed(pairs):
@@ -216,10 +224,37 @@ class FixedPointHyper:
         for (s, y, rho), alpha in zip(pairs, reversed(alphas)):
             r += s * (alpha - rho * torch.dot(y, r))
         r = r.clamp(-self.max_log_step, self.max_log_step)
+        if side is not None:
+            r = r * side
         if not pairs or not bool(torch.dot(r, point.grad) > 0):
             pairs.clear()
-            r = point.mackay.clamp(-self.max_log_step, self.max_log_step)
+            r = point.mackay if side is None else point.mackay * side / self._x_share()
+            r = r.clamp(-self.max_log_step, self.max_log_step)
         return r
+
+    def _x_share(self) -> torch.Tensor:
+        """:attr:`_share` over x (σ, when learned, is not shared)."""
+        share = self._share
+        return share if not self.learn_sigma else torch.cat([share, share.new_ones(1)])
+
+    def _rows(self, posterior: LaplacePosterior) -> torch.Tensor | None:
+        """Unitwise Kronecker posteriors: a 0/1 mask over x of everything but the columns b
+        (the rows a, every 1-D tensor's precisions, σ); None otherwise.
+
+        A step that moves only these changes the whitened G̃ (out × out) of each block and
+        leaves Ã (in × in) — and the block's cached decomposition of it — as it was, so its
+        evaluation decomposes only the small factors; the large first-layer Ã dominates a
+        full evaluation. Measured on an MLP 784-256-256-10 in 4-epoch SpaM training,
+        alternating full and rows-only steps cut the unitwise hyperparameter time by about
+        a fifth at the same evidence; alternating rows-only and columns-only steps instead
+        needed twice the evaluations and was slower."""
+        if self.prior.kind != "unitwise" or posterior.structure != "kron":
+            return None
+        rows = torch.ones_like(self._x_share())
+        for slot in self.prior.slots:
+            if len(slot.shape) >= 2:
+                rows[slot.start + slot.rows : slot.stop] = 0.0
+        return rows
 
     def _guarded_step(self, posterior, point: _Point, direction: torch.Tensor, bounds):
         """(the first of x + d, x + d/2, … whose evidence is not lower, or None; evaluations)."""
@@ -244,16 +279,22 @@ class FixedPointHyper:
         self.history = [(1, time.perf_counter() - tic, point.value)]
         diagonal = not (self.prior.kind == "parameterwise" and posterior.structure == "kron")
         pairs: list = []
+        rows = self._rows(posterior)
+        side = None  # None: move every hyperparameter; else the rows-only mask
         evaluations = iterations = 0
         while iterations < self.n_steps:
             iterations += 1
-            direction = self._direction(point, pairs, diagonal)
-            if float(torch.dot(direction, point.grad)) <= self.tol * posterior.n_data:
-                break  # the first-order gain of a full step is below the tolerance
-            accepted, tried = self._guarded_step(posterior, point, direction, (lo, hi))
-            evaluations += tried
-            if accepted is None:  # no ascent left at round-off level
-                break
+            direction = self._direction(point, pairs, diagonal, side)
+            accepted = None
+            # skip when the first-order gain of a full step is below the tolerance
+            if float(torch.dot(direction, point.grad)) > self.tol * posterior.n_data:
+                accepted, tried = self._guarded_step(posterior, point, direction, (lo, hi))
+                evaluations += tried
+            if accepted is None:  # no ascent left (at round-off level) along this direction
+                if side is None:
+                    break
+                side = None
+                continue
             s, y = accepted.x - point.x, point.grad - accepted.grad  # y: change of ∇(−E)
             sy = torch.dot(s, y)
             if sy > 1e-12 * s.norm() * y.norm():
@@ -265,8 +306,10 @@ class FixedPointHyper:
             gain = max(accepted.value - point.value, trapezoid)
             point = accepted
             self.history.append((evaluations + 1, time.perf_counter() - tic, point.value))
-            if gain <= self.tol * posterior.n_data:
+            if gain <= self.tol * posterior.n_data and side is None:
                 break
+            # after a full step a rows-only one, after which a full step again
+            side = rows if side is None and gain > self.tol * posterior.n_data else None
         lp, ls = self._split(point.x)
         with torch.no_grad():
             self.prior.log_precision.copy_(lp)

@@ -95,7 +95,7 @@ class WhitenedEigenCache:
 
     def __init__(self) -> None:
         self.entries: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None, None]
-        self.n_decompositions = 0
+        self.n_decompositions = [0, 0]  # per factor: how often it was decomposed
 
     def lookup(self, slot: int, log_w: torch.Tensor):
         entry = self.entries[slot]
@@ -105,7 +105,7 @@ class WhitenedEigenCache:
 
     def store(self, slot: int, log_w: torch.Tensor, values, vectors) -> None:
         self.entries[slot] = (log_w.detach().clone(), values, vectors)
-        self.n_decompositions += 1
+        self.n_decompositions[slot] += 1
 
 
 def _whitening_vectors(factors, tp: TensorPrecision, shape: torch.Size) -> list[torch.Tensor]:
