@@ -127,6 +127,14 @@ def measure(sizes: dict) -> dict:
             f" {row['fixed_point_to_reach_adam']['evaluations']})",
             flush=True,
         )
+    # one marglik step per epoch: epoch + refit + hyper update, against the layerwise prior's
+    # (from the cold start measured here: later steps start warm and need fewer evaluations)
+    per_epoch = work.epoch_s + work.refit_s
+    layerwise = next(r for r in rows if r["prior"] == "layerwise")["fixed-point"]["seconds"]
+    for row in rows:
+        row["epoch_cost_vs_layerwise"] = (per_epoch + row["fixed-point"]["seconds"]) / (
+            per_epoch + layerwise
+        )
     return {
         "benchmark": "hyperparameter update of one marglik step, Kron exact GGN",
         "model": f"MLP 784-{sizes['width']}-{sizes['width']}-10",
@@ -134,6 +142,8 @@ def measure(sizes: dict) -> dict:
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": platform.processor() or platform.machine(),
         "cpu_threads": torch.get_num_threads(),
+        "conditions": "one thread on a shared machine with other jobs running: absolute times"
+        " vary up to 2-3x between runs; compare rows and anchors of one run only",
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "anchors_s": {"train_epoch": work.epoch_s, "curvature_refit": work.refit_s},
         "adam": {"lr": 0.1, "n_steps": 100},
