@@ -19,9 +19,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from spamkern.experiment.config import CSV_FIELDS, METHODS, TrainConfig, training_config
+from spamkern.experiment.config import (
+    CSV_FIELDS,
+    LENET5_SETS,
+    METHODS,
+    TrainConfig,
+    training_config,
+)
 from spamkern.metrics import classification_metrics, glm_predictive, map_predictive
-from spamkern.models import build_model
+from spamkern.models import build_model, lenet5
 from spamkern.pruning import (
     OnlinePruning,
     apply_masks,
@@ -82,6 +88,14 @@ class Run:
 
 
 # ---------------------------------------------------------------------------- training
+def initial_model(split) -> nn.Module:
+    """The untrained network of a data set: LeNet-5 for :data:`LENET5_SETS`, else the
+    default model of its input shape (:func:`spamkern.models.build_model`)."""
+    if split.name in LENET5_SETS:
+        return lenet5(tuple(split.input_shape), split.n_classes)
+    return build_model(split.input_shape, split.n_classes)
+
+
 def train_models(
     split, cfg: TrainConfig, args: argparse.Namespace, seed: int, device: torch.device
 ) -> Trained:
@@ -89,7 +103,7 @@ def train_models(
     import spamkern as sk
 
     torch.manual_seed(seed)
-    init = build_model(split.input_shape, split.n_classes).to(device)
+    init = initial_model(split).to(device)
     common = {
         "n_epochs": cfg.epochs,
         "structure": args.structure,
