@@ -341,12 +341,17 @@ def _opd_terms(la: BaseLaplace):
     from spamkern.pruning.scores import PosteriorTerms
 
     post = from_laplace(la)
+    kron = None
+    if isinstance(la, KronLaplace):  # laplace-torch's layout: [G, A] per weight, [G] otherwise
+        kron = [tuple(f) if len(f) == 2 else (f[0],) for f in la.H_facs.kfacs]
     return PosteriorTerms(
         named_params=post.named_params,
         mean=post.mean,
         curvature_diag=post.curvature_diag(),
         prior_diag=post.prior.precision_diag(),
         curvature_scale=post.curvature_scale,
+        covariance_diag=lambda: la.posterior_variance.detach().to(post.mean.dtype),
+        kron_factors=kron,
     )
 
 

@@ -1,0 +1,210 @@
+"""Pruning scores that read more of the posterior than its diagonal.
+
+With the Laplace posterior N(θ*, Π⁻¹), Π = s·H + diag(δ), removing a set of entries
+(Δ = −θ on them, 0 elsewhere) raises the negative log joint by, to second order,
+
+    c(M) = ½ Δᵀ Π Δ.
+
+* OPD (:func:`~spamkern.pruning.scores.opd_scores`) keeps the diagonal of this form:
+  ½ θ_i² Π_ii, the cost of removing i with everything else fixed.
+* OBS saliency (:func:`obs_scores`): ½ θ_i² / [Π⁻¹]_ii, the cost of removing i when the
+  other weights of the block move to their best values (θ_i / √[Π⁻¹]_ii is the posterior
+  signal-to-noise ratio of the weight).
+* prior score (:func:`prior_scores`): ½ δ_i θ_i², the learned prior's term alone.
+* Kronecker-aware selection (:func:`kron_masks`): for a weight with Π_W = s·G⊗A + D
+  (vec row-major) the cost is ½ s·tr(G Δ A Δᵀ) + ½ Σ δ_ij Δ_ij². When A = E[a aᵀ] has a
+  large mean part (ReLU or pooling inputs), many same-sign removals in one row add up —
+  the cross terms OPD drops. The selection grows the pruned set in rounds; each round
+  ranks the entries by their marginal cost given what is already removed,
+
+      c(Δ + e_ij Δ_ij) − c(Δ) = s(Δ_ij R_ij + ½ G_ii A_jj Δ_ij²) + ½ δ_ij Δ_ij²,  R = G Δ A,
+
+  and the result is never costlier than OPD's mask on c (both are evaluated, the cheaper
+  one is returned). :func:`kron_cost` evaluates c(M) for any masks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from spamkern.pruning.masks import PruningMasks, check_sparsity, prune
+from spamkern.pruning.scores import (
+    PosteriorTerms,
+    _to_output,
+    opd_scores,
+    posterior_terms,
+)
+
+__all__ = ["kron_cost", "kron_masks", "obs_scores", "prior_scores"]
+
+
+def _checked_terms(posterior: object) -> PosteriorTerms:
+    t = posterior_terms(posterior)
+    n_params = sum(p.numel() for _, p in t.named_params)
+    if t.mean.numel() != n_params:
+        raise ValueError(
+            f"posterior mean has {t.mean.numel()} entries but its parameters hold {n_params}"
+        )
+    return t
+
+
+def obs_scores(posterior: object, as_dict: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
+    """OBS saliency ½ θ_i² / [Π⁻¹]_ii from the posterior covariance diagonal.
+
+    Works for every posterior that provides diag Π⁻¹ (spamkern's for every prior and
+    structure; laplace-torch's through their ``posterior_variance``).
+    """
+    t = _checked_terms(posterior)
+    if t.covariance_diag is None:
+        raise TypeError(
+            f"obs_scores needs the posterior covariance diagonal, which a "
+            f"{type(posterior).__name__} does not provide (spamkern.fit_laplace posteriors "
+            "and laplace-torch Kron/Diag/FullLaplace do); use opd_scores or prior_scores"
+        )
+    var = t.covariance_diag().detach().to(t.mean.dtype).reshape(-1)
+    if var.numel() != t.mean.numel():
+        raise ValueError(
+            f"the covariance diagonal has {var.numel()} entries, the posterior {t.mean.numel()}"
+        )
+    return _to_output(t.named_params, 0.5 * t.mean.square() / var, as_dict)
+
+
+def prior_scores(
+    posterior: object, as_dict: bool = False
+) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The prior's term ½ δ_i θ_i² (the learned prior precision, no curvature)."""
+    t = _checked_terms(posterior)
+    prior = t.prior_diag.to(t.mean.dtype).expand_as(t.mean)
+    if not bool(prior.any()):
+        raise ValueError(
+            "the posterior reports no prior precision (all zeros); prior_scores needs one"
+        )
+    return _to_output(t.named_params, 0.5 * prior * t.mean.square(), as_dict)
+
+
+# ---------------------------------------------------------------------------- c(M)
+def _blocks(t: PosteriorTerms):
+    """Per tensor: (name, θ as a (p, q) matrix, δ (p, q), factors or None, h (p, q))."""
+    offset = 0
+    for index, (name, p) in enumerate(t.named_params):
+        n = p.numel()
+        shape = (p.shape[0], n // p.shape[0]) if p.ndim >= 2 else (n, 1)
+        sl = slice(offset, offset + n)
+        offset += n
+        theta = t.mean[sl].reshape(shape)
+        delta = t.prior_diag.to(theta.dtype).expand_as(t.mean)[sl].reshape(shape)
+        h = t.curvature_diag[sl].to(theta.dtype).reshape(shape)
+        facs = None
+        if t.kron_factors is not None:
+            f = t.kron_factors[index]
+            if isinstance(f, tuple | list):
+                facs = tuple(x.to(theta.dtype) for x in f)
+        yield name, theta, delta, facs, h
+
+
+def _residual(facs: tuple, delta_w: torch.Tensor) -> torch.Tensor:
+    """R = G Δ A for a weight, G Δ for a bias (Δ as a (p, q) matrix)."""
+    r = facs[0] @ delta_w
+    return r @ facs[1] if len(facs) == 2 else r
+
+
+def _block_cost(s: float, theta, delta, facs, h, removed: torch.Tensor) -> torch.Tensor:
+    d = torch.where(removed, -theta, torch.zeros_like(theta))
+    prior_part = 0.5 * (delta * d.square()).sum()
+    if facs is None:
+        return prior_part + 0.5 * s * (h * d.square()).sum()
+    return prior_part + 0.5 * s * (d * _residual(facs, d)).sum()
+
+
+def kron_cost(posterior: object, masks: dict[str, torch.Tensor]) -> torch.Tensor:
+    """c(M) = ½ vec(Δ)ᵀ Π vec(Δ), Δ = −θ on the masked-out entries, from the posterior's
+    blocks (Kronecker: ½ s·tr(G Δ A Δᵀ) + ½ Σ δ Δ²; diagonal: ½ Σ (s·h + δ) Δ²)."""
+    t = _checked_terms(posterior)
+    names = {n for n, _ in t.named_params}
+    unknown = sorted(set(masks) - names)
+    if unknown:
+        raise ValueError(f"masks name {unknown}, which the posterior does not cover")
+    total = t.mean.new_zeros(())
+    for name, theta, delta, facs, h in _blocks(t):
+        if name not in masks:
+            continue
+        removed = ~masks[name].to(theta.device).reshape(theta.shape)
+        total = total + _block_cost(t.curvature_scale, theta, delta, facs, h, removed)
+    return total
+
+
+def _marginal_costs(t: PosteriorTerms, removed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Cost of removing each entry next, given the removed set (already-removed: −∞ rank)."""
+    s = t.curvature_scale
+    out = {}
+    for (name, p), (_, theta, delta, facs, h) in zip(t.named_params, _blocks(t)):
+        rem = removed.get(name)
+        rem = (
+            torch.zeros_like(theta, dtype=torch.bool) if rem is None else rem.reshape(theta.shape)
+        )
+        sq = theta.square()
+        if facs is None:
+            cost = 0.5 * (s * h + delta) * sq
+        else:
+            d = torch.where(rem, -theta, torch.zeros_like(theta))
+            diag = facs[0].diagonal()[:, None]
+            if len(facs) == 2:
+                diag = diag * facs[1].diagonal()[None, :]
+            cost = s * (-theta * _residual(facs, d) + 0.5 * diag * sq) + 0.5 * delta * sq
+        out[name] = cost.reshape(p.shape)
+    return out
+
+
+def kron_masks(
+    posterior: object,
+    sparsity: float,
+    pattern: str = "unstructured",
+    scope: str = "global",
+    rounds: int = 16,
+    block: tuple[int, int] = (64, 64),
+    prune_output_layer: bool = False,
+    prune_1d: bool = False,
+    model: torch.nn.Module | None = None,
+    **prune_kwargs,
+) -> PruningMasks:
+    """Masks chosen by the Kronecker cost c(M), cross terms included (see module docs).
+
+    The pruned set grows to ``sparsity`` in ``rounds`` equal steps, each ranking entries
+    by their marginal cost (summed per unit/block for structured patterns); OPD's mask is
+    the one-round special case, and whichever of the two has the lower c(M) is returned.
+    ``model`` (default: the posterior's) names the parameters the masks are for; other
+    keyword arguments go to :func:`~spamkern.pruning.prune`.
+    """
+    s = check_sparsity(sparsity)
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
+    t = _checked_terms(posterior)
+    model = model if model is not None else getattr(posterior, "model", None)
+    if model is None:
+        raise TypeError("kron_masks needs a model (or a posterior with a .model)")
+    kwargs = {
+        **prune_kwargs,
+        "pattern": pattern,
+        "scope": scope,
+        "block": block,
+        "prune_output_layer": prune_output_layer,
+        "prune_1d": prune_1d,
+    }
+    opd = prune(model, opd_scores(posterior, as_dict=True), s, **kwargs)
+    if pattern == "2:4":
+        steps = [s]  # every group loses exactly two: one ranking of the marginal costs
+    else:
+        steps = [s * (k + 1) / rounds for k in range(rounds)]
+    removed: dict[str, torch.Tensor] = {}
+    masks = opd
+    for target in steps:
+        costs = _marginal_costs(t, removed)
+        floor = min(float(c.min()) for c in costs.values())
+        bottom = floor - 1.0 - abs(floor)  # below every finite cost: keeps removals removed
+        for name, rem in removed.items():
+            costs[name] = torch.where(rem.reshape(costs[name].shape), bottom, costs[name])
+        masks = prune(model, costs, target, **kwargs)
+        removed = {n: ~m for n, m in masks.items()}
+    if float(kron_cost(posterior, masks)) <= float(kron_cost(posterior, opd)):
+        return masks
+    return opd
