@@ -11,6 +11,7 @@ from spamkern.experiment.config import (
     METHODS,
     PATTERNS,
     SPARSITIES,
+    Method,
     TrainConfig,
     check_local_root,
     parse_dataset,
@@ -23,9 +24,18 @@ from spamkern.experiment.report import (
     plot,
     summary,
     verdict,
+    verdicts,
     write_csv,
 )
-from spamkern.experiment.run import Trained, method_scores, run_one, train_models
+from spamkern.experiment.run import (
+    Trained,
+    initial_model,
+    method_scores,
+    prune_with,
+    pruned_rows,
+    run_one,
+    train_models,
+)
 
 __all__ = [
     "BUILTIN",
@@ -33,6 +43,7 @@ __all__ = [
     "DEFAULT_TRAINING",
     "LOCAL",
     "METHODS",
+    "Method",
     "PATTERNS",
     "SPARSITIES",
     "TrainConfig",
@@ -41,13 +52,17 @@ __all__ = [
     "check_local_root",
     "compression_table",
     "dense_table",
+    "initial_model",
     "method_scores",
     "parse_dataset",
     "plot",
+    "prune_with",
+    "pruned_rows",
     "run_one",
     "summary",
     "train_models",
     "training_config",
     "verdict",
+    "verdicts",
     "write_csv",
 ]

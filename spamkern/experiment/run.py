@@ -23,6 +23,7 @@ from spamkern.experiment.config import (
     CSV_FIELDS,
     LENET5_SETS,
     METHODS,
+    Method,
     TrainConfig,
     training_config,
 )
@@ -36,15 +37,16 @@ from spamkern.pruning import (
     count_params,
     finetune,
     grasp_scores,
-    magnitude_scores,
     measure_latency,
     obd_scores,
-    opd_scores,
     prune,
     random_scores,
     snip_scores,
+    sparsify,
     synflow_scores,
 )
+from spamkern.pruning.scores import flatten_scores
+from spamkern.pruning.sparsify import method_scores as sparsify_scores
 
 
 @dataclass
@@ -166,16 +168,20 @@ def train_models(
 
 
 # ---------------------------------------------------------------------------- scoring
-def method_scores(method: str, trained: Trained, split, seed: int) -> torch.Tensor:
-    """One score per weight for ``method``: OPD from the posterior, the rest from the model."""
-    which, score = METHODS[method]
-    model = trained.spam_model if which == "spam" else trained.map_model
-    posterior = trained.spam_posterior if which == "spam" else trained.map_posterior
-    data = split.train
-    if score == "opd":
-        return opd_scores(posterior)
-    if score == "magnitude":
-        return magnitude_scores(model)
+def _model_and_posterior(method: Method, trained: Trained):
+    if method.model == "spam":
+        return trained.spam_model, trained.spam_posterior
+    return trained.map_model, trained.map_posterior
+
+
+def method_scores(method: str | Method, trained: Trained, split, seed: int) -> torch.Tensor:
+    """One score per weight for a method without reconstruction (scores are reused for
+    every level): OPD/OBS/prior from the posterior, the baselines from the model."""
+    spec = METHODS[method] if isinstance(method, str) else method
+    model, posterior = _model_and_posterior(spec, trained)
+    data, score = split.train, spec.score
+    if score in ("opd", "obs", "prior", "magnitude"):
+        return flatten_scores(model, sparsify_scores(score, model, posterior))
     if score == "random":
         return random_scores(model, torch.Generator().manual_seed(10_000 + seed))
     if score == "snip":
@@ -186,7 +192,43 @@ def method_scores(method: str, trained: Trained, split, seed: int) -> torch.Tens
         return obd_scores(model, data)
     if score == "synflow":
         return synflow_scores(model, tuple(split.input_shape))
-    raise ValueError(f"unknown score {score!r}")
+    raise ValueError(f"score {score!r} has no fixed per-weight scores")
+
+
+def uses_sparsify(method: Method) -> bool:
+    """Reconstructed methods and the Kronecker/default selections go through sparsify."""
+    return method.reconstruct != "none" or method.score in ("kron", "default")
+
+
+@dataclass
+class Pruned:
+    """One pruned model: ``compressed`` when unit pruning already made it smaller."""
+
+    model: nn.Module
+    masks: Any
+    score: str
+    compressed: bool
+
+
+def prune_with(
+    method: Method, run: Run, pattern: str, pct: float, scores: torch.Tensor | None
+) -> Pruned:
+    """Prune the method's trained model to ``pct`` % (``scores`` for score-only methods)."""
+    model, posterior = _model_and_posterior(method, run.trained)
+    if not uses_sparsify(method):
+        masks = prune(model, scores, pct / 100.0, pattern=pattern, scope=run.args.scope)
+        return Pruned(apply_masks(copy.deepcopy(model), masks), masks, method.score, False)
+    result = sparsify(
+        model,
+        posterior,
+        pct / 100.0,
+        pattern=pattern,
+        scope=run.args.scope,
+        method=None if method.score == "default" else method.score,
+        data=run.split.train[0] if method.reconstruct == "data" else None,
+        reconstruct=method.reconstruct,
+    )
+    return Pruned(result.model, result.masks, result.method, pattern == "unit")
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -202,16 +244,30 @@ def evaluate(model: nn.Module, split) -> dict[str, float]:
     return classification_metrics(map_predictive(model, x), y)
 
 
-def make_row(dataset: str, seed: int, method: str, pattern: str, sparsity: float, **values) -> dict:
-    """A full CSV row: unset columns stay empty so every row has the same fields."""
-    which, score = METHODS.get(method, (method.split("+")[0].lower(), "-"))
+def make_row(
+    dataset: str,
+    seed: int,
+    method: str,
+    pattern: str,
+    sparsity: float,
+    spec: Method | None = None,
+    **values,
+) -> dict:
+    """A full CSV row: unset columns stay empty so every row has the same fields.
+
+    ``spec`` describes the method (default: ``METHODS[method]``; the dense and online rows
+    have none and name only their model).
+    """
+    if spec is None:
+        spec = METHODS.get(method, Method(method.split("+")[0].lower(), "-", "-"))
     row = {k: "" for k in CSV_FIELDS}
     row.update(
         dataset=dataset,
         seed=seed,
         method=method,
-        model=which,
-        score=score,
+        model=spec.model,
+        score=spec.score,
+        reconstruct=spec.reconstruct,
         pattern=pattern,
         sparsity=sparsity,
     )
@@ -273,21 +329,23 @@ def _dense_rows(run: Run) -> list[dict]:
     return rows
 
 
-def _pruned_row(run: Run, method: str, pattern: str, pct: float, scores: torch.Tensor) -> dict:
+def pruned_row(
+    run: Run, label: str, method: Method, pattern: str, pct: float, scores: torch.Tensor | None
+) -> dict:
     """Prune the method's model at ``pct`` %, fine-tune if asked, then measure and evaluate.
 
-    Unit-pruned models are compressed first, so their size, FLOPs and latency are real.
+    Unit-pruned models are compressed before they are measured, so their size, FLOPs and
+    latency are real (sparsify returns them compressed; the score-only path compresses
+    after fine-tuning).
     """
     args, cfg = run.args, run.cfg
-    which, _ = METHODS[method]
-    base = run.trained.spam_model if which == "spam" else run.trained.map_model
-    masks = prune(base, scores, pct / 100.0, pattern=pattern, scope=args.scope)
-    pruned = apply_masks(copy.deepcopy(base), masks)
+    pruned = prune_with(method, run, pattern, pct, scores)
+    model = pruned.model
     if args.finetune_epochs > 0:
         finetune(
-            pruned,
+            model,
             run.split.train,
-            masks,
+            None if pruned.compressed else pruned.masks,
             epochs=args.finetune_epochs,
             lr=args.finetune_lr,
             batch_size=cfg.batch_size,
@@ -296,40 +354,45 @@ def _pruned_row(run: Run, method: str, pattern: str, pct: float, scores: torch.T
         )
     params, flops, latency = run.dense.params, run.dense.flops, ""
     if pattern == "unit":
-        small = compress(pruned, masks)
+        small = model if pruned.compressed else compress(model, pruned.masks)
         params, flops = count_params(small), count_flops(small, run.shape)
         latency = measure_latency(small, run.shape, repeats=args.latency_repeats)
     return make_row(
         run.name,
         run.seed,
-        method,
+        label,
         pattern,
         pct,
-        achieved_sparsity=masks.sparsity(),
-        zero_fraction=zero_fraction(pruned),
+        spec=method._replace(score=pruned.score),
+        achieved_sparsity=pruned.masks.sparsity(),
+        zero_fraction=zero_fraction(model),
         finetune_epochs=args.finetune_epochs,
         predictive="map",
         chance=run.dense.chance,
         params=params,
         flops=flops,
         latency_ms=latency,
-        **evaluate(pruned, run.split),
+        **evaluate(model, run.split),
     )
 
 
-def _pruned_rows(run: Run) -> list[dict]:
-    """Every method × pattern × level; each method is scored once, on first use."""
+def pruned_rows(run: Run, methods: dict[str, Method] | None = None) -> list[dict]:
+    """Every method × pattern × level (``methods``: label → method, default the
+    ``--methods`` of the main job); score-only methods are scored once, on first use."""
     args = run.args
-    jobs = [(m, p, s) for m in args.methods for p in args.patterns for s in args.sparsities]
+    if methods is None:
+        methods = {label: METHODS[label] for label in args.methods}
+    jobs = [(m, p, s) for m in methods for p in args.patterns for s in args.sparsities]
     scores: dict[str, torch.Tensor] = {}
     bar = tqdm(
         jobs, desc=f"prune {run.name} seed {run.seed}", disable=args.no_progress, leave=False
     )
     rows = []
-    for method, pattern, pct in bar:
-        if method not in scores:
-            scores[method] = method_scores(method, run.trained, run.split, run.seed).detach()
-        rows.append(_pruned_row(run, method, pattern, pct, scores[method]))
+    for label, pattern, pct in bar:
+        method = methods[label]
+        if not uses_sparsify(method) and label not in scores:
+            scores[label] = method_scores(method, run.trained, run.split, run.seed).detach()
+        rows.append(pruned_row(run, label, method, pattern, pct, scores.get(label)))
     return rows
 
 
@@ -344,6 +407,7 @@ def _online_row(run: Run) -> dict:
         run.args.online_sparsity,
         model="spam",
         score="opd-online",
+        reconstruct="none",
         achieved_sparsity=masks.sparsity() if masks is not None else 0.0,
         zero_fraction=zero_fraction(model),
         finetune_epochs=0,
@@ -371,7 +435,7 @@ def run_one(
     run = Run(name, seed, split, cfg, args, trained, dense)
     rows = _dense_rows(run)
     tic = time.perf_counter()
-    rows.extend(_pruned_rows(run))
+    rows.extend(pruned_rows(run))
     if trained.online_model is not None:
         rows.append(_online_row(run))
     seconds = dict(trained.seconds, prune_and_evaluate=time.perf_counter() - tic)
