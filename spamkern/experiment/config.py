@@ -67,6 +67,7 @@ CSV_FIELDS = (
     "model",
     "score",
     "reconstruct",
+    "scope",
     "pattern",
     "sparsity",
     "achieved_sparsity",

@@ -301,7 +301,7 @@ def _measure_dense(trained: Trained, split, repeats: int) -> Dense:
     return Dense(params, flops, latency, chance)
 
 
-def _dense_rows(run: Run) -> list[dict]:
+def dense_rows(run: Run) -> list[dict]:
     """The unpruned MAP and SpaM models, each under the MAP and the GLM predictive."""
     rows = []
     x_test, y_test = run.split.test
@@ -364,6 +364,7 @@ def pruned_row(
         pattern,
         pct,
         spec=method._replace(score=pruned.score),
+        scope=args.scope,
         achieved_sparsity=pruned.masks.sparsity(),
         zero_fraction=zero_fraction(model),
         finetune_epochs=args.finetune_epochs,
@@ -419,6 +420,18 @@ def _online_row(run: Run) -> dict:
     )
 
 
+def prepare_run(
+    name: str, root: str | None, seed: int, args: argparse.Namespace, device: torch.device
+) -> Run:
+    """Load the data set, train its MAP and SpaM models and measure the dense MAP model:
+    everything the pruned rows of one (data set, seed) share."""
+    split = _load_split(name, root or args.data_root, seed, device)
+    cfg = training_config(name, args)
+    trained = train_models(split, cfg, args, seed, device)
+    dense = _measure_dense(trained, split, args.latency_repeats)
+    return Run(name, seed, split, cfg, args, trained, dense)
+
+
 def run_one(
     name: str,
     root: str | None,
@@ -428,16 +441,12 @@ def run_one(
     log: Callable[[str], None],
 ) -> list[dict]:
     """All rows of one (data set, seed); logs the seconds each stage took."""
-    split = _load_split(name, root or args.data_root, seed, device)
-    cfg = training_config(name, args)
-    trained = train_models(split, cfg, args, seed, device)
-    dense = _measure_dense(trained, split, args.latency_repeats)
-    run = Run(name, seed, split, cfg, args, trained, dense)
-    rows = _dense_rows(run)
+    run = prepare_run(name, root, seed, args, device)
+    rows = dense_rows(run)
     tic = time.perf_counter()
     rows.extend(pruned_rows(run))
-    if trained.online_model is not None:
+    if run.trained.online_model is not None:
         rows.append(_online_row(run))
-    seconds = dict(trained.seconds, prune_and_evaluate=time.perf_counter() - tic)
+    seconds = dict(run.trained.seconds, prune_and_evaluate=time.perf_counter() - tic)
     log(f"{name} seed {seed}: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
     return rows
