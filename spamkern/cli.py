@@ -107,7 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("global", "layerwise"),
         help="one threshold over all layers (default) or the same sparsity in every layer",
     )
-    p.add_argument("--methods", nargs="+", choices=tuple(METHODS), default=list(METHODS))
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        choices=tuple(METHODS),
+        default=list(METHODS),
+        metavar="METHOD",
+        help="pruning methods (default all): " + ", ".join(METHODS) + ". SpaM+sparsify is "
+        "sk.sparsify's default on the SpaM model with data= (survivors re-solved on the "
+        "training inputs), +rec(A) the same from the posterior's factors; MAP+sparsify and "
+        "MAP+magnitude+rec put the MAP model through the same reconstruction",
+    )
     p.add_argument(
         "--finetune-epochs",
         type=int,
