@@ -3,7 +3,7 @@ the same pipeline, no fine-tuning.
 
     python bench/bench_pruning_quality.py            # digits28 (LeNet-5), digits, breast cancer
     python bench/bench_pruning_quality.py --quick    # digits28, one seed, the target levels
-    python -m pytest bench/bench_pruning_quality.py [--quick] --benchmark-only
+    python -m pytest bench/bench_pruning_quality.py [--full]   # quick sweep unless --full
 
 Both write bench/results/<machine>-pruning_quality[-quick].json (machine, date, threads,
 versions, settings, every row, mean accuracies, the targets with pass/fail) and a PNG of
@@ -49,6 +49,7 @@ from spamkern.experiment.sweep import (
     sweep,
 )
 
+GPU_MODE = False  # a CPU accuracy measurement: the GPU benchmark phase leaves it out
 RESULTS = Path(__file__).resolve().parent / "results"
 DATASETS = ("digits28", "digits", "breast_cancer")
 HEADLINE = {
@@ -208,7 +209,7 @@ def _print_targets(record: dict) -> None:
 # ---------------------------------------------------------------------------- pytest
 def test_pruning_quality(benchmark, request):
     """One sweep, timed once; the accuracies and targets go into the benchmark's extra_info."""
-    quick = request.config.getoption("--quick")
+    quick = not request.config.getoption("--full")
     torch.set_num_threads(1)
     seeds, datasets = ([0], ("digits28",)) if quick else ([0, 1], DATASETS)
     record = benchmark.pedantic(
