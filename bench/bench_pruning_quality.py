@@ -209,7 +209,7 @@ def _print_targets(record: dict) -> None:
 # ---------------------------------------------------------------------------- pytest
 def test_pruning_quality(benchmark, request):
     """One sweep, timed once; the accuracies and targets go into the benchmark's extra_info."""
-    quick = not request.config.getoption("--full")
+    quick = not request.config.getoption("--full", default=False)
     torch.set_num_threads(1)
     seeds, datasets = ([0], ("digits28",)) if quick else ([0, 1], DATASETS)
     record = benchmark.pedantic(
