@@ -190,7 +190,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--epochs", type=int, default=None, help="override every data set's training epochs"
     )
+    p.add_argument(
+        "--from-csv",
+        type=Path,
+        default=None,
+        metavar="CSV",
+        help="re-render ablation.md and ablation.png from an earlier ablation.csv (no training)",
+    )
     args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.from_csv is not None:
+        with open(args.from_csv) as fh:
+            rows = list(csv.DictReader(fh))
+        header = (args.out / "ablation.md").read_text().split("\n\n**")[0]
+        (args.out / "ablation.md").write_text(markdown(rows, header))
+        plot(rows, args.out / "ablation.png")
+        return 0
     torch.set_num_threads(1)
     started = datetime.now(UTC)
     methods = method_grid(("spam", "map"), SCORES, RECONSTRUCTIONS)
@@ -210,7 +225,6 @@ def main(argv: list[str] | None = None) -> int:
         f"{' '.join(map(str, args.seeds))}; no fine-tuning; {started:%Y-%m-%d %H:%M} UTC, "
         f"{seconds / 60:.1f} min on 1 torch thread (torch {torch.__version__})."
     )
-    args.out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, args.out / "ablation.csv")
     (args.out / "ablation.md").write_text(markdown(rows, header))
     plot(rows, args.out / "ablation.png")
