@@ -337,6 +337,15 @@ def from_laplace(la: BaseLaplace) -> LaplaceTorchPosterior:
     )
 
 
+def _laplace_covariance_diag(la: BaseLaplace) -> torch.Tensor:
+    """(P,) diag Π⁻¹ of a fitted laplace-torch posterior (for the OBS saliency)."""
+    if isinstance(la, KronLaplace):
+        return la.posterior_precision.diag(exponent=-1).detach()
+    if isinstance(la, FullLaplace):
+        return la.posterior_covariance.diagonal().detach()
+    return la.posterior_variance.detach()
+
+
 def _opd_terms(la: BaseLaplace):
     from spamkern.pruning.scores import PosteriorTerms
 
@@ -350,7 +359,7 @@ def _opd_terms(la: BaseLaplace):
         curvature_diag=post.curvature_diag(),
         prior_diag=post.prior.precision_diag(),
         curvature_scale=post.curvature_scale,
-        covariance_diag=lambda: la.posterior_variance.detach().to(post.mean.dtype),
+        covariance_diag=lambda: _laplace_covariance_diag(la).to(post.mean.dtype),
         kron_factors=kron,
     )
 

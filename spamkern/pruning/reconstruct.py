@@ -399,14 +399,21 @@ def _compensation(
     S, K = removed.nonzero().squeeze(1), keep.nonzero().squeeze(1)
     A_KK = _damped(A[K][:, K], damping)
     if mu is None:
-        B = torch.linalg.solve(A_KK, A[K][:, S]).T
-        return B, None
+        return _psd_solve(A_KK, A[K][:, S]).T, None
     n = K.numel()
     M = A.new_empty(n + 1, n + 1)
     M[:n, :n], M[:n, n], M[n, :n], M[n, n] = A_KK, mu[K], mu[K], 1.0
     C = torch.cat([A[S][:, K], mu[S][:, None]], dim=1)
-    Bc = torch.linalg.solve(M, C.T).T
+    Bc = _psd_solve(M, C.T).T
     return Bc[:, :n], Bc[:, n]
+
+
+def _psd_solve(M: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """M⁻¹ rhs by Cholesky; the minimum-norm solution when M is singular (dead inputs)."""
+    chol, info = torch.linalg.cholesky_ex(M)
+    if int(info) == 0:
+        return torch.cholesky_solve(rhs, chol)
+    return torch.linalg.pinv(M, hermitian=True) @ rhs
 
 
 @torch.no_grad()

@@ -19,8 +19,9 @@ With the Laplace posterior N(θ*, Π⁻¹), Π = s·H + diag(δ), removing a set
 
       c(Δ + e_ij Δ_ij) − c(Δ) = s(Δ_ij R_ij + ½ G_ii A_jj Δ_ij²) + ½ δ_ij Δ_ij²,  R = G Δ A,
 
-  and the result is never costlier than OPD's mask on c (both are evaluated, the cheaper
-  one is returned). :func:`kron_cost` evaluates c(M) for any masks.
+  the cheaper of this and OPD's mask is kept (so it is never costlier than OPD on c),
+  and for unstructured masks a local search then exchanges removed and kept entries
+  while c(M) drops. :func:`kron_cost` evaluates c(M) for any masks.
 """
 
 from __future__ import annotations
@@ -139,9 +140,7 @@ def _marginal_costs(t: PosteriorTerms, removed: dict[str, torch.Tensor]) -> dict
     out = {}
     for (name, p), (_, theta, delta, facs, h) in zip(t.named_params, _blocks(t)):
         rem = removed.get(name)
-        rem = (
-            torch.zeros_like(theta, dtype=torch.bool) if rem is None else rem.reshape(theta.shape)
-        )
+        rem = torch.zeros_like(theta, dtype=torch.bool) if rem is None else rem.reshape(theta.shape)
         sq = theta.square()
         if facs is None:
             cost = 0.5 * (s * h + delta) * sq
@@ -171,7 +170,9 @@ def kron_masks(
 
     The pruned set grows to ``sparsity`` in ``rounds`` equal steps, each ranking entries
     by their marginal cost (summed per unit/block for structured patterns); OPD's mask is
-    the one-round special case, and whichever of the two has the lower c(M) is returned.
+    the one-round special case, and whichever of the two has the lower c(M) is kept; for
+    unstructured masks up to ``rounds`` exchange steps follow (within each layer for
+    ``scope="layerwise"``), each accepted only if it lowers c(M).
     ``model`` (default: the posterior's) names the parameters the masks are for; other
     keyword arguments go to :func:`~spamkern.pruning.prune`.
     """
@@ -205,6 +206,69 @@ def kron_masks(
             costs[name] = torch.where(rem.reshape(costs[name].shape), bottom, costs[name])
         masks = prune(model, costs, target, **kwargs)
         removed = {n: ~m for n, m in masks.items()}
-    if float(kron_cost(posterior, masks)) <= float(kron_cost(posterior, opd)):
-        return masks
-    return opd
+    if float(kron_cost(posterior, masks)) > float(kron_cost(posterior, opd)):
+        masks = opd
+    if pattern == "unstructured":
+        groups = [list(masks)] if scope == "global" else [[n] for n in masks]
+        for names in groups:
+            masks = _swap_search(posterior, t, masks, names, rounds)
+    return masks
+
+
+def _exchange_costs(t: PosteriorTerms, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per entry, the change of c(M) if it alone is removed (kept entries) or the cost it
+    adds by being removed (removed entries): s(Δ_ij R'_ij + ½ G_ii A_jj Δ_ij²) + ½ δ Δ_ij²
+    with R' = G Δ A without the entry's own term."""
+    s = t.curvature_scale
+    out = {}
+    for (name, p), (_, theta, delta, facs, h) in zip(t.named_params, _blocks(t)):
+        if name not in masks:
+            continue
+        sq = theta.square()
+        if facs is None:
+            out[name] = (0.5 * (s * h + delta) * sq).reshape(p.shape)
+            continue
+        d = torch.where(masks[name].reshape(theta.shape), torch.zeros_like(theta), -theta)
+        diag = facs[0].diagonal()[:, None]
+        if len(facs) == 2:
+            diag = diag * facs[1].diagonal()[None, :]
+        r = _residual(facs, d) - diag * d
+        out[name] = (s * (-theta * r + 0.5 * diag * sq) + 0.5 * delta * sq).reshape(p.shape)
+    return out
+
+
+def _swap_search(posterior, t, masks: PruningMasks, names: list[str], rounds: int):
+    """Local search at fixed counts: exchange the q removed entries that cost most with the
+    q kept entries that would cost least, halving q until c(M) drops; stop when none does."""
+    best = float(kron_cost(posterior, masks))
+    for _ in range(rounds):
+        costs = _exchange_costs(t, masks)
+        keep = torch.cat([masks[n].reshape(-1) for n in names])
+        flat = torch.cat([costs[n].reshape(-1) for n in names])
+        kept, gone = keep.nonzero().squeeze(1), (~keep).nonzero().squeeze(1)
+        add = flat[kept].sort()
+        back = flat[gone].sort(descending=True)
+        q = min(kept.numel(), gone.numel())
+        q = int((add.values[:q] < back.values[:q]).sum())
+        improved = False
+        while q >= 1:
+            trial = keep.clone()
+            trial[kept[add.indices[:q]]] = False
+            trial[gone[back.indices[:q]]] = True
+            candidate = PruningMasks(
+                dict(masks),
+                pattern=masks.pattern,
+                scope=masks.scope,
+                block=masks.block,
+                target=masks.target,
+            )
+            for n, part in zip(names, trial.split([masks[n].numel() for n in names])):
+                candidate[n] = part.reshape(masks[n].shape)
+            cost = float(kron_cost(posterior, candidate))
+            if cost < best:
+                best, masks, improved = cost, candidate, True
+                break
+            q //= 2
+        if not improved:
+            break
+    return masks
