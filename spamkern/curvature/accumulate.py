@@ -49,6 +49,9 @@ class Curvature:
     n_outputs: int
     factors: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # kron: [G, A] / [G]
     diags: dict[int, torch.Tensor] = field(default_factory=dict)  # diag: shaped like the param
+    # kron weights: E[a], the mean layer input in A's layout (lets a pruned layer's bias
+    # absorb the input mean when its survivors are re-solved without data)
+    input_means: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def block_factors(self) -> list[list[torch.Tensor] | torch.Tensor]:
         """Per block, in parameter order: its Kronecker factors or its diagonal."""
@@ -207,6 +210,23 @@ def _accumulate_conv(
             _add(diags, index, sq.reshape(conv.weight.shape))
 
 
+def _accumulate_mean(module: nn.Module, a: torch.Tensor, blocks, raw_mean: dict) -> None:
+    """Σ_n of the layer input averaged over weight-sharing positions (A's "expand" layout)."""
+    for index, block in blocks:
+        if block.kind != "kron" or block.role != "weight":
+            continue
+        if isinstance(module, nn.Conv2d):
+            x, padding = _explicit_padding(module, a)
+            u = F.unfold(
+                x.sum(0, keepdim=True), module.kernel_size, module.dilation, padding, module.stride
+            )[0]
+            total = u.sum(1) / u.shape[1]
+        else:
+            positions = a[0, ..., 0].numel() if a.ndim > 2 else 1
+            total = a.reshape(-1, a.shape[-1]).sum(0) / positions
+        _add(raw_mean, index, total)
+
+
 def _generic_diag(
     model: nn.Module,
     x,
@@ -266,6 +286,7 @@ def accumulate_curvature(
     G_sums: dict[int, torch.Tensor] = {}
     raw_A: dict[int, torch.Tensor] = {}
     diags: dict[int, torch.Tensor] = {}
+    raw_mean: dict[int, torch.Tensor] = {}
     loss = torch.zeros((), dtype=dtype, device=device)
     n_data, n_outputs = 0, None
     # in-memory labels are validated once, so the per-batch check needs no device sync
@@ -312,6 +333,7 @@ def accumulate_curvature(
                         _accumulate_conv(key, rec.module, a, g, own, G_sums, raw_A, diags)
                     else:
                         _accumulate_linear(key, a, g, own, G_sums, raw_A, diags)
+                    _accumulate_mean(rec.module, a, own, raw_mean)
             # a module called more than once: its per-sample gradient is the sum over the
             # calls, so squaring call by call would be wrong; take those diagonals exactly
             shared = [
@@ -347,7 +369,8 @@ def accumulate_curvature(
             diags[index] = torch.zeros_like(block.param, memory_format=torch.contiguous_format)
         else:
             diags[index] = diags[index].reshape(block.shape)
-    result = Curvature(blocks, loss, n_data, n_outputs, factors, diags)
+    means = {index: total / n_data for index, total in raw_mean.items()}
+    result = Curvature(blocks, loss, n_data, n_outputs, factors, diags, means)
     check_finite(result)
     return result
 

@@ -125,13 +125,20 @@ def kron_cost(posterior: object, masks: dict[str, torch.Tensor]) -> torch.Tensor
     unknown = sorted(set(masks) - names)
     if unknown:
         raise ValueError(f"masks name {unknown}, which the posterior does not cover")
-    total = t.mean.new_zeros(())
+    return sum(_block_costs(t, masks).values(), t.mean.new_zeros(()))
+
+
+def _block_costs(
+    t: PosteriorTerms, masks: dict[str, torch.Tensor], only: set[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """c of each masked tensor (or of the tensors in ``only``)."""
+    out = {}
     for name, theta, delta, facs, h in _blocks(t):
-        if name not in masks:
+        if name not in masks or (only is not None and name not in only):
             continue
         removed = ~masks[name].to(theta.device).reshape(theta.shape)
-        total = total + _block_cost(t.curvature_scale, theta, delta, facs, h, removed)
-    return total
+        out[name] = _block_cost(t.curvature_scale, theta, delta, facs, h, removed)
+    return out
 
 
 def _marginal_costs(t: PosteriorTerms, removed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -159,7 +166,7 @@ def kron_masks(
     sparsity: float,
     pattern: str = "unstructured",
     scope: str = "global",
-    rounds: int = 16,
+    rounds: int = 8,
     block: tuple[int, int] = (64, 64),
     prune_output_layer: bool = False,
     prune_1d: bool = False,
@@ -206,12 +213,12 @@ def kron_masks(
             costs[name] = torch.where(rem.reshape(costs[name].shape), bottom, costs[name])
         masks = prune(model, costs, target, **kwargs)
         removed = {n: ~m for n, m in masks.items()}
-    if float(kron_cost(posterior, masks)) > float(kron_cost(posterior, opd)):
+    if float(sum(_block_costs(t, masks).values())) > float(sum(_block_costs(t, opd).values())):
         masks = opd
     if pattern == "unstructured":
         groups = [list(masks)] if scope == "global" else [[n] for n in masks]
         for names in groups:
-            masks = _swap_search(posterior, t, masks, names, rounds)
+            masks = _swap_search(t, masks, names, rounds)
     return masks
 
 
@@ -237,10 +244,12 @@ def _exchange_costs(t: PosteriorTerms, masks: dict[str, torch.Tensor]) -> dict[s
     return out
 
 
-def _swap_search(posterior, t, masks: PruningMasks, names: list[str], rounds: int):
+def _swap_search(t: PosteriorTerms, masks: PruningMasks, names: list[str], rounds: int):
     """Local search at fixed counts: exchange the q removed entries that cost most with the
     q kept entries that would cost least, halving q until c(M) drops; stop when none does."""
-    best = float(kron_cost(posterior, masks))
+    parts = _block_costs(t, masks)
+    best = float(sum(parts.values()))
+    sizes = [masks[n].numel() for n in names]
     for _ in range(rounds):
         costs = _exchange_costs(t, masks)
         keep = torch.cat([masks[n].reshape(-1) for n in names])
@@ -262,11 +271,15 @@ def _swap_search(posterior, t, masks: PruningMasks, names: list[str], rounds: in
                 block=masks.block,
                 target=masks.target,
             )
-            for n, part in zip(names, trial.split([masks[n].numel() for n in names])):
+            changed = set()
+            for n, part in zip(names, trial.split(sizes)):
                 candidate[n] = part.reshape(masks[n].shape)
-            cost = float(kron_cost(posterior, candidate))
+                if not torch.equal(candidate[n], masks[n]):
+                    changed.add(n)
+            new_parts = {**parts, **_block_costs(t, candidate, changed)}
+            cost = float(sum(new_parts.values()))
             if cost < best:
-                best, masks, improved = cost, candidate, True
+                best, masks, parts, improved = cost, candidate, new_parts, True
                 break
             q //= 2
         if not improved:

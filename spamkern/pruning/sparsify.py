@@ -49,7 +49,7 @@ __all__ = [
 
 SPARSIFY_METHODS = ("opd", "obs", "prior", "kron", "magnitude")
 RECONSTRUCTIONS = ("auto", "none", "posterior", "data")
-DEFAULT_METHOD = "obs"
+DEFAULT_METHOD = "kron"
 
 
 @dataclass
@@ -105,7 +105,7 @@ def sparsify(
     damping: float | str = DEFAULT_DAMPING,
     block: tuple[int, int] = (64, 64),
     prune_output_layer: bool = False,
-    rounds: int = 16,
+    rounds: int = 8,
     batch_size: int = 256,
 ) -> SparsifyResult:
     """Prune ``model`` to ``sparsity`` and rebuild what survives (see the module docs).

@@ -154,7 +154,7 @@ def test_data_free_uses_the_posterior_factor_a():
     post = sk.fit_laplace(model, data, prior="unitwise", progress=False)
     masks = sk.prune(model, sk.opd_scores(post), 0.6)
     lam = 0.05
-    got = reconstruct(model, masks, posterior=post, damping=lam)
+    got = reconstruct(model, masks, posterior=post, damping=lam, absorb_bias=False)
     for index, (name, _) in enumerate(post.named_params):
         if name not in masks or not name.endswith("weight"):
             continue
@@ -175,7 +175,7 @@ def test_data_free_prior_damping_is_the_posterior_row_block():
     data = classification_data(30, (2, 6, 6), 4)
     post = sk.fit_laplace(model, data, prior="unitwise", progress=False)
     masks = sk.prune(model, sk.opd_scores(post), 0.6)
-    got = reconstruct(model, masks, posterior=post, damping="prior")
+    got = reconstruct(model, masks, posterior=post, damping="prior", absorb_bias=False)
     names = [n for n, _ in post.named_params]
     i = names.index("6.weight")
     G, A = post.kron_factors[i]
@@ -258,3 +258,25 @@ def test_unit_compensation_needs_a_sequential():
     masks = sk.prune(model, sk.magnitude_scores(model), 0.3, pattern="unit")
     with pytest.raises(ValueError, match="Sequential"):
         reconstruct(model, masks, data=x)
+
+
+def test_curvature_pass_records_the_input_means_for_bias_absorption():
+    model = make_cnn()
+    x, y = classification_data(30, (2, 6, 6), 4)
+    post = sk.fit_laplace(model, (x, y), batch_size=7, progress=False)
+    names = [n for n, _ in post.named_params]
+    for name in ("0.weight", "3.weight", "6.weight", "8.weight"):
+        layer = model.get_submodule(name.rsplit(".", 1)[0])
+        A, mu = input_statistics(model, layer, x)
+        i = names.index(name)
+        torch.testing.assert_close(post.curvature.input_means[i], mu)
+        torch.testing.assert_close(post.curvature.factors[i][1], A)
+    masks = sk.prune(model, sk.opd_scores(post), 0.6)
+    got = reconstruct(model, masks, posterior=post, damping=0.0)
+    A, mu = input_statistics(model, model[6], x)
+    w, b = reconstruct_layer(
+        model[6].weight.detach(), masks["6.weight"], A, model[6].bias.detach(), mu, 0.0
+    )
+    torch.testing.assert_close(got[6].weight, w)
+    torch.testing.assert_close(got[6].bias, b)
+    assert not torch.allclose(got[6].bias, model[6].bias)
