@@ -14,9 +14,11 @@ demo: install
 
 # the multi-process tests run in a pytest process of their own: after the whole suite has
 # been collected in one process, their spawned gloo ranks can abort at start-up
+# Both runs always happen; the target fails if either fails (pytest's exit code is kept).
 test: install
-	TRITON_INTERPRET=1 $(PY) -m pytest -q --ignore=tests/distributed
-	$(PY) -m pytest -q tests/distributed
+	TRITON_INTERPRET=1 $(PY) -m pytest -q --ignore=tests/distributed; a=$$?; \
+	$(PY) -m pytest -q tests/distributed; b=$$?; \
+	if [ $$a -ne 0 ]; then exit $$a; fi; exit $$b
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

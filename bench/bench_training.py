@@ -1,124 +1,350 @@
-"""End-to-end training benchmarks (BENCH.md §1, last paragraph), pytest-benchmark.
+"""SpaM training end to end, side by side, as multiples of a plain PyTorch MAP loop.
 
-    python -m pytest bench/bench_training.py              # BENCH sizes (meant for a GPU)
-    python -m pytest bench/bench_training.py --quick      # small sizes, a CPU check
+    python bench/bench_training.py            # the full table (CPU: about 5 minutes)
+    python bench/bench_training.py --quick    # small sizes: checks that every case runs
+    python -m pytest bench/bench_training.py [--full]      # the same cases, pytest-benchmark
+    python bench/training_ratios.py RESULT.json            # ratios of a pytest-benchmark file
 
-MLP 784-1024-1024-10, N = 20480, 5 epochs, Adam, batch 256 through a DataLoader: plain MAP
-training (a hand-written loop, the denominator), MAP through ``marglik_train`` (burn-in past
-the end), SpaM with a marglik step (Kron, exact GGN, layerwise prior, 100 hypersteps) every
-epoch and every 5 epochs — from the DataLoader and from in-memory tensors — and
-laplace-torch's ``marglik_training`` (AsdlGGN) at the same frequencies. Targets: SpaM ≤ 1.5×
-MAP with a step every epoch, ≤ 1.15× every 5 epochs. ``python bench/training_ratios.py
-RESULT.json`` prints the ratios.
+Setting (the same for every case): MLP 784-256-256-10, N = 4096 random points, batch 128,
+4 epochs, Adam 1e-3, no scheduler, Kronecker curvature, a marglik step every epoch (no
+burn-in), at most 100 hyperparameter iterations (the default fixed-point update; Adam at
+lr 0.1 for the ``_adam`` case), one CPU thread. Cases: the plain loop (denominator);
+``marglik_train`` as MAP (burn-in past the end); SpaM with every prior on exact GGN
+(refit); layerwise SpaM on EF and MC-GGN, harvested from the epoch and refitted;
+the same exact-GGN refit and harvested EF/MC-GGN runs without hyperparameter updates
+(``curvature_only_*``: the cost of the training step and the curvature alone);
+laplace-torch's ``marglik_training`` (AsdlGGN, AsdlEF; layerwise). The script writes the
+times, ratios, machine, date, versions, threads and load to ``bench/results/cpu-training.json``
+and prints a Markdown table; for the harvested cases it also reports how far their final
+evidence and learned log δ are from a refit at the final θ.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
-import importlib.util
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 
-import pytest
 import torch
-from curvature_baselines import mlp
-from torch.utils.data import DataLoader, TensorDataset
+import torch.nn.functional as F
 
-import spamkern as sk
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import run_conditions  # noqa: E402
+from curvature_baselines import mlp  # noqa: E402
 
-HAS_LAPLACE = importlib.util.find_spec("laplace") is not None
+import spamkern as sk  # noqa: E402
+from spamkern.data.batches import TensorBatches  # noqa: E402
+from spamkern.marglik.hyper import make_hyper_optimizer  # noqa: E402
+from spamkern.marglik.training import DEFAULT_HYPER_OPTIMIZER  # noqa: E402
+from spamkern.posterior.laplace import LaplacePosterior  # noqa: E402
+
+PRIORS = ("scalar", "layerwise", "unitwise", "parameterwise")
+# (case, target as a multiple of the plain loop) — the ratios the table is checked against
+TARGETS = {
+    "map_marglik_train": 1.05,
+    "spam_layerwise_ef_epoch": 1.5,
+    "spam_layerwise_ggn-mc_epoch": 1.6,
+    "spam_layerwise_ggn_refit": 4.0,
+}
+# (case, reference case, bound): unitwise/parameterwise against layerwise, same curvature
+RELATIVE_TARGETS = (
+    ("spam_unitwise_ggn_refit", "spam_layerwise_ggn_refit", 2.0),
+    ("spam_parameterwise_ggn_refit", "spam_layerwise_ggn_refit", 1.3),
+)
 
 
-class TrainingWork:
-    def __init__(self, sizes, device: torch.device):
+@dataclass(frozen=True)
+class Setting:
+    n: int = 4096
+    batch: int = 128
+    epochs: int = 4
+    hypersteps: int = 100
+    lr: float = 1e-3
+    width: int = 256
+
+    @classmethod
+    def quick(cls) -> Setting:
+        return cls(n=512, epochs=2, hypersteps=10)
+
+
+class Work:
+    """One model initialisation and one data set, shared by every case."""
+
+    def __init__(self, setting: Setting, device: torch.device):
         gen = torch.Generator().manual_seed(0)
         torch.manual_seed(0)
-        self.model = mlp(sizes.mlp_width).to(device)
-        n = sizes.mlp_n
-        X, y = torch.randn(n, 784, generator=gen), torch.randint(0, 10, (n,), generator=gen)
-        pin = device.type == "cuda"
-        self.loader = DataLoader(
-            TensorDataset(X, y), batch_size=sizes.mlp_batch, shuffle=True, pin_memory=pin
-        )
-        self.X, self.y = X.to(device), y.to(device)
-        self.batch, self.device = sizes.mlp_batch, device
-        self.epochs = 2 if sizes.quick else 5
+        self.setting, self.device = setting, device
+        self.model = mlp(setting.width).to(device)
+        self.X = torch.randn(setting.n, 784, generator=gen).to(device)
+        self.y = torch.randint(0, 10, (setting.n,), generator=gen).to(device)
 
     def fresh(self) -> torch.nn.Module:
         return copy.deepcopy(self.model)
 
-
-_WORK: list[TrainingWork] = []
-
-
-@pytest.fixture
-def work(sizes, device) -> TrainingWork:
-    if not _WORK:
-        _WORK.append(TrainingWork(sizes, device))
-    return _WORK[0]
+    def batches(self, seed: int = 0) -> TensorBatches:
+        """The shuffled device batches every case trains on (marglik_train's own order)."""
+        gen = torch.Generator().manual_seed(seed)
+        return TensorBatches(self.X, self.y, self.setting.batch, shuffle=True, generator=gen)
 
 
-def _tag(benchmark, work: TrainingWork, case: str) -> None:
-    benchmark.group = "training mlp"
-    benchmark.extra_info.update(model="mlp", case=case, epochs=work.epochs)
+def plain_loop(work: Work):
+    """The denominator: a hand-written MAP loop over the same batches."""
+    model = work.fresh()
+    opt = torch.optim.Adam(model.parameters(), lr=work.setting.lr)
+    batches = work.batches()
+    for _ in range(work.setting.epochs):
+        for x, y in batches:
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    return model
 
 
-def _device_loader(work: TrainingWork):
-    """The DataLoader's batches moved to the device (what a user's loop does)."""
-
-    class Moved:
-        def __init__(self, loader):
-            self.loader, self.dataset = loader, loader.dataset
-
-        def __len__(self):
-            return len(self.loader)
-
-        def __iter__(self):
-            for x, y in self.loader:
-                yield x.to(work.device, non_blocking=True), y.to(work.device, non_blocking=True)
-
-    return Moved(work.loader)
+def spamkern_run(work: Work, **kwargs):
+    s = work.setting
+    options = dict(
+        n_epochs=s.epochs, lr=s.lr, batch_size=s.batch, n_hypersteps=s.hypersteps,
+        structure="kron", scheduler=None, fit_final_posterior=False, progress=False,
+    )  # fmt: skip
+    options.update(kwargs)
+    return sk.marglik_train(work.fresh(), (work.X, work.y), **options)
 
 
-def test_map_plain_torch(benchmark, timed, work):
-    _tag(benchmark, work, "map_plain_torch")
+class _Loader:
+    """The same shuffled tensor batches for laplace-torch (which reads ``.dataset``)."""
 
-    def train():
-        model = work.fresh()
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-        for _ in range(work.epochs):
-            for x, y in _device_loader(work):
-                opt.zero_grad(set_to_none=True)
-                torch.nn.functional.cross_entropy(model(x), y).backward()
-                opt.step()
+    def __init__(self, work: Work):
+        self.dataset = torch.utils.data.TensorDataset(work.X, work.y)
+        self.batches = work.batches()
 
-    timed(train, rounds=2)
+    def __iter__(self):
+        return iter(self.batches)
 
-
-def test_map_spamkern(benchmark, timed, work):
-    _tag(benchmark, work, "map_spamkern")
-    timed(lambda: sk.marglik_train(
-        work.fresh(), _device_loader(work), n_epochs=work.epochs, n_epochs_burnin=work.epochs + 1,
-        scheduler=None, fit_final_posterior=False, progress=False), rounds=2)  # fmt: skip
+    def __len__(self):
+        return len(self.batches)
 
 
-@pytest.mark.parametrize("frequency", [1, 5])
-@pytest.mark.parametrize("source", ["loader", "tensors"])
-def test_spam_training(benchmark, timed, work, frequency, source):
-    _tag(benchmark, work, f"spam_every_{frequency}_{source}")
-    data = _device_loader(work) if source == "loader" else (work.X, work.y)
-    timed(lambda: sk.marglik_train(
-        work.fresh(), data, n_epochs=work.epochs, marglik_frequency=frequency, n_hypersteps=100,
-        structure="kron", curvature="ggn", prior="layerwise", scheduler=None,
-        batch_size=work.batch, fit_final_posterior=False, progress=False), rounds=2)  # fmt: skip
-
-
-@pytest.mark.skipif(not HAS_LAPLACE, reason="laplace-torch is not installed")
-@pytest.mark.parametrize("frequency", [1, 5])
-def test_laplace_marglik_training(benchmark, timed, work, frequency):
-    from laplace.curvature import AsdlGGN
+def laplace_run(work: Work, backend: str):
+    import laplace.curvature
     from laplace.marglik_training import marglik_training
 
-    _tag(benchmark, work, f"laplace_AsdlGGN_every_{frequency}")
-    timed(lambda: marglik_training(
-        work.fresh(), work.loader, likelihood="classification", hessian_structure="kron",
-        backend=AsdlGGN, n_epochs=work.epochs, marglik_frequency=frequency,
-        n_hypersteps=100, prior_structure="layerwise", progress_bar=False), rounds=1)  # fmt: skip
+    s = work.setting
+    return marglik_training(
+        work.fresh(), _Loader(work), likelihood="classification", hessian_structure="kron",
+        backend=getattr(laplace.curvature, backend), optimizer_kwargs={"lr": s.lr},
+        n_epochs=s.epochs, marglik_frequency=1, n_hypersteps=s.hypersteps,
+        prior_structure="layerwise", progress_bar=False,
+    )  # fmt: skip
+
+
+def cases() -> dict[str, Callable[[Work], object]]:
+    """Every case of the table, by name."""
+    table: dict[str, Callable[[Work], object]] = {
+        "plain_loop": plain_loop,
+        "map_marglik_train": lambda w: spamkern_run(w, n_epochs_burnin=w.setting.epochs + 1),
+    }
+    for prior in PRIORS:
+        table[f"spam_{prior}_ggn_refit"] = lambda w, p=prior: spamkern_run(w, prior=p)
+    table["spam_layerwise_ggn_refit_adam"] = lambda w: spamkern_run(w, hyper_optimizer="adam")
+    for curvature in ("ef", "ggn-mc"):
+        for source in ("epoch", "refit"):
+            table[f"spam_layerwise_{curvature}_{source}"] = lambda w, c=curvature, s=source: (
+                spamkern_run(w, curvature=c, curvature_source=s)
+            )
+    # the curvature pipeline alone: the same runs without hyperparameter updates
+    for curvature, source in (("ggn", "refit"), ("ef", "epoch"), ("ggn-mc", "epoch")):
+        table[f"curvature_only_{curvature}_{source}"] = lambda w, c=curvature, s=source: (
+            spamkern_run(w, curvature=c, curvature_source=s, n_hypersteps=0)
+        )
+    for backend in ("AsdlGGN", "AsdlEF"):
+        table[f"laplace_torch_{backend}"] = lambda w, b=backend: laplace_run(w, b)
+    return table
+
+
+def harvest_gap(model, X, y, curvature: str, hypersteps: int, **options) -> dict[str, float]:
+    """Train with curvature harvested from the epochs, then at the final θ compare the
+    harvested posterior with a refit: evidence at the same δ, and log δ learned from each
+    by the default hyperparameter update from the same start."""
+    res = sk.marglik_train(
+        model, (X, y), curvature=curvature, curvature_source="epoch", n_hypersteps=hypersteps,
+        progress=False, **options,
+    )  # fmt: skip
+    harvested = res.posterior
+    refit = sk.fit_laplace(
+        res.model, (X, y), curvature=curvature, prior=res.prior, progress=False,
+        generator=torch.Generator().manual_seed(1),
+    )  # fmt: skip
+    with torch.no_grad():
+        ev_h = float(harvested.log_marginal_likelihood())
+        ev_r = float(refit.log_marginal_likelihood())
+        fit_h, fit_r = float(harvested.log_likelihood()), float(refit.log_likelihood())
+    learned = []
+    for posterior in (harvested, refit):
+        prior = copy.deepcopy(res.prior)
+        fresh = LaplacePosterior(
+            res.model, posterior.curvature, prior, "classification", "kron", curvature, 1.0
+        )
+        make_hyper_optimizer(DEFAULT_HYPER_OPTIMIZER, prior, n_steps=hypersteps).step(fresh)
+        learned.append(prior.log_precision.detach())
+    diff = (learned[0] - learned[1]).abs()
+    return {
+        "log_marglik_harvested": ev_h,
+        "log_marglik_refit": ev_r,
+        "relative_evidence_gap": abs(ev_h - ev_r) / abs(ev_r),
+        # the data term: the epoch's running training loss vs the loss at the final θ
+        "log_likelihood_harvested": fit_h,
+        "log_likelihood_refit": fit_r,
+        "max_abs_log_delta_gap": float(diff.max()),
+        "mean_abs_log_delta_gap": float(diff.mean()),
+    }
+
+
+def harvest_gaps(work: Work) -> dict[str, dict[str, float]]:
+    """The gap on the table's random data (labels memorised: θ moves fast within an epoch)
+    and on scikit-learn's 8×8 digits (MLP 64-256-256-10, 20 epochs, learnable labels)."""
+    s = work.setting
+    table = dict(n_epochs=s.epochs, lr=s.lr, batch_size=s.batch, scheduler=None)
+    out = {}
+    for curvature in ("ef", "ggn-mc"):
+        out[f"random_{curvature}"] = harvest_gap(
+            work.fresh(), work.X, work.y, curvature, s.hypersteps, **table
+        )
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    X = torch.tensor(digits.data, dtype=torch.float32) / 16
+    y = torch.tensor(digits.target)
+    for curvature in ("ef", "ggn-mc"):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(
+            torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256),
+            torch.nn.ReLU(), torch.nn.Linear(256, 10),
+        )  # fmt: skip
+        out[f"digits_{curvature}"] = harvest_gap(
+            model, X, y, curvature, s.hypersteps, n_epochs=20 if s.epochs > 2 else 2,
+            lr=s.lr, batch_size=s.batch, scheduler=None,
+        )  # fmt: skip
+    return out
+
+
+def run_table(setting: Setting, rounds: int, only: list[str] | None = None) -> dict:
+    """Time every case in one process, each as a multiple of the plain loop timed right
+    around it: the machine's load drifts (other jobs), so every case gets its own
+    denominator — the mean of the plain loop just before and just after it (MAP, as short
+    as the plain loop: ``rounds`` alternations, the best of each). Every other case runs
+    once."""
+    device = torch.device("cpu")
+    work = Work(setting, device)
+    warm = Work(Setting(n=256, epochs=1, hypersteps=2), device)
+    table = cases()
+    chosen = [n for n in table if n != "plain_loop" and (not only or n in only)]
+    for name in ["plain_loop", *chosen]:
+        table[name](warm)  # imports and first calls happen here, not in the timed runs
+    plain = partial(_time, table["plain_loop"], work)
+    seconds: dict[str, float] = {}
+    ratios: dict[str, float] = {"plain_loop": 1.0}
+    before = plain()
+    for name in chosen:
+        if name == "map_marglik_train":  # two short runs alternating: the best of each
+            pairs = [(_time(table[name], work), plain()) for _ in range(rounds)]
+            best, after = min(t for t, _ in pairs), pairs[-1][1]
+            denominator = min([before] + [p for _, p in pairs])
+        else:
+            best, after = _time(table[name], work), plain()
+            denominator = 0.5 * (before + after)
+        seconds[name] = best
+        ratios[name] = best / denominator
+        print(f"{name:34s} {best:8.2f} s  {ratios[name]:6.2f}x", flush=True)
+        before = after
+    seconds["plain_loop"] = before
+    gaps = {} if only else harvest_gaps(work)
+    return {
+        "run": run_conditions(),  # card, versions, threads, date, load per core
+        "load_average_1_5_15": list(os.getloadavg()),  # other work on the machine meanwhile
+        "setting": setting.__dict__,
+        "seconds": seconds,
+        "ratios": ratios,
+        "targets": _targets(ratios),
+        "harvest_vs_refit": gaps,
+    }
+
+
+def _time(fn: Callable[[Work], object], work: Work) -> float:
+    tic = time.perf_counter()
+    fn(work)
+    return time.perf_counter() - tic
+
+
+def _targets(ratios: dict[str, float]) -> dict[str, dict]:
+    out = {}
+    for case, bound in TARGETS.items():
+        if case in ratios:
+            out[case] = {"ratio": ratios[case], "bound": bound, "met": ratios[case] <= bound}
+    for case, ref, bound in RELATIVE_TARGETS:
+        if case in ratios and ref in ratios:
+            rel = ratios[case] / ratios[ref]
+            out[f"{case}/{ref}"] = {"ratio": rel, "bound": bound, "met": rel <= bound}
+    return out
+
+
+def markdown(result: dict) -> str:
+    rows = ["| run | × plain loop |", "|---|---|"]
+    for case, ratio in result["ratios"].items():
+        rows.append(f"| `{case}` | {ratio:.2f} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes (a check, not numbers)")
+    parser.add_argument("--rounds", type=int, default=5, help="best of this many for short runs")
+    parser.add_argument("--only", nargs="*", help="cases to time (besides the plain loop)")
+    parser.add_argument("--out", type=Path, help="JSON path (default bench/results/...)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    setting = Setting.quick() if args.quick else Setting()
+    result = run_table(setting, args.rounds, args.only)
+    print(markdown(result))
+    for name, target in result["targets"].items():
+        verdict = "met" if target["met"] else "missed"
+        print(f"target {name}: {target['ratio']:.2f} ≤ {target['bound']} {verdict}")
+    print(json.dumps(result["harvest_vs_refit"], indent=1))
+    default = (
+        Path(__file__).parent / "results" / f"cpu-training{'-quick' if args.quick else ''}.json"
+    )
+    out = args.out or default
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+# ---------------------------------------------------------------------------- pytest-benchmark
+try:
+    import pytest
+except ImportError:  # the script runs without pytest
+    pytest = None
+
+if pytest is not None:
+
+    @pytest.fixture(scope="module")
+    def work(sizes, device) -> Work:
+        return Work(Setting.quick() if sizes.quick else Setting(), device)
+
+    @pytest.mark.parametrize("case", list(cases()))
+    def test_training(benchmark, timed, work, case):
+        if case.startswith("laplace_torch"):
+            pytest.importorskip("laplace")  # laplace-torch is an optional reference
+        benchmark.group = "training mlp"
+        benchmark.extra_info.update(model="mlp", case=case, epochs=work.setting.epochs)
+        fn = cases()[case]
+        timed(lambda: fn(work), rounds=2 if case in ("plain_loop", "map_marglik_train") else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,13 +1,15 @@
-"""Shared set-up of the curvature benchmarks: sizes, devices, data, timing with sync.
+"""Shared set-up of the benchmark suite: sizes, devices, data, timing with sync, results.
 
-``--quick`` shrinks the data and the widths so the suite runs on a CPU in a minute or two
-to check that it works; those numbers are not GPU numbers and say nothing about the
-BENCH.md targets. Without it, the BENCH.md §1 sizes are used.
+``pytest bench`` (``make bench``) collects every ``bench/bench_*.py``. Without a GPU the
+small sizes are the default (``--quick``: the suite checks that each case runs, in minutes,
+and its numbers are not GPU numbers); ``--full`` forces the full sizes on the CPU. On a GPU
+the full sizes are the default. ``--benchmark-json`` files carry the card, the versions and
+the date (``pytest_benchmark_update_json`` below), so every results file says where and
+when it was measured.
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import pytest
@@ -15,14 +17,7 @@ import torch
 
 from spamkern import dispatch
 
-
-def _register_kernels() -> None:
-    """Make the Triton kernels visible to the dispatcher in a source checkout too."""
-    with contextlib.suppress(ImportError):
-        dispatch.load_kernels()
-
-
-_register_kernels()
+dispatch.available_backends("gram")  # register every kernel now (failures are warned once)
 
 
 def pytest_addoption(parser):
@@ -30,8 +25,56 @@ def pytest_addoption(parser):
         "--quick",
         action="store_true",
         default=False,
-        help="small sizes for a CPU check of the curvature benchmarks (not GPU numbers)",
+        help="small sizes for a CPU check of the benchmarks (not GPU numbers); the default "
+        "without a GPU",
     )
+    parser.addoption(
+        "--full",
+        action="store_true",
+        default=False,
+        help="full sizes even without a GPU (slow on a CPU)",
+    )
+
+
+def quick_mode(config) -> bool:
+    """Small sizes: asked for, or no GPU and full sizes not forced."""
+    if config.getoption("--quick"):
+        return True
+    return not torch.cuda.is_available() and not config.getoption("--full")
+
+
+def run_conditions() -> dict:
+    """Card, versions, threads, date and load of this run, for every results file."""
+    import datetime
+    import importlib.metadata
+    import os
+    import platform
+
+    from spamkern.sparse import tables
+
+    def version(name: str) -> str | None:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return {
+        "card": tables.card_name(device),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": version("triton"),
+        "laplace-torch": version("laplace-torch"),
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "load_per_core": round(tables.load_per_core(), 2),
+        "cpu_count": os.cpu_count(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    output_json["spamkern_run"] = run_conditions() | {"quick": quick_mode(config)}
 
 
 @dataclass(frozen=True)
@@ -53,7 +96,7 @@ QUICK = Sizes(256, 1024, 256, 256, 128, (16, 32, 32), 16, rounds=2, quick=True)
 
 @pytest.fixture(scope="session")
 def sizes(request) -> Sizes:
-    return QUICK if request.config.getoption("--quick") else FULL
+    return QUICK if quick_mode(request.config) else FULL
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,10 @@
 """Loads the compiled extension ``spamkern._C`` and registers its kernels for dispatch.
 
-If the extension is missing or fails to load, spamkern keeps working on its torch and
-Triton implementations; one warning says why and how to rebuild (never one per call).
+The kernels are torch custom ops (``torch.ops.spamkern.*``) with one implementation per
+dispatch key (CPU, CUDA) registered in C++, so torch routes each call to the kernel of the
+tensors' device. If the extension is missing or fails to load, spamkern keeps working on its
+torch and Triton implementations; one warning says why and how to rebuild (never one per
+call); ``make test`` builds it as a requirement.
 Importing this module also gives the extension's custom ops fake implementations, so they
 trace under ``torch.compile``.
 """
@@ -53,11 +56,15 @@ if AVAILABLE:
     def _cpp_supports(x: torch.Tensor, blocks_t: torch.Tensor | None = None, *rest) -> bool:
         return x.dtype in _CPP_DTYPES and (blocks_t is None or blocks_t.dtype == x.dtype)
 
-    @register_impl("bsr_linear", "cpp", supports=_cpp_supports)
-    def bsr_linear_cpp(x, row_ptr, col_idx, blocks_t, row_order, bias, out_features):
+    def bsr_linear_compiled(x, row_ptr, col_idx, blocks_t, row_order, bias, out_features):
+        """``torch.ops.spamkern.bsr_linear``: torch's dispatcher runs the kernel registered
+        for the tensors' device (csrc/cpu on CPU tensors, csrc/cuda on CUDA tensors)."""
         return torch.ops.spamkern.bsr_linear(
             x, row_ptr, col_idx, blocks_t, row_order, bias, out_features
         )
+
+    # one op, two dispatch keys: the names only tell the backend switch which device it is
+    register_impl("bsr_linear", "cpp", supports=_cpp_supports)(bsr_linear_compiled)
 
     if HAS_CUDA_KERNELS:
 
@@ -72,8 +79,4 @@ if AVAILABLE:
                 and x.shape[-1] % 8 == 0
             )
 
-        @register_impl("bsr_linear", "cuda", supports=_cuda_supports)
-        def bsr_linear_cuda(x, row_ptr, col_idx, blocks_t, row_order, bias, out_features):
-            return torch.ops.spamkern.bsr_linear(
-                x, row_ptr, col_idx, blocks_t, row_order, bias, out_features
-            )
+        register_impl("bsr_linear", "cuda", supports=_cuda_supports)(bsr_linear_compiled)

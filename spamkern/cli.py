@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
+from spamkern import progress
 from spamkern.experiment import (
     BUILTIN,
     METHODS,
@@ -36,6 +36,7 @@ from spamkern.experiment import (
     training_config,
     write_csv,
 )
+from spamkern.models import MODEL_NAMES
 
 
 # ---------------------------------------------------------------------------- arguments
@@ -86,12 +87,39 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("scalar", "layerwise", "unitwise", "parameterwise"),
         help="SpaM prior (default unitwise)",
     )
-    p.add_argument("--structure", default="kron", choices=("kron", "diag"))
-    p.add_argument("--curvature", default="ggn", choices=("ggn", "ggn-mc", "ef"))
+    p.add_argument(
+        "--model",
+        default="auto",
+        choices=MODEL_NAMES,
+        help="network: auto (CancerNet for features, the CNN for images), resnet (ResNet-20) "
+        "or vit (a small transformer); unit pruning of resnet/vit removes coupled groups",
+    )
+    p.add_argument(
+        "--structure",
+        default="kron",
+        choices=("kron", "diag"),
+        help="curvature structure: Kronecker factors per layer (default) or the diagonal",
+    )
+    p.add_argument(
+        "--curvature",
+        default="ggn",
+        choices=("ggn", "ggn-mc", "ef"),
+        help="exact GGN (default), its one-sample Monte Carlo estimate, or the empirical Fisher",
+    )
     p.add_argument("--epochs", type=int, default=None, help="override the training epochs")
     p.add_argument("--burnin", type=int, default=None, help="override SpaM's burn-in epochs")
-    p.add_argument("--marglik-frequency", type=int, default=None)
-    p.add_argument("--hypersteps", type=int, default=None)
+    p.add_argument(
+        "--marglik-frequency",
+        type=int,
+        default=None,
+        help="override the epochs between hyperparameter (marginal-likelihood) steps",
+    )
+    p.add_argument(
+        "--hypersteps",
+        type=int,
+        default=None,
+        help="override the optimiser steps on the prior precisions per marglik step",
+    )
     p.add_argument("--lr", type=float, default=None, help="override the learning rate")
     p.add_argument(
         "--sparsities",
@@ -99,8 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=_sparsity_percent,
         default=list(SPARSITIES),
         metavar="PERCENT",
+        help="sparsity levels to prune to, in percent (default: the paper's levels)",
     )
-    p.add_argument("--patterns", nargs="+", choices=PATTERNS, default=list(PATTERNS))
+    p.add_argument(
+        "--patterns",
+        nargs="+",
+        choices=PATTERNS,
+        default=list(PATTERNS),
+        help="what is pruned: single weights or whole units (default: both)",
+    )
     p.add_argument(
         "--scope",
         default="global",
@@ -124,7 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="fine-tune every pruned model this many epochs (same lr for all methods)",
     )
-    p.add_argument("--finetune-lr", type=float, default=1e-3)
+    p.add_argument(
+        "--finetune-lr",
+        type=float,
+        default=1e-3,
+        help="Adam learning rate of the fine-tuning after pruning (default 1e-3)",
+    )
     p.add_argument(
         "--online-sparsity",
         type=_sparsity_percent,
@@ -167,7 +207,7 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
 
 def _log(msg: str) -> None:
     """Progress notes go to stderr above the bars, keeping stdout for the report."""
-    tqdm.write(msg, file=sys.stderr)
+    progress.write(msg)
 
 
 # ---------------------------------------------------------------------------- entry point
@@ -184,7 +224,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     rows: list[dict] = []
     runs = [(name, root, seed) for name, root in args.data for seed in args.seeds]
-    for name, root, seed in tqdm(runs, desc="spamkern", disable=args.no_progress):
+    bar = progress.progress_bar(runs, desc="spamkern", enabled=not args.no_progress)
+    for name, root, seed in bar:
         rows.extend(run_one(name, root, seed, args, device, _log))
         write_csv(rows, out / "results.csv")  # partial results survive an interruption
     report = summary(rows, args, time.perf_counter() - started)

@@ -1,14 +1,20 @@
 """One pass over the data that accumulates every curvature block.
 
-Per batch: one forward with hooks that record each Linear/Conv2d input and output, then one
-backward of the (B, K, C) pseudo-gradients to those outputs only (no weight gradients are
-formed; exact GGN's K = C columns go through a single batched backward). From inputs a and
-output gradients g:
+Per batch: one forward with hooks that record the input and output of every linear map
+whose tensors need curvature — each Linear/Conv1d/Conv2d, and the q/k/v/out projections of
+``nn.MultiheadAttention`` (see :mod:`spamkern.curvature.attention`) — then one backward of
+the (B, K, C) pseudo-gradients to those outputs only (no weight gradients are formed; exact
+GGN's K = C columns go through a single batched backward). From inputs a and output
+gradients g:
 
 * Kronecker blocks: A += Σ a aᵀ / S and G += Σ g gᵀ (S = weight-sharing positions, the
-  "expand" convention); A is divided by N at the end — laplace-torch's scaling;
-* exact diagonal blocks of Linear/Conv2d: Σ_{n,k} (per-sample gradient)² formed from a and g;
-* any other tensor: exact per-sample, per-column gradients through ``torch.func``.
+  "expand" convention); A is divided by N at the end — laplace-torch's scaling. Grouped
+  convolutions sum per group (each group's output channels and input patch); attention's
+  packed ``in_proj`` gets one (G, A) per q/k/v slice, A from that slice's own input;
+* exact diagonal blocks of Linear/conv layers: Σ_{n,k} (per-sample gradient)² formed from
+  a and g;
+* any other tensor, a module called more than once, a tied weight: exact per-sample,
+  per-column gradients through ``torch.func`` (all uses at once).
 
 Every batch counts; N is the number of samples actually seen.
 """
@@ -21,8 +27,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
+from spamkern.curvature.attention import random_state, recorded_attention
 from spamkern.curvature.likelihood import (
     check_curvature,
     check_label_range,
@@ -31,9 +37,10 @@ from spamkern.curvature.likelihood import (
     pseudo_gradients,
     summed_loss,
 )
-from spamkern.curvature.structure import ParamBlock
+from spamkern.curvature.structure import CONVS, ParamBlock
 from spamkern.data.batches import TensorBatches, split_batch
 from spamkern.ops import conv_patch_gram, gram
+from spamkern.progress import progress_bar
 
 # per-sample gradient tensors are formed in chunks of at most this many elements
 _CHUNK_ELEMENTS = 1 << 26
@@ -49,8 +56,9 @@ class Curvature:
     n_outputs: int
     factors: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # kron: [G, A] / [G]
     diags: dict[int, torch.Tensor] = field(default_factory=dict)  # diag: shaped like the param
-    # kron weights: E[a], the mean layer input in A's layout (lets a pruned layer's bias
-    # absorb the input mean when its survivors are re-solved without data)
+    # Kronecker weights of Linear and groups=1 Conv1d/Conv2d layers: E[a], the mean layer
+    # input in A's layout (lets a pruned layer's bias absorb the input mean when its
+    # survivors are re-solved without data)
     input_means: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def block_factors(self) -> list[list[torch.Tensor] | torch.Tensor]:
@@ -61,21 +69,22 @@ class Curvature:
 
 
 class _ModuleRecord:
-    """Inputs and outputs of every call of one hooked module during a forward."""
+    """Every call of one hooked module during a forward: per call and per recorded linear map
+    ("main" for a Linear/conv, q/k/v/out for attention) its input, output and the number of
+    weight-sharing positions per sample (None: derived from the shapes)."""
 
     def __init__(self, module: nn.Module, blocks: list[tuple[int, ParamBlock]]):
         self.module = module
         self.blocks = blocks
-        self.inputs: list[torch.Tensor] = []
-        self.outputs: list[torch.Tensor] = []
+        self.calls: list[dict[str, tuple[torch.Tensor, torch.Tensor, int | None]]] = []
+        self.random_state = None  # attention: the random state before its forward
 
     def clear(self) -> None:
-        self.inputs.clear()
-        self.outputs.clear()
+        self.calls.clear()
 
 
 class _Recorder:
-    """Forward hooks on the Linear/Conv2d modules whose parameters need curvature."""
+    """Forward hooks on the modules whose parameters need curvature from hooks."""
 
     def __init__(self, blocks: list[ParamBlock]):
         self.records: dict[int, _ModuleRecord] = {}
@@ -86,20 +95,49 @@ class _Recorder:
                     self.records[key] = _ModuleRecord(block.module, [])
                 self.records[key].blocks.append((index, block))
         self.active = True
-        self._handles = [
-            rec.module.register_forward_hook(self._hook(rec)) for rec in self.records.values()
-        ]
+        self._handles = [h for rec in self.records.values() for h in self._register(rec)]
+
+    def _register(self, record: _ModuleRecord) -> list:
+        module = record.module
+        if isinstance(module, nn.MultiheadAttention):
+            return [
+                module.register_forward_pre_hook(
+                    self._attention_pre_hook(record), with_kwargs=True
+                ),
+                module.register_forward_hook(self._attention_hook(record), with_kwargs=True),
+            ]
+        return [module.register_forward_hook(self._hook(record))]
 
     def _hook(self, record: _ModuleRecord):
         def hook(module, inputs, output):
             if self.active:
-                record.inputs.append(inputs[0].detach())
-                record.outputs.append(output)
+                record.calls.append({"main": (inputs[0].detach(), output, None)})
 
         return hook
 
-    def outputs(self) -> list[tuple[_ModuleRecord, int]]:
-        return [(rec, i) for rec in self.records.values() for i in range(len(rec.outputs))]
+    def _attention_pre_hook(self, record: _ModuleRecord):
+        def hook(module, args, kwargs):
+            record.random_state = random_state(module, args, kwargs) if self.active else None
+
+        return hook
+
+    def _attention_hook(self, record: _ModuleRecord):
+        def hook(module, args, kwargs, output):
+            if not self.active:
+                return None
+            output, sites = recorded_attention(module, args, kwargs, output, record.random_state)
+            record.calls.append({k: (a.detach(), out, n) for k, (a, out, n) in sites.items()})
+            return output
+
+        return hook
+
+    def outputs(self) -> list[tuple[_ModuleRecord, int, str]]:
+        return [
+            (rec, i, site)
+            for rec in self.records.values()
+            for i, call in enumerate(rec.calls)
+            for site in call
+        ]
 
     def clear(self) -> None:
         for rec in self.records.values():
@@ -110,12 +148,14 @@ class _Recorder:
             handle.remove()
 
 
-def _per_call_blocks(record: _ModuleRecord) -> list[tuple[int, ParamBlock]]:
-    """Blocks that can be accumulated call by call: all of them for a module called once,
-    only the Kronecker ones (sums over calls) for a module called several times."""
-    if len(record.outputs) == 1:
-        return record.blocks
-    return [(index, block) for index, block in record.blocks if block.kind == "kron"]
+def _per_call_blocks(record: _ModuleRecord, site: str) -> list[tuple[int, ParamBlock]]:
+    """Blocks of one recorded map that can be accumulated call by call: all of them for a
+    module called once, only the Kronecker ones (sums over calls) for a module called
+    several times."""
+    own = [(index, block) for index, block in record.blocks if site in block.sites]
+    if len(record.calls) == 1:
+        return own
+    return [(index, block) for index, block in own if block.kind == "kron"]
 
 
 def _add(store: dict[int, torch.Tensor], key: int, value: torch.Tensor) -> None:
@@ -125,22 +165,31 @@ def _add(store: dict[int, torch.Tensor], key: int, value: torch.Tensor) -> None:
         store[key] = value
 
 
+def _needs(blocks) -> tuple[bool, bool]:
+    """(G needed, A needed): any Kronecker block, any Kronecker weight among ``blocks``."""
+    kron = [block for _, block in blocks if block.kind == "kron"]
+    return bool(kron), any(block.has_input_factor for block in kron)
+
+
 def _accumulate_linear(
-    key: int, a: torch.Tensor, g: torch.Tensor, blocks, G_sums: dict, raw_A: dict, diags: dict
+    key, a: torch.Tensor, g: torch.Tensor, positions, blocks, G_sums, raw_A, diags, with_A=True
 ) -> None:
-    """a: (B, *, in); g: (K, B, *, out). G is summed per module (weight and bias share it)."""
+    """a: (B, *, in) (or sequence-first for attention, with ``positions`` given);
+    g: (K, B, *, out). G is summed per recorded map (weight and bias share it); A only
+    ``with_A`` (False: given from elsewhere)."""
     d_in, d_out = a.shape[-1], g.shape[-1]
-    positions = a[0, ..., 0].numel() if a.ndim > 2 else 1
-    kinds = {block.role: (index, block.kind) for index, block in blocks}
-    if any(kind == "kron" for _, kind in kinds.values()):
+    if positions is None:
+        positions = a[0, ..., 0].numel() if a.ndim > 2 else 1
+    need_G, need_A = _needs(blocks)
+    need_A = need_A and with_A
+    if need_G:
         G_sums[key] = gram(g.reshape(-1, d_out), G_sums.get(key))
-        weight = kinds.get("weight")
-        if weight is not None and weight[1] == "kron":
-            raw_A[weight[0]] = gram(a.reshape(-1, d_in), raw_A.get(weight[0]), 1.0 / positions)
-    for role, (index, kind) in kinds.items():
-        if kind != "diag":
+    if need_A:
+        raw_A[key] = gram(a.reshape(-1, d_in), raw_A.get(key), 1.0 / positions)
+    for index, block in blocks:
+        if block.kind != "diag":
             continue
-        if role == "bias":
+        if block.role == "bias":
             per_sample = g.sum(dim=tuple(range(2, g.ndim - 1))) if g.ndim > 3 else g
             _add(diags, index, per_sample.square().sum((0, 1)))
         elif a.ndim == 2:
@@ -162,68 +211,101 @@ def _chunked_sq_sum(g: torch.Tensor, u: torch.Tensor, equation: str, per_sample:
     return total
 
 
-def _explicit_padding(conv: nn.Conv2d, a: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Input and integer padding for unfolding; padding='same'/'valid' (possibly asymmetric,
-    which unfold cannot express) is applied to the input here, as Conv2d does."""
-    if not isinstance(conv.padding, str):
-        return a, tuple(conv.padding)
-    if conv.padding == "valid":
-        return a, (0, 0)
-    pads: list[int] = []
-    for k, d in reversed(list(zip(conv.kernel_size, conv.dilation))):  # F.pad: last dim first
-        total = d * (k - 1)
-        pads += [total // 2, total - total // 2]
-    return F.pad(a, pads), (0, 0)
+def _as_conv2d(conv: nn.Module, a: torch.Tensor):
+    """A Conv1d/Conv2d input as a 2-D convolution's: ``(input, kernel, stride, padding,
+    dilation)``. Padding that unfold cannot express (string padding, possibly asymmetric;
+    non-zero padding modes) is applied to the input here, exactly as the layer does."""
+    if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        a = F.pad(a, conv._reversed_padding_repeated_twice, mode=mode)
+        padding = (0,) * len(conv.kernel_size)
+    else:
+        padding = tuple(conv.padding)
+    kernel, stride, dilation = tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.dilation)
+    if isinstance(conv, nn.Conv1d):  # a 1-D convolution is a 2-D one over a height-1 input
+        kernel, stride, dilation = (1, *kernel), (1, *stride), (1, *dilation)
+        return a.unsqueeze(2), kernel, stride, (0, *padding), dilation
+    return a, kernel, stride, padding, dilation
+
+
+def _grouped_gram(x: torch.Tensor, out: torch.Tensor | None, alpha: float) -> torch.Tensor:
+    """``out += alpha · x_jᵀ x_j`` per group for ``x`` of shape (groups, rows, d)."""
+    prod = torch.bmm(x.transpose(1, 2), x)
+    return prod.mul_(alpha) if out is None else out.add_(prod, alpha=alpha)
 
 
 def _accumulate_conv(
-    key: int, conv: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, blocks, G_sums, raw_A, diags
+    key,
+    conv: nn.Module,
+    a: torch.Tensor,
+    g: torch.Tensor,
+    blocks,
+    G_sums,
+    raw_A,
+    diags,
+    with_A=True,
 ) -> None:
-    """a: (B, c, H, W); g: (K, B, out, OH, OW). G is summed per module."""
-    a, padding = _explicit_padding(conv, a)
-    d_out = g.shape[2]
-    positions = g.shape[3] * g.shape[4]
-    g_rows = g.permute(0, 1, 3, 4, 2)  # (K, B, OH, OW, out)
-    kinds = {block.role: (index, block.kind) for index, block in blocks}
-    if any(kind == "kron" for _, kind in kinds.values()):
-        G_sums[key] = gram(g_rows.reshape(-1, d_out), G_sums.get(key))
-        weight = kinds.get("weight")
-        if weight is not None and weight[1] == "kron":
-            raw_A[weight[0]] = conv_patch_gram(
-                a,
-                conv.kernel_size,
-                conv.stride,
-                padding,
-                conv.dilation,
-                out=raw_A.get(weight[0]),
-                alpha=1.0 / positions,
-            )
-    for role, (index, kind) in kinds.items():
-        if kind != "diag":
-            continue
-        if role == "bias":
-            _add(diags, index, g.sum((3, 4)).square().sum((0, 1)))
+    """a: (B, c, *spatial); g: (K, B, out, *spatial_out). G is summed per module; with
+    ``groups`` > 1 both factors are per group, stacked: G (g, out/g, out/g), A (g, d, d);
+    A only ``with_A``."""
+    a, kernel, stride, padding, dilation = _as_conv2d(conv, a)
+    g = g.reshape(*g.shape[:3], -1)  # (K, B, out, S)
+    groups, d_out, positions = conv.groups, g.shape[2], g.shape[3]
+    rows = d_out // groups
+    need_G, need_A = _needs(blocks)
+    need_A = need_A and with_A
+    grouped_u = None
+    if need_G:
+        g_rows = g.permute(0, 1, 3, 2).reshape(-1, d_out)  # (K·B·S, out)
+        if groups == 1:
+            G_sums[key] = gram(g_rows, G_sums.get(key))
         else:
-            u = F.unfold(a, conv.kernel_size, conv.dilation, padding, conv.stride)
-            g3 = g.reshape(g.shape[0], g.shape[1], d_out, -1)  # (K, B, out, S)
-            sq = _chunked_sq_sum(g3, u, "kbos,bis->kboi", d_out * u.shape[1])
-            _add(diags, index, sq.reshape(conv.weight.shape))
+            g_groups = g_rows.reshape(-1, groups, rows).transpose(0, 1)
+            G_sums[key] = _grouped_gram(g_groups, G_sums.get(key), 1.0)
+    if need_A and groups == 1:
+        raw_A[key] = conv_patch_gram(
+            a, kernel, stride, padding, dilation, out=raw_A.get(key), alpha=1.0 / positions
+        )
+    elif need_A:
+        grouped_u = _grouped_patches(a, conv, kernel, stride, padding, dilation)
+        u_rows = grouped_u.permute(1, 0, 3, 2).reshape(groups, -1, grouped_u.shape[2])
+        raw_A[key] = _grouped_gram(u_rows, raw_A.get(key), 1.0 / positions)
+    for index, block in blocks:
+        if block.kind != "diag":
+            continue
+        if block.role == "bias":
+            _add(diags, index, g.sum(3).square().sum((0, 1)))
+            continue
+        if grouped_u is None:
+            grouped_u = _grouped_patches(a, conv, kernel, stride, padding, dilation)
+        d = grouped_u.shape[2]
+        g5 = g.reshape(g.shape[0], g.shape[1], groups, rows, positions)
+        sq = _chunked_sq_sum(g5, grouped_u, "kbgrs,bgds->kbgrd", d_out * d)
+        _add(diags, index, sq.reshape(conv.weight.shape))
 
 
-def _accumulate_mean(module: nn.Module, a: torch.Tensor, blocks, raw_mean: dict) -> None:
-    """Σ_n of the layer input averaged over weight-sharing positions (A's "expand" layout)."""
+def _grouped_patches(a, conv, kernel, stride, padding, dilation) -> torch.Tensor:
+    """(B, groups, d, S) unfolded input patches, d = in/groups·kernel positions; unfold's
+    (channel, kernel position) order makes each group's channels one contiguous run."""
+    u = F.unfold(a, kernel, dilation, padding, stride)
+    return u.reshape(u.shape[0], conv.groups, -1, u.shape[-1])
+
+
+def _accumulate_mean(module: nn.Module, a: torch.Tensor, positions, blocks, raw_mean) -> None:
+    """Σ_n of the layer input averaged over weight-sharing positions (A's layout)."""
     for index, block in blocks:
         if block.kind != "kron" or block.role != "weight":
             continue
-        if isinstance(module, nn.Conv2d):
-            x, padding = _explicit_padding(module, a)
-            u = F.unfold(
-                x.sum(0, keepdim=True), module.kernel_size, module.dilation, padding, module.stride
-            )[0]
+        if isinstance(module, CONVS) and module.groups == 1:
+            x, kernel, stride, padding, dilation = _as_conv2d(module, a)
+            u = F.unfold(x.sum(0, keepdim=True), kernel, dilation, padding, stride)[0]
             total = u.sum(1) / u.shape[1]
-        else:
-            positions = a[0, ..., 0].numel() if a.ndim > 2 else 1
+        elif isinstance(module, nn.Linear):
+            if positions is None:
+                positions = a[0, ..., 0].numel() if a.ndim > 2 else 1
             total = a.reshape(-1, a.shape[-1]).sum(0) / positions
+        else:  # grouped convolutions, attention projections: no mean recorded
+            continue
         _add(raw_mean, index, total)
 
 
@@ -234,7 +316,8 @@ def _generic_diag(
     generic: list[tuple[int, ParamBlock]],
     diags: dict,
 ) -> None:
-    """Exact Σ_{n,k} (J_nᵀ v_nk)² for tensors outside Linear/Conv2d, through torch.func."""
+    """Exact Σ_{n,k} (J_nᵀ v_nk)² for tensors without hooks, through torch.func (a tied
+    tensor is replaced in every module that holds it, so all its uses count)."""
     from torch.func import functional_call, vjp, vmap
 
     params = {name: p.detach() for name, p in model.named_parameters()}
@@ -255,7 +338,7 @@ def _generic_diag(
         raise ValueError(
             "per-sample gradients (torch.func) failed for the parameters "
             f"{names}, which need an exact diagonal block; make the model's forward "
-            "vmap-compatible, freeze these parameters, or use Linear/Conv2d layers. "
+            "vmap-compatible, freeze these parameters, or use Linear/conv layers. "
             f"Cause: {type(err).__name__}: {err}"
         ) from err
     for index, block in generic:
@@ -274,8 +357,13 @@ def accumulate_curvature(
     generator: torch.Generator | None = None,
     progress: bool = False,
     dict_key_y: str = "labels",
+    input_factors: dict[int, torch.Tensor] | None = None,
 ) -> Curvature:
-    """Accumulate loss and curvature blocks over all batches (model in eval mode)."""
+    """Accumulate loss and curvature blocks over all batches (model in eval mode).
+
+    ``input_factors`` (block index → A, already divided by N) are taken as given instead
+    of accumulated, e.g. the data-only A of a first layer computed in an earlier pass.
+    """
     check_likelihood(likelihood)
     check_curvature(curvature)
     device = blocks[0].param.device
@@ -287,6 +375,8 @@ def accumulate_curvature(
     raw_A: dict[int, torch.Tensor] = {}
     diags: dict[int, torch.Tensor] = {}
     raw_mean: dict[int, torch.Tensor] = {}
+    input_factors = input_factors or {}
+    given_A = {(id(blocks[i].module), site) for i in input_factors for site in blocks[i].sites}
     loss = torch.zeros((), dtype=dtype, device=device)
     n_data, n_outputs = 0, None
     # in-memory labels are validated once, so the per-batch check needs no device sync
@@ -294,7 +384,7 @@ def accumulate_curvature(
     was_training = model.training
     model.eval()
     try:
-        for batch in tqdm(batches, desc="curvature", disable=not progress, leave=False):
+        for batch in progress_bar(batches, desc="curvature", enabled=progress, leave=False):
             x, y = split_batch(batch, device, dict_key_y)
             if y.ndim > 0 and y.shape[0] == 0:  # an empty batch (a trailing slice) adds nothing
                 continue
@@ -311,7 +401,7 @@ def accumulate_curvature(
             V = pseudo_gradients(likelihood, curvature, f, y, generator).to(f.dtype)
             calls = recorder.outputs()
             if calls:
-                outs = [rec.outputs[i] for rec, i in calls]
+                outs = [rec.calls[i][site][1] for rec, i, site in calls]
                 if V.shape[1] == 1:
                     grads = torch.autograd.grad(f, outs, V[:, 0], allow_unused=True)
                     grads = [None if g is None else g.unsqueeze(0) for g in grads]
@@ -323,23 +413,25 @@ def accumulate_curvature(
                         allow_unused=True,
                         is_grads_batched=True,
                     )
-                for (rec, i), g in zip(calls, grads):
+                for (rec, i, site), g in zip(calls, grads):
                     if g is None:  # this call does not influence the output
                         continue
-                    a = rec.inputs[i]
-                    own = _per_call_blocks(rec)
-                    key = id(rec.module)
-                    if isinstance(rec.module, nn.Conv2d):
-                        _accumulate_conv(key, rec.module, a, g, own, G_sums, raw_A, diags)
+                    a, _, positions = rec.calls[i][site]
+                    own = _per_call_blocks(rec, site)
+                    key = (id(rec.module), site)
+                    with_A = key not in given_A
+                    if isinstance(rec.module, CONVS):
+                        _accumulate_conv(key, rec.module, a, g, own, G_sums, raw_A, diags, with_A)
                     else:
-                        _accumulate_linear(key, a, g, own, G_sums, raw_A, diags)
-                    _accumulate_mean(rec.module, a, own, raw_mean)
+                        parts = (G_sums, raw_A, diags, with_A)
+                        _accumulate_linear(key, a, g, positions, own, *parts)
+                    _accumulate_mean(rec.module, a, positions, own, raw_mean)
             # a module called more than once: its per-sample gradient is the sum over the
             # calls, so squaring call by call would be wrong; take those diagonals exactly
             shared = [
                 item
                 for rec in recorder.records.values()
-                if len(rec.outputs) > 1
+                if len(rec.calls) > 1
                 for item in rec.blocks
                 if item[1].kind == "diag"
             ]
@@ -354,17 +446,9 @@ def accumulate_curvature(
         raise ValueError("the training data yielded no batches (empty loader)")
     for index, block in enumerate(blocks):
         if block.kind == "kron":
-            G = G_sums.get(id(block.module))
-            if G is None:  # the layer never influenced the output
-                G = torch.zeros(block.shape[0], block.shape[0], dtype=dtype, device=device)
-            elif block.role == "bias" and _has_kron_weight(blocks, block):
-                G = G.clone()  # weight and bias report the same G; keep them independent
-            if block.role == "weight":
-                d_in = block.param[0].numel()
-                A = raw_A.get(index, torch.zeros(d_in, d_in, dtype=dtype, device=device)) / n_data
-                factors[index] = [G, A]
-            else:
-                factors[index] = [G]
+            factors[index] = _kron_factors(block, G_sums, raw_A, n_data)
+            if index in input_factors:
+                factors[index][1] = input_factors[index]
         elif index not in diags:
             diags[index] = torch.zeros_like(block.param, memory_format=torch.contiguous_format)
         else:
@@ -375,8 +459,31 @@ def accumulate_curvature(
     return result
 
 
-def _has_kron_weight(blocks: list[ParamBlock], bias: ParamBlock) -> bool:
-    return any(b.module is bias.module and b.role == "weight" and b.kind == "kron" for b in blocks)
+def _kron_factors(block: ParamBlock, G_sums: dict, raw_A: dict, n_data: int) -> list:
+    """``[G, A]`` (weight) or ``[G]`` (bias) of one block from the per-map sums; row-sliced
+    blocks (grouped convs, packed q/k/v) get stacked factors, one slice per leading index."""
+    slices = block.row_slices
+    rows = block.shape[0] // slices
+    like = block.param
+
+    def site_factor(store: dict, site: str, size: int) -> torch.Tensor:
+        value = store.get((id(block.module), site))
+        if value is None:  # the map never influenced the output
+            stacked = (slices,) if isinstance(block.module, CONVS) and slices > 1 else ()
+            return like.new_zeros(*stacked, size, size)
+        return value
+
+    def factor(store: dict, size: int) -> torch.Tensor:
+        parts = [site_factor(store, site, size) for site in block.sites]
+        if len(parts) > 1:
+            return torch.stack(parts)
+        # a bias shares G with its weight; clone so the two blocks stay independent
+        return parts[0] if block.has_input_factor else parts[0].clone()
+
+    G = factor(G_sums, rows)
+    if not block.has_input_factor:
+        return [G]
+    return [G, factor(raw_A, block.param[0].numel()) / n_data]
 
 
 def check_finite(result: Curvature) -> None:

@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from spamkern.experiment.config import (
     CSV_FIELDS,
@@ -28,7 +27,8 @@ from spamkern.experiment.config import (
     training_config,
 )
 from spamkern.metrics import classification_metrics, glm_predictive, map_predictive
-from spamkern.models import build_model, lenet5
+from spamkern.models import lenet5, model_by_name
+from spamkern.progress import progress_bar
 from spamkern.pruning import (
     OnlinePruning,
     apply_masks,
@@ -90,12 +90,13 @@ class Run:
 
 
 # ---------------------------------------------------------------------------- training
-def initial_model(split) -> nn.Module:
-    """The untrained network of a data set: LeNet-5 for :data:`LENET5_SETS`, else the
-    default model of its input shape (:func:`spamkern.models.build_model`)."""
-    if split.name in LENET5_SETS:
+def initial_model(split, model: str = "auto") -> nn.Module:
+    """The untrained network of a data set: ``--model`` (:func:`spamkern.models.model_by_name`);
+    with ``auto``, LeNet-5 for :data:`LENET5_SETS` (its first Linear layer follows conv +
+    ReLU + pooling) and the default model of the input shape otherwise."""
+    if model == "auto" and split.name in LENET5_SETS:
         return lenet5(tuple(split.input_shape), split.n_classes)
-    return build_model(split.input_shape, split.n_classes)
+    return model_by_name(model, split.input_shape, split.n_classes)
 
 
 def train_models(
@@ -105,7 +106,7 @@ def train_models(
     import spamkern as sk
 
     torch.manual_seed(seed)
-    init = initial_model(split).to(device)
+    init = initial_model(split, args.model).to(device)
     common = {
         "n_epochs": cfg.epochs,
         "structure": args.structure,
@@ -385,8 +386,8 @@ def pruned_rows(run: Run, methods: dict[str, Method] | None = None) -> list[dict
         methods = {label: METHODS[label] for label in args.methods}
     jobs = [(m, p, s) for m in methods for p in args.patterns for s in args.sparsities]
     scores: dict[str, torch.Tensor] = {}
-    bar = tqdm(
-        jobs, desc=f"prune {run.name} seed {run.seed}", disable=args.no_progress, leave=False
+    bar = progress_bar(
+        jobs, desc=f"prune {run.name} seed {run.seed}", enabled=not args.no_progress, leave=False
     )
     rows = []
     for label, pattern, pct in bar:

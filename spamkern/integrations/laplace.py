@@ -160,6 +160,12 @@ class _SpamkernCurvature(CurvatureInterface):
         for index, block in enumerate(result.blocks):
             if index in result.factors:
                 facs = result.factors[index]
+                if facs[0].ndim == 3:
+                    raise ValueError(
+                        f"parameter {block.name!r} has one Kronecker block per row slice (a "
+                        "grouped convolution or attention's packed q/k/v), which laplace-torch's "
+                        "Kron layout cannot hold; use DiagLaplace or spamkern.fit_laplace"
+                    )
                 kfacs.append([facs[0], facs[1] * ratio] if len(facs) == 2 else [facs[0]])
                 continue
             diag = result.diags[index]
@@ -361,6 +367,7 @@ def _opd_terms(la: BaseLaplace):
         curvature_scale=post.curvature_scale,
         covariance_diag=lambda: _laplace_covariance_diag(la).to(post.mean.dtype),
         kron_factors=kron,
+        dense_curvature=isinstance(la, FullLaplace),
     )
 
 

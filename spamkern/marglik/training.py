@@ -1,14 +1,17 @@
 """SpaM training: MAP steps under the current prior, marginal-likelihood steps on the prior.
 
-Per batch (SPEC §5): loss = mean loss + (T / 2N) Σ δ_i θ_i² — the log joint scaled by T/N,
-δ fixed. Every ``marglik_frequency`` epochs once the epoch is ≥ ``n_epochs_burnin``: fit the
-Laplace posterior on the whole training set at the current θ, then ``n_hypersteps`` Adam
-steps on −log p(D | δ)/N w.r.t. log δ (and log σ for regression), θ fixed. Burn-in beyond
-the last epoch gives the MAP baseline with δ fixed.
+Per batch: loss = mean loss + (T / 2N) Σ δ_i θ_i² — the log joint scaled by T/N, δ fixed
+(:mod:`spamkern.marglik.epoch` applies the prior term without a graph). Every
+``marglik_frequency`` epochs once the epoch is ≥ ``n_epochs_burnin``: a Laplace posterior
+on the whole training set at the current θ (refitted, or harvested from the epoch's own
+training steps), then the hyperparameter update of log δ (and log σ for regression), θ
+fixed (:mod:`spamkern.marglik.marglik_step`). Burn-in beyond the last epoch gives the MAP
+baseline with δ fixed. :mod:`spamkern.marglik.state` holds what a checkpoint restores.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -17,31 +20,28 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from spamkern.curvature.likelihood import check_label_range, check_targets, mean_loss
+from spamkern.curvature.harvest import (
+    EpochHarvest,
+    InputFactors,
+    check_curvature_source,
+)
 from spamkern.curvature.structure import parameter_blocks
-from spamkern.data.batches import TensorBatches, as_batches, split_batch
-from spamkern.distributed import (
-    all_gather_object,
-    all_reduce_gradients,
-    all_reduce_sum,
-    check_same_on_all_ranks,
-    is_distributed,
-    rank,
-)
-from spamkern.marglik.checkpoint import (
-    load_checkpoint,
-    restore_rng_state,
-    rng_state,
-    save_checkpoint,
-)
-from spamkern.posterior.fit import fit_laplace
+from spamkern.data.batches import TensorBatches, as_batches, epoch_size, split_batch
+from spamkern.distributed import all_reduce_sum, check_same_on_all_ranks, is_distributed, rank
+from spamkern.marglik.checkpoint import load_checkpoint, save_checkpoint, should_resume
+from spamkern.marglik.epoch import LabelRange, MaskEnforcer, PriorGradient, train_epoch
+from spamkern.marglik.hyper import HYPER_OPTIMIZERS, make_hyper_optimizer
+from spamkern.marglik.marglik_step import fit_posterior, marglik_step
+from spamkern.marglik.state import RunSettings, TrainingState
 from spamkern.posterior.laplace import LaplacePosterior
 from spamkern.prior.priors import Prior, make_prior
+from spamkern.progress import progress_bar
+from spamkern.validation import check_marglik_args, check_model_params, check_tensor_data
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULERS = ("cosine", None)
+DEFAULT_HYPER_OPTIMIZER = "fixed-point"
 
 
 @dataclass
@@ -61,12 +61,6 @@ class MarglikResult:
         return [h["marglik"] for h in self.history if h["marglik"] is not None]
 
 
-def _apply_masks(model: nn.Module, masks) -> None:
-    from spamkern.pruning.masks import apply_masks
-
-    apply_masks(model, masks)
-
-
 def _check_schedule(n_epochs, n_epochs_burnin, marglik_frequency, n_hypersteps, lr, lr_hyp):
     if not isinstance(n_epochs, int) or n_epochs < 1:
         raise ValueError(f"n_epochs must be a positive integer, got {n_epochs!r}")
@@ -76,8 +70,20 @@ def _check_schedule(n_epochs, n_epochs_burnin, marglik_frequency, n_hypersteps, 
         raise ValueError(f"marglik_frequency must be a positive integer, got {marglik_frequency!r}")
     if n_hypersteps < 0:
         raise ValueError(f"n_hypersteps must be >= 0, got {n_hypersteps}")
-    if not (lr > 0 and lr_hyp > 0):
-        raise ValueError(f"learning rates must be > 0, got lr={lr}, lr_hyp={lr_hyp}")
+    if not (lr >= 0 and lr_hyp > 0):
+        raise ValueError(f"need lr >= 0 and lr_hyp > 0, got lr={lr}, lr_hyp={lr_hyp}")
+
+
+def _check_choices(optimizer, scheduler, hyper_optimizer, resume, checkpoint_path) -> None:
+    for name, value, allowed in (
+        ("optimizer", optimizer, OPTIMIZERS),
+        ("scheduler", scheduler, SCHEDULERS),
+        ("hyper_optimizer", hyper_optimizer, HYPER_OPTIMIZERS),
+    ):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    if resume and checkpoint_path is None:
+        raise ValueError("resume=True needs a checkpoint_path")
 
 
 def is_marglik_epoch(epoch: int, n_epochs_burnin: int, marglik_frequency: int) -> bool:
@@ -113,256 +119,245 @@ def marglik_train(
     progress: bool = True,
     seed: int = 0,
     checkpoint_path: str | None = None,
-    resume: bool = False,
+    resume: bool | str = False,
     dict_key_y: str = "labels",
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+    curvature_source: str = "refit",
+    hyper_optimizer: str = DEFAULT_HYPER_OPTIMIZER,
+    cache_input_factors: bool = True,
 ) -> MarglikResult:
-    """Train ``model`` with Laplace marginal-likelihood prior selection (SpaM, SPEC §5).
+    """Train ``model`` with Laplace marginal-likelihood prior selection (SpaM).
 
     ``train_data`` is a DataLoader/iterable of batches or ``(X, y)`` tensors (shuffled and
     batched on the device). ``masks`` (name → bool tensor, True = kept) are enforced after
     every optimiser step; ``online_pruning`` (see :mod:`spamkern.pruning`) updates them after
     each marglik step. With ``checkpoint_path`` a checkpoint is written after every epoch;
-    ``resume=True`` continues from it and reproduces the uninterrupted run.
+    ``resume=True`` continues from it (it must exist) and reproduces the uninterrupted run;
+    ``resume="if-exists"`` continues if it exists and starts afresh otherwise.
     ``on_epoch_end(record)`` is called after each epoch (and its checkpoint) with the
     history record, e.g. for logging or early stopping by raising.
+
+    ``curvature_source="epoch"`` (EF and MC-GGN) harvests the marglik step's curvature from
+    the training steps of the epoch before it instead of a refit pass (a running estimate
+    while θ moves; see :mod:`spamkern.curvature.harvest`). ``hyper_optimizer`` picks the
+    hyperparameter update (``n_hypersteps`` steps at ``lr_hyp``). ``cache_input_factors``
+    computes the Kronecker A of layers fed by the data alone (the first layer) once per run;
+    turn it off when the data differ between passes (random augmentation, input dropout).
+    The returned posterior is fitted at the final θ and masks when ``fit_final_posterior``
+    (without it: the last marglik step's, or None if a prune came after it).
     """
+    check_marglik_args(
+        n_epochs=n_epochs,
+        marglik_frequency=marglik_frequency,
+        likelihood=likelihood,
+        curvature=curvature,
+        sigma_noise=sigma_noise,
+        temperature=temperature,
+        n_epochs_burnin=n_epochs_burnin,
+        n_hypersteps=n_hypersteps,
+        lr=lr,
+        lr_hyp=lr_hyp,
+        momentum=momentum,
+        seed=seed,
+    )
     _check_schedule(n_epochs, n_epochs_burnin, marglik_frequency, n_hypersteps, lr, lr_hyp)
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
-    if scheduler not in SCHEDULERS:
-        raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
-    if resume and checkpoint_path is None:
-        raise ValueError("resume=True needs a checkpoint_path")
+    _check_choices(optimizer, scheduler, hyper_optimizer, resume, checkpoint_path)
     blocks = parameter_blocks(model, structure)
-    device, dtype = blocks[0].param.device, blocks[0].param.dtype
-    params = [b.param for b in blocks]
-    sizes = [p.numel() for p in params]
+    check_model_params([b.param for b in blocks], "marglik_train")
+    check_curvature_source(curvature_source, curvature, blocks)
+    device = blocks[0].param.device
     batch_gen = torch.Generator(device="cpu").manual_seed(seed)
     # MC-GGN draws: independent across ranks (each rank samples labels for its own shard)
     mc_gen = torch.Generator(device=device).manual_seed(seed + 1 + rank())
     batches = as_batches(train_data, batch_size, shuffle=True, generator=batch_gen, device=device)
-    fit_batches = as_batches(train_data, batch_size, shuffle=False, device=device)
-    n_data = _count(batches)
-    # in-memory labels get one range check (first step) instead of a device sync per step
-    labels_prechecked = isinstance(batches, TensorBatches) and likelihood == "classification"
-    labels_checked = not labels_prechecked
+    check_tensor_data(batches, blocks[0].param.dtype, likelihood)
+    size = epoch_size(batches, dict_key_y)  # this rank's samples and steps per epoch
+    n_data, n_steps = size.n_data, size.n_batches
     if is_distributed():  # each rank holds a shard: the prior term needs the global N
         n_data = int(all_reduce_sum(float(n_data)))
-    n_steps_per_epoch = len(batches) if hasattr(batches, "__len__") else None
-    if is_distributed() and n_steps_per_epoch is not None:
-        check_same_on_all_ranks(n_steps_per_epoch, "optimiser steps per epoch")
-
+        check_same_on_all_ranks(n_steps, "optimiser steps per epoch")
+    settings = RunSettings(
+        likelihood,
+        structure,
+        curvature,
+        curvature_source,
+        temperature,
+        n_data,
+        n_epochs,
+        dict_key_y,
+    )
     prior_module = make_prior(
         prior, [(b.name, b.param) for b in blocks], prior_precision, temperature
     )
-    log_sigma = torch.tensor(math.log(sigma_noise), dtype=dtype, device=device, requires_grad=True)
-    hyper_params = [prior_module.log_precision]
-    if likelihood == "regression" and learn_sigma:
-        hyper_params.append(log_sigma)
-    hyper_opt = torch.optim.Adam(hyper_params, lr=lr_hyp)
-    if optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=lr)
-    else:
-        opt = torch.optim.SGD(params, lr=lr, momentum=momentum)
-    sched = None
-    if scheduler == "cosine":
-        total = n_epochs * (n_steps_per_epoch or 1)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
-
-    def refit() -> LaplacePosterior:
-        """The posterior on the whole training set at the current θ, under the live prior."""
-        return fit_laplace(
-            model,
-            fit_batches,
-            likelihood=likelihood,
-            structure=structure,
-            curvature=curvature,
-            prior=prior_module,
-            temperature=temperature,
-            sigma_noise=float(log_sigma.detach().exp()),
-            generator=mc_gen,
-            dict_key_y=dict_key_y,
-            progress=False,
-        )
-
-    history: list[dict[str, Any]] = []
-    posterior: LaplacePosterior | None = None
-    start_epoch = 1
-    generators = {
-        "batches": batch_gen,
-        "mc": mc_gen,
-        "loader": getattr(train_data, "generator", None),
-    }
-    if resume and checkpoint_path is not None and _exists(checkpoint_path):
-        state = load_checkpoint(checkpoint_path, device)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        hyper_opt.load_state_dict(state["hyper_optimizer"])
-        if sched is not None:
-            sched.load_state_dict(state["scheduler"])
-        prior_module.load_state_dict(state["prior"])
-        with torch.no_grad():
-            log_sigma.copy_(state["log_sigma"])
-        history = state["history"]
-        masks = state["masks"]
-        if online_pruning is not None:
-            online_pruning.masks = masks
-        rng = state["rng"]  # one entry per rank under torch.distributed
-        restore_rng_state(rng[rank()] if isinstance(rng, list) else rng, generators)
-        start_epoch = state["epoch"] + 1
-    if masks is not None:
-        _apply_masks(model, masks)
-
-    epochs = tqdm(
-        range(start_epoch, n_epochs + 1),
-        desc="marglik_train",
-        disable=not progress,
-        initial=start_epoch - 1,
-        total=n_epochs,
+    log_sigma = torch.tensor(
+        math.log(sigma_noise), dtype=blocks[0].param.dtype, device=device, requires_grad=True
     )
-    for epoch in epochs:
-        tic = time.perf_counter()
-        model.train()
-        _set_sampler_epoch(train_data, epoch)
-        # δ fixed during the epoch, split per tensor so the prior term needs no θ copy
-        deltas = [
-            d.view_as(p)
-            for d, p in zip(prior_module.precision_diag().detach().split(sizes), params)
-        ]
-        scale = temperature / (2.0 * n_data)
-        epoch_loss = torch.zeros((), dtype=dtype, device=device)  # summed on the device:
-        seen = 0  # no host sync per step
-        for batch in batches:
-            x, y = split_batch(batch, device, dict_key_y)
-            opt.zero_grad(set_to_none=True)
-            f = model(x)
-            if not labels_checked:
-                check_label_range(batches.y, f.shape[-1])
-                labels_checked = True
-            check_targets(likelihood, f, y, check_range=not labels_prechecked)
-            data_loss = mean_loss(likelihood, f, y)
-            if likelihood == "regression":
-                data_loss = data_loss * torch.exp(-2.0 * log_sigma.detach())
-            penalty = sum((d * p.square()).sum() for d, p in zip(deltas, params))
-            loss = data_loss + scale * penalty
-            loss.backward()
-            if is_distributed():
-                all_reduce_gradients(params, weight=f.shape[0])  # exact for unequal shards
-            opt.step()
-            if sched is not None:
-                sched.step()
-            if masks is not None:
-                _apply_masks(model, masks)
-            epoch_loss += data_loss.detach() * f.shape[0]
-            seen += f.shape[0]
-        if not bool(torch.isfinite(epoch_loss)):
-            raise ValueError(
-                f"the training loss became {float(epoch_loss)} in epoch {epoch}; lower the "
-                "learning rate or check the data"
-            )
-
-        record: dict[str, Any] = {
-            "epoch": epoch,
-            "loss": float(epoch_loss) / max(seen, 1),
-            "marglik": None,
-        }
-        if is_marglik_epoch(epoch, n_epochs_burnin, marglik_frequency):
-            posterior = refit()
-            marglik = _hypersteps(
-                posterior,
-                hyper_opt,
-                prior_module,
-                log_sigma,
-                n_hypersteps,
-                likelihood == "regression" and learn_sigma,
-            )
-            posterior.log_sigma = log_sigma.detach().clone()
-            record["marglik"] = marglik
-            if online_pruning is not None:
-                masks = online_pruning.step(epoch, n_epochs, model, posterior)
-                if masks is not None:
-                    _apply_masks(model, masks)
-        model.train()
-        record["log_prior_precision_mean"] = float(prior_module.log_precision.detach().mean())
-        if likelihood == "regression":
-            record["sigma"] = float(log_sigma.detach().exp())
-        record["lr"] = opt.param_groups[0]["lr"]
-        record["time_s"] = time.perf_counter() - tic
-        history.append(record)
-        epochs.set_postfix(
+    opt = _optimizer([b.param for b in blocks], optimizer, lr, momentum)
+    state = TrainingState(
+        model=model,
+        optimizer=opt,
+        scheduler=(
+            torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=n_epochs * n_steps)
+            if scheduler == "cosine"
+            else None
+        ),
+        prior=prior_module,
+        log_sigma=log_sigma,
+        hyper=make_hyper_optimizer(
+            hyper_optimizer,
+            prior_module,
+            log_sigma=log_sigma,
+            learn_sigma=likelihood == "regression" and learn_sigma,
+            lr=lr_hyp,
+            n_steps=n_hypersteps,
+        ),
+        generators={
+            "batches": batch_gen,
+            "mc": mc_gen,
+            "loader": getattr(train_data, "generator", None),
+        },
+        input_factors=InputFactors(blocks, cache_input_factors and not is_distributed()),
+        masks=masks,
+    )
+    if should_resume(resume, checkpoint_path):
+        state.restore(load_checkpoint(checkpoint_path, device))
+        if online_pruning is not None:
+            online_pruning.masks = state.masks
+    loop = _EpochLoop(
+        settings,
+        state,
+        blocks,
+        train_data,
+        batches,
+        as_batches(train_data, batch_size, shuffle=False, device=device),
+        mc_gen,
+        lambda epoch: is_marglik_epoch(epoch, n_epochs_burnin, marglik_frequency),
+        online_pruning,
+    )
+    epochs = range(state.epoch + 1, n_epochs + 1)
+    bar = progress_bar(
+        epochs, desc="marglik_train", enabled=progress, initial=state.epoch, total=n_epochs
+    )
+    for epoch in bar:
+        record = loop.run(state, epoch)
+        bar.set_postfix(
             loss=f"{record['loss']:.4f}",
             marglik="-" if record["marglik"] is None else f"{record['marglik']:.4g}",
         )
         if checkpoint_path is not None:
-            save_checkpoint(
-                checkpoint_path,
-                {
-                    "epoch": epoch,
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "hyper_optimizer": hyper_opt.state_dict(),
-                    "scheduler": sched.state_dict() if sched is not None else None,
-                    "prior": prior_module.state_dict(),
-                    "log_sigma": log_sigma.detach(),
-                    "history": history,
-                    "masks": masks,
-                    "rng": all_gather_object(rng_state(generators)),
-                },
-            )
+            save_checkpoint(checkpoint_path, state.checkpoint())
         if on_epoch_end is not None:
             on_epoch_end(record)
-
-    if fit_final_posterior and (posterior is None or history[-1]["marglik"] is None):
-        posterior = refit()
-    model.train()
-    return MarglikResult(model, posterior, prior_module, history, masks, log_sigma.detach())
+    return _result(state, settings, loop.fit_batches, mc_gen, fit_final_posterior)
 
 
-def _hypersteps(posterior, hyper_opt, prior_module, log_sigma, n_steps, learn_sigma) -> float:
-    """Adam steps on −log p(D | δ)/N; returns the log marginal likelihood at the end."""
-    n = posterior.n_data
-    for _ in range(n_steps):
-        hyper_opt.zero_grad(set_to_none=True)
-        value = posterior._log_marglik(
-            prior_module.log_precision, log_sigma if learn_sigma else None
-        )
-        (-value / n).backward()
-        hyper_opt.step()
-    with torch.no_grad():
-        value = posterior._log_marglik(
-            prior_module.log_precision, log_sigma if learn_sigma else None
-        )
-    if not torch.isfinite(value) or not bool(torch.isfinite(prior_module.log_precision).all()):
-        raise ValueError(
-            "the marginal likelihood or the prior precisions became non-finite during the "
-            "hypersteps; lower lr_hyp or n_hypersteps"
-        )
-    return float(value)
+def _optimizer(params, name: str, lr: float, momentum: float) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    return torch.optim.SGD(params, lr=lr, momentum=momentum)
 
 
-def _count(batches) -> int:
-    if hasattr(batches, "n_data"):
-        return batches.n_data
-    dataset = getattr(batches, "dataset", None)
-    if dataset is not None and hasattr(dataset, "__len__"):
-        sampler = getattr(batches, "sampler", None)
-        if sampler is not None and hasattr(sampler, "num_replicas"):
-            return len(sampler)  # DistributedSampler: this rank's share
-        return len(dataset)
-    n = sum(split_batch(b, torch.device("cpu"))[1].shape[0] for b in batches)
-    if n == 0:
-        raise ValueError("the training data yielded no batches (empty loader)")
-    return n
+class _EpochLoop:
+    """The per-run machinery around the state: one call of :meth:`run` is one epoch —
+    the training sweep (harvesting curvature when asked), then the marglik step if due."""
+
+    def __init__(
+        self,
+        settings: RunSettings,
+        state: TrainingState,
+        blocks,
+        train_data,
+        batches,
+        fit_batches,
+        generator: torch.Generator,
+        marglik_due: Callable[[int], bool],
+        online_pruning,
+    ):
+        self.settings, self.blocks, self.train_data = settings, blocks, train_data
+        self.batches, self.fit_batches, self.generator = batches, fit_batches, generator
+        self.marglik_due, self.online_pruning = marglik_due, online_pruning
+        params = [b.param for b in blocks]
+        T, N = settings.temperature, settings.n_data
+        self.prior_gradient = PriorGradient(params, state.prior, T, N)
+        self.enforce_masks = MaskEnforcer(state.model, state.masks)
+        all_labels = batches.y if isinstance(batches, TensorBatches) else None
+        self.labels = LabelRange(settings.likelihood, all_labels)
+
+    def run(self, state: TrainingState, epoch: int) -> dict[str, Any]:
+        """Train one epoch, do its marglik step if due; returns its history record."""
+        tic = time.perf_counter()
+        _set_sampler_epoch(self.train_data, epoch)
+        due = self.marglik_due(epoch)
+        harvesting = due and self.settings.curvature_source == "epoch"
+        harvest = self._harvest(state) if harvesting else None
+        with harvest if harvest is not None else contextlib.nullcontext():
+            loss = train_epoch(
+                state,
+                self.settings,
+                self.batches,
+                self.prior_gradient,
+                self.enforce_masks,
+                self.labels,
+                harvest,
+            )
+        state.epoch, state.posterior_is_current = epoch, False
+        record: dict[str, Any] = {"epoch": epoch, "loss": loss, "marglik": None}
+        if due:
+            self._detect_input_factors(state)
+            fit_data, generator = self.fit_batches, self.generator
+            posterior = fit_posterior(state, self.settings, fit_data, generator, harvest)
+            record["marglik"] = marglik_step(state, self.settings, posterior, self.online_pruning)
+            self.enforce_masks = MaskEnforcer(state.model, state.masks)
+        _finish_record(record, state, self.settings.likelihood, tic)
+        return record
+
+    def _detect_input_factors(self, state: TrainingState) -> None:
+        if not state.input_factors.needs_detection:
+            return
+        x = _first_inputs(self.fit_batches, self.blocks[0].param.device, self.settings.dict_key_y)
+        state.input_factors.detect(state.model, x)
+
+    def _harvest(self, state: TrainingState) -> EpochHarvest:
+        self._detect_input_factors(state)
+        s = self.settings
+        given = state.input_factors.given()
+        return EpochHarvest(self.blocks, s.curvature, self.generator, given, s.likelihood)
+
+
+def _finish_record(record: dict[str, Any], state: TrainingState, likelihood: str, tic) -> None:
+    state.model.train()
+    record["log_prior_precision_mean"] = float(state.prior.log_precision.detach().mean())
+    if likelihood == "regression":
+        record["sigma"] = float(state.log_sigma.detach().exp())
+    record["lr"] = state.optimizer.param_groups[0]["lr"]
+    record["time_s"] = time.perf_counter() - tic
+    state.history.append(record)
+
+
+def _result(state, settings, fit_batches, generator, fit_final_posterior) -> MarglikResult:
+    """The run's result; its posterior is fitted at the final θ and masks, the last marglik
+    step's (when ``fit_final_posterior=False``), or None if a prune came after that step."""
+    if fit_final_posterior and not state.posterior_is_current:
+        fit_posterior(state, settings, fit_batches, generator)
+    state.model.train()
+    return MarglikResult(
+        state.model,
+        state.posterior,
+        state.prior,
+        state.history,
+        state.masks,
+        state.log_sigma.detach(),
+    )
+
+
+def _first_inputs(batches, device: torch.device, dict_key_y: str):
+    """The inputs of the first batch (to find the layers fed by the data alone)."""
+    for batch in batches:
+        return split_batch(batch, device, dict_key_y)[0]
+    raise ValueError("the training data yielded no batches (empty loader)")
 
 
 def _set_sampler_epoch(data, epoch: int) -> None:
     sampler = getattr(data, "sampler", None)
     if sampler is not None and hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch)
-
-
-def _exists(path) -> bool:
-    from pathlib import Path
-
-    return Path(path).is_file()

@@ -15,6 +15,12 @@ so log det Π = Σ log denom − 2 Σ log w and Π⁻¹ = W Q diag(1/denom) Qᵀ
   (Hadamard's inequality for the positive definite QᵀΠQ) and its inverse an approximation.
 
 A bias block has the single factor G: the same with λ2 ≡ 1, Q2 = [1].
+
+Each parameter tensor's curvature is one typed block with the operations the posterior
+needs (curvature and factor diagonals, log det plan entries, eigenbasis, unitwise parts):
+:class:`DiagBlock` (exact diagonal), :class:`KronBlock` (``[G, A]`` or ``[G]``) and
+:class:`RowSlicedKronBlock` — block-diagonal over equal row slices, each slice its own
+Kronecker block (grouped convolutions, attention's packed q/k/v), exact slice by slice.
 """
 
 from __future__ import annotations
@@ -156,40 +162,281 @@ def _differentiable_eigh(mats: list[torch.Tensor]) -> list[tuple[torch.Tensor, t
     return out
 
 
-class KronEigenCache:
-    """Eigendecompositions of every Kronecker factor, computed once per fit, batched."""
+@dataclass
+class StackedEigen:
+    """A row-sliced block's precision in its eigenbasis, stacked over the g slices: the
+    fields of :class:`BlockEigen` with a leading slice dimension (q1 (g, r, r), q2 (g, d, d),
+    denom and log_w (g, r, d)); every operation runs on all slices at once."""
 
-    def __init__(self, factors: dict[int, list[torch.Tensor]], names: dict[int, str]):
-        keys, mats, labels = [], [], []
-        for index, facs in factors.items():
-            for j, F in enumerate(facs):
-                keys.append((index, j))
-                mats.append(F)
-                labels.append(f"{names[index]}[{'GA'[j]}]")
-        decomposed = batched_eigh(mats, labels)
-        self.values: dict[int, list[torch.Tensor]] = {}
-        self.vectors: dict[int, list[torch.Tensor]] = {}
-        for (index, _), (vals, vecs) in zip(keys, decomposed):
-            self.values.setdefault(index, []).append(vals)
-            self.vectors.setdefault(index, []).append(vecs)
+    q1: torch.Tensor | None
+    q2: torch.Tensor | None
+    denom: torch.Tensor
+    log_w: torch.Tensor | None
 
-    def eigenvalues(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        values = self.values[index]
+    @classmethod
+    def stack(cls, parts: list[BlockEigen]) -> StackedEigen:
+        def both(field: str):
+            values = [getattr(part, field) for part in parts]
+            return None if values[0] is None else torch.stack(values)
+
+        return cls(both("q1"), both("q2"), both("denom"), both("log_w"))
+
+    def logdet(self) -> torch.Tensor:
+        total = self.denom.log().sum()
+        if self.log_w is not None:
+            total = total - 2.0 * self.log_w.expand_as(self.denom).sum()
+        return total
+
+    def inverse_diag(self) -> torch.Tensor:
+        """(out, q): the slices' diagonals of Π⁻¹, row slice after row slice."""
+        out = self.denom.reciprocal()
+        if self.q1 is not None:
+            out = self.q1.square() @ out
+        if self.q2 is not None:
+            out = out @ self.q2.square().mT
+        if self.log_w is not None:
+            out = out * (2.0 * self.log_w).exp()
+        return out.reshape(-1, out.shape[-1])
+
+    def quadratic(self, J: torch.Tensor) -> torch.Tensor:
+        """(B, C, C) J Π⁻¹ Jᵀ for J of shape (B, C, out, q): a sum over the slices."""
+        slices, rows = self.denom.shape[0], self.denom.shape[1]
+        J = J.reshape(J.shape[0], J.shape[1], slices, rows, J.shape[-1])
+        if self.log_w is not None:
+            J = J * self.log_w.exp()
+        if self.q1 is not None:
+            J = torch.einsum("gmp,bcgmq->bcgpq", self.q1, J)
+        if self.q2 is not None:
+            J = torch.einsum("bcgpn,gnq->bcgpq", J, self.q2)
+        return torch.einsum("bcgpq,bdgpq->bcd", J / self.denom, J)
+
+
+class DiagBlock:
+    """An exact diagonal block h (shaped like the parameter): Π = s·diag(h) + diag(δ)."""
+
+    def __init__(self, h: torch.Tensor, shape: torch.Size):
+        self.h = h
+        self.shape = torch.Size(shape)
+
+    def public_factors(self) -> torch.Tensor:
+        return self.h
+
+    def kron_parts(self) -> list[KronBlock]:
+        return []
+
+    def curvature_diag(self) -> torch.Tensor:
+        return self.h.reshape(-1)
+
+    def factor_diagonals(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Per consecutive run of entries: (diag G, diag A) — here the diagonal itself."""
+        return [(self.h.reshape(-1), None)]
+
+    def uses_plan(self, prior_kind: str) -> bool:
+        return True
+
+    def plan_eigenvalues(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        h = self.h.reshape(-1)
+        return [(h, h.new_ones(1))]
+
+    def plan_deltas(self, tp: TensorPrecision) -> list[torch.Tensor]:
+        return [tp.expand(self.shape).exp().reshape(-1, 1)]
+
+    def unitwise_parts(self, tp: TensorPrecision) -> list:
+        return []
+
+    def eigen(self, tp: TensorPrecision, scale, unitwise: bool) -> BlockEigen:
+        # laid out like the (p, q) view of the block that J and inverse_diag use
+        h = self.h.reshape(weight_matrix_shape(self.shape))
+        delta = tp.expand(self.shape).exp().reshape(h.shape)
+        return BlockEigen(None, None, scale * h + delta, None)
+
+
+class KronBlock:
+    """One Kronecker block: a weight's ``[G, A]`` (Π = s·G ⊗ A + D, vec row-major) or a
+    bias's ``[G]``. Its factors' eigendecompositions are set once per fit by
+    :func:`decompose_kron_blocks` (shared by every prior except unitwise)."""
+
+    def __init__(self, factors: list[torch.Tensor], shape: torch.Size, name: str):
+        self.factors = list(factors)
+        self.shape = torch.Size(shape)
+        self.name = name
+        self.values: list[torch.Tensor] | None = None
+        self.vectors: list[torch.Tensor] | None = None
+
+    def public_factors(self) -> tuple[torch.Tensor, ...]:
+        return tuple(self.factors)
+
+    def kron_parts(self) -> list[KronBlock]:
+        return [self]
+
+    def curvature_diag(self) -> torch.Tensor:
+        g = self.factors[0].diagonal()
+        return (
+            g if len(self.factors) == 1 else torch.outer(g, self.factors[1].diagonal()).reshape(-1)
+        )
+
+    def factor_diagonals(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        a = self.factors[1].diagonal() if len(self.factors) == 2 else None
+        return [(self.factors[0].diagonal(), a)]
+
+    def uses_plan(self, prior_kind: str) -> bool:
+        """Unitwise blocks are decomposed anew per (a, b); the others reuse one eigenbasis."""
+        return prior_kind != "unitwise"
+
+    def set_decomposition(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.values = [values for values, _ in pairs]
+        self.vectors = [vectors for _, vectors in pairs]
+
+    def eigenvalues(self) -> tuple[torch.Tensor, torch.Tensor]:
+        values = self.values
         l2 = values[1] if len(values) == 2 else values[0].new_ones(1)
         return values[0], l2
 
-    def projected_delta(self, index: int, delta: torch.Tensor) -> torch.Tensor:
+    def plan_eigenvalues(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [self.eigenvalues()]
+
+    def projected_delta(self, delta: torch.Tensor) -> torch.Tensor:
         """δ̃ = (Q1∘Q1)ᵀ D (Q2∘Q2) for a (p, q) precision matrix D (parameterwise)."""
-        vectors = self.vectors[index]
-        out = vectors[0].square().T @ delta
-        if len(vectors) == 2:
-            out = out @ vectors[1].square()
+        out = self.vectors[0].square().T @ delta
+        if len(self.vectors) == 2:
+            out = out @ self.vectors[1].square()
         return out
 
-    def eigen(self, index: int, delta: torch.Tensor, scale) -> BlockEigen:
-        """Scalar (0-d δ) or parameterwise ((p, q) D) block in the cached eigenbasis."""
-        l1, l2 = self.eigenvalues(index)
-        vectors = self.vectors[index]
-        d = delta if delta.ndim == 0 else self.projected_delta(index, delta)
-        q2 = vectors[1] if len(vectors) == 2 else None
-        return BlockEigen(vectors[0], q2, scale * torch.outer(l1, l2) + d, None)
+    def _delta(self, tp: TensorPrecision) -> torch.Tensor:
+        """0-d δ (scalar/layerwise) or the projected (p, q) δ̃ (parameterwise)."""
+        if tp.kind == "scalar":
+            return tp.log_delta.exp()
+        D = tp.expand(self.shape).exp().reshape(weight_matrix_shape(self.shape))
+        return self.projected_delta(D)
+
+    def plan_deltas(self, tp: TensorPrecision) -> list[torch.Tensor]:
+        return [self._delta(tp)]
+
+    def unitwise_parts(self, tp: TensorPrecision) -> list:
+        """Arguments of :func:`unitwise_logdet` for this block."""
+        return [(self.factors, tp, self.shape)]
+
+    def eigen(self, tp: TensorPrecision, scale, unitwise: bool) -> BlockEigen:
+        if unitwise:
+            return whitened_unit_eigen(self.factors, tp, self.shape, scale)
+        l1, l2 = self.eigenvalues()
+        q2 = self.vectors[1] if len(self.vectors) == 2 else None
+        return BlockEigen(self.vectors[0], q2, scale * torch.outer(l1, l2) + self._delta(tp), None)
+
+
+class RowSlicedKronBlock:
+    """Block-diagonal over equal row slices, each its own :class:`KronBlock` — a grouped or
+    depthwise convolution (one slice per group) or attention's packed q/k/v projection (three
+    slices). Factors are stacked: G (slices, r, r), A (slices, d, d). Every quantity (log
+    det, precision and covariance diagonals, J Σ Jᵀ) is exact slice by slice, with the
+    prior's rows split the same way (unitwise: a per row, b shared by the slices)."""
+
+    def __init__(self, factors: list[torch.Tensor], shape: torch.Size, name: str):
+        self.factors = list(factors)
+        self.shape = torch.Size(shape)
+        n_slices = factors[0].shape[0]
+        if self.shape[0] % n_slices:
+            raise ValueError(f"{name}: {self.shape[0]} rows do not split into {n_slices} slices")
+        self.rows = self.shape[0] // n_slices
+        part_shape = torch.Size((self.rows, *self.shape[1:]))
+        self.parts = [
+            KronBlock([F[j] for F in factors], part_shape, f"{name}[{j}]") for j in range(n_slices)
+        ]
+        self._basis: tuple | None = None
+
+    def public_factors(self) -> tuple[torch.Tensor, ...]:
+        return tuple(self.factors)
+
+    def kron_parts(self) -> list[KronBlock]:
+        return self.parts
+
+    def _split(self, tp: TensorPrecision) -> list[TensorPrecision]:
+        return [tp.row_slice(j * self.rows, (j + 1) * self.rows) for j in range(len(self.parts))]
+
+    def curvature_diag(self) -> torch.Tensor:
+        g = self.factors[0].diagonal(dim1=1, dim2=2)  # (slices, r)
+        if len(self.factors) == 1:
+            return g.reshape(-1)
+        return (g.unsqueeze(2) * self.factors[1].diagonal(dim1=1, dim2=2).unsqueeze(1)).reshape(-1)
+
+    def factor_diagonals(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """One run of entries (the fused op takes an exact diagonal when slices differ)."""
+        return [(self.curvature_diag(), None)]
+
+    def uses_plan(self, prior_kind: str) -> bool:
+        return prior_kind != "unitwise"
+
+    def _stacked_basis(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(λ1 ⊗ λ2 per slice (g, r, d), Q1 (g, r, r), Q2 (g, d, d) or None) from the parts'
+        decompositions (set by :func:`decompose_kron_blocks`)."""
+        if self._basis is None:
+            l1 = torch.stack([part.eigenvalues()[0] for part in self.parts])
+            l2 = torch.stack([part.eigenvalues()[1] for part in self.parts])
+            q1 = torch.stack([part.vectors[0] for part in self.parts])
+            q2 = (
+                torch.stack([part.vectors[1] for part in self.parts])
+                if len(self.factors) == 2
+                else None
+            )
+            self._basis = (l1.unsqueeze(2) * l2.unsqueeze(1), q1, q2)
+        return self._basis
+
+    def plan_eigenvalues(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The whole block as one plan entry: the products λ1_p λ2_q of every slice, with
+        λ2 ≡ 1 (Σ log(s·λ + δ) is the same sum)."""
+        products = self._stacked_basis()[0].reshape(-1)
+        return [(products, products.new_ones(1))]
+
+    def _delta(self, tp: TensorPrecision) -> torch.Tensor:
+        """0-d δ, or the per-slice projected δ̃ = (Q1∘Q1)ᵀ D (Q2∘Q2), (g, r, d)."""
+        if tp.kind == "scalar":
+            return tp.log_delta.exp()
+        _, q1, q2 = self._stacked_basis()
+        D = tp.expand(self.shape).exp().reshape(len(self.parts), self.rows, -1)
+        out = q1.square().mT @ D
+        return out @ q2.square() if q2 is not None else out
+
+    def plan_deltas(self, tp: TensorPrecision) -> list[torch.Tensor]:
+        delta = self._delta(tp)
+        return [delta if delta.ndim == 0 else delta.reshape(-1, 1)]
+
+    def unitwise_parts(self, tp: TensorPrecision) -> list:
+        return [x for part, t in zip(self.parts, self._split(tp)) for x in part.unitwise_parts(t)]
+
+    def eigen(self, tp: TensorPrecision, scale, unitwise: bool) -> StackedEigen:
+        if unitwise:  # whitened per slice (each slice has its own rows of a)
+            return StackedEigen.stack(
+                [part.eigen(t, scale, True) for part, t in zip(self.parts, self._split(tp))]
+            )
+        products, q1, q2 = self._stacked_basis()
+        return StackedEigen(q1, q2, scale * products + self._delta(tp), None)
+
+
+CurvatureBlock = DiagBlock | KronBlock | RowSlicedKronBlock
+
+
+def curvature_blocks(factors: list, names: list[str], shapes: list) -> list[CurvatureBlock]:
+    """One typed block per parameter tensor from its curvature: a tensor (exact diagonal),
+    2-D factors (Kronecker) or stacked 3-D factors (row-sliced Kronecker)."""
+    out: list[CurvatureBlock] = []
+    for block, name, shape in zip(factors, names, shapes, strict=True):
+        if isinstance(block, torch.Tensor):
+            out.append(DiagBlock(block, shape))
+        elif block[0].ndim == 3:
+            out.append(RowSlicedKronBlock(block, shape, name))
+        else:
+            out.append(KronBlock(block, shape, name))
+    return out
+
+
+def decompose_kron_blocks(blocks: list[CurvatureBlock]) -> None:
+    """Eigendecompose every Kronecker factor once, batched by size (sets each part's basis)."""
+    parts = [part for block in blocks for part in block.kron_parts() if part.values is None]
+    mats, labels = [], []
+    for part in parts:
+        for j, F in enumerate(part.factors):
+            mats.append(F)
+            labels.append(f"{part.name}[{'GA'[j]}]")
+    decomposed = iter(batched_eigh(mats, labels))
+    for part in parts:
+        part.set_decomposition([next(decomposed) for _ in part.factors])

@@ -4,6 +4,11 @@ Factors of the same size are stacked and decomposed in one ``torch.linalg.eigh``
 LAPACK/cuSOLVER fails to converge (rank-deficient or badly scaled factors), the batch is
 retried in float64, then with a growing diagonal jitter; only then is it an error — with the
 factor's name and what to do, never a silent NaN.
+
+Equal factors in one call (a bias block shares its weight's G) are decomposed once. A
+factor marked with :func:`keep_eigh` (one that stays the same across fits, such as the
+data-only input factor of a first layer) is decomposed once; later calls reuse the result
+as long as the tensor is not modified in place.
 """
 
 from __future__ import annotations
@@ -34,6 +39,22 @@ def _eigh_with_recovery(stack: torch.Tensor, names: list[str]) -> tuple[torch.Te
     )
 
 
+_MEMO = "_spamkern_eigh"
+
+
+def keep_eigh(factor: torch.Tensor) -> torch.Tensor:
+    """Mark ``factor`` so that its eigendecomposition is computed once and then reused."""
+    setattr(factor, _MEMO, None)
+    return factor
+
+
+def _remembered(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    memo = getattr(m, _MEMO, None)
+    if memo is None or memo[0] != m._version:
+        return None
+    return memo[1]
+
+
 def batched_eigh(
     mats: list[torch.Tensor], names: list[str] | None = None
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -41,14 +62,27 @@ def batched_eigh(
     names = names or [str(i) for i in range(len(mats))]
     out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(mats)
     by_size: dict[tuple[int, torch.dtype, torch.device], list[int]] = {}
+    twins: dict[int, int] = {}  # equal factors (a bias shares its weight's G) decompose once
     for i, m in enumerate(mats):
+        out[i] = _remembered(m)
+        if out[i] is not None:
+            continue
         if not bool(torch.isfinite(m).all()):
             raise ValueError(f"the curvature factor {names[i]!r} contains NaN or Inf")
-        by_size.setdefault((m.shape[-1], m.dtype, m.device), []).append(i)
+        group = by_size.setdefault((m.shape[-1], m.dtype, m.device), [])
+        twin = next((j for j in group if torch.equal(mats[j], m)), None)
+        if twin is None:
+            group.append(i)
+        else:
+            twins[i] = twin
     for indices in by_size.values():
         values, vectors = _eigh_with_recovery(
             torch.stack([mats[i] for i in indices]), [names[i] for i in indices]
         )
         for j, i in enumerate(indices):
             out[i] = (values[j].clamp_min(0.0), vectors[j])
+            if hasattr(mats[i], _MEMO):
+                setattr(mats[i], _MEMO, (mats[i]._version, out[i]))
+    for i, twin in twins.items():
+        out[i] = out[twin]
     return out  # type: ignore[return-value]

@@ -12,6 +12,12 @@ from spamkern.data.batches import as_batches
 from spamkern.distributed import all_reduce_curvature
 from spamkern.posterior.laplace import LaplacePosterior
 from spamkern.prior.priors import Prior, make_prior
+from spamkern.validation import (
+    check_input_dtype,
+    check_model_params,
+    check_positive_finite,
+    check_sigma_noise,
+)
 
 
 def fit_laplace(
@@ -29,6 +35,7 @@ def fit_laplace(
     progress: bool = True,
     dict_key_y: str = "labels",
     distributed: bool | None = None,
+    input_factors: dict[int, torch.Tensor] | None = None,
 ) -> LaplacePosterior:
     """Fit a Laplace posterior at the model's current parameters.
 
@@ -37,20 +44,34 @@ def fit_laplace(
     prior name (a fresh prior initialised to ``temperature · prior_precision``) or an existing
     :class:`~spamkern.prior.Prior` (kept as is, e.g. the one marginal likelihood is training).
     Under ``torch.distributed`` (``distributed=None`` means "if initialised") each rank
-    passes its own shard and the sums are all-reduced once.
+    passes its own shard and the sums are all-reduced once. ``input_factors`` (block index
+    → Kronecker A, divided by N) are used as given instead of accumulated: the data-only A
+    of a first layer is the same in every pass over the same inputs (single process only).
     """
     check_likelihood(likelihood)
     check_curvature(curvature)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    check_positive_finite("temperature", temperature)
+    check_sigma_noise(sigma_noise, likelihood)
     blocks = parameter_blocks(model, structure)
+    check_model_params([b.param for b in blocks], "fit_laplace")
     device = blocks[0].param.device
     batches = as_batches(train_data, batch_size=batch_size, device=device)
-    result = accumulate_curvature(
-        model, batches, blocks, likelihood, curvature, generator, progress, dict_key_y
-    )
+    check_input_dtype(batches, blocks[0].param.dtype)
     if distributed is None:
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed and input_factors:
+        raise ValueError("input_factors are global sums; they cannot be given under distributed")
+    result = accumulate_curvature(
+        model,
+        batches,
+        blocks,
+        likelihood,
+        curvature,
+        generator,
+        progress,
+        dict_key_y,
+        input_factors=input_factors,
+    )
     if distributed:
         all_reduce_curvature(result)
     if isinstance(prior, Prior):

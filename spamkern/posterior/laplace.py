@@ -16,17 +16,19 @@ import torch
 from torch import nn
 
 from spamkern.curvature.accumulate import Curvature
-from spamkern.ops import kron_curvature_diag
 from spamkern.ops.logdet import EigLogdetPlan
 from spamkern.ops.precision import kron_precision_and_opd
 from spamkern.posterior.blocks import (
     BlockEigen,
-    KronEigenCache,
+    CurvatureBlock,
+    StackedEigen,
+    curvature_blocks,
+    decompose_kron_blocks,
     unitwise_logdet,
     weight_matrix_shape,
-    whitened_unit_eigen,
 )
 from spamkern.prior.priors import Prior, TensorPrecision
+from spamkern.validation import check_positive_finite
 
 
 class LaplacePosterior:
@@ -54,12 +56,15 @@ class LaplacePosterior:
         self.named_params = [(b.name, b.param) for b in self.blocks]
         self.mean = torch.cat([b.param.detach().reshape(-1) for b in self.blocks])
         sigma = torch.as_tensor(sigma_noise, dtype=self.mean.dtype, device=self.mean.device)
-        if sigma.ndim != 0 or not bool(sigma > 0):
-            raise ValueError(f"sigma_noise must be one positive number, got {sigma_noise}")
+        if sigma.ndim != 0 or not (bool(sigma > 0) and bool(torch.isfinite(sigma))):
+            raise ValueError(f"sigma_noise must be one finite number > 0, got {sigma_noise}")
         if likelihood != "regression" and float(sigma) != 1.0:
             raise ValueError("sigma_noise applies to regression only")
         self.log_sigma = sigma.log().detach().clone()
-        self._eigen: KronEigenCache | None = None
+        # one typed block per tensor: exact diagonal, Kronecker, or row-sliced Kronecker
+        self.curvature_blocks: list[CurvatureBlock] = curvature_blocks(
+            curvature.block_factors(), [b.name for b in self.blocks], [b.shape for b in self.blocks]
+        )
         self._plan: EigLogdetPlan | None = None
 
     # -- sizes and simple quantities ------------------------------------------------------
@@ -89,14 +94,20 @@ class LaplacePosterior:
     @property
     def kron_factors(self) -> list:
         """Per parameter tensor: ``(G, A)`` for a weight, ``(G,)`` for a bias, or the exact
-        diagonal (a tensor shaped like the parameter) for tensors outside Linear/Conv2d."""
+        diagonal (a tensor shaped like the parameter) for any other tensor.
+
+        Row-sliced blocks — grouped/depthwise convolutions and attention's packed
+        ``in_proj_weight``/``in_proj_bias`` — return stacked factors, one slice per leading
+        index: ``(G, A)`` with G (slices, rows/slices, rows/slices) and A (slices, d, d) for
+        the weight, ``(G,)`` for the bias; slice j covers rows j·rows/slices onwards.
+        """
         if self.structure != "kron":
             raise AttributeError("kron_factors exists for structure='kron' only")
-        return [tuple(f) if isinstance(f, list) else f for f in self.curvature.block_factors()]
+        return [block.public_factors() for block in self.curvature_blocks]
 
     def curvature_diag(self) -> torch.Tensor:
         """(P,) diagonal of the GGN/EF approximation (no temperature, no 1/σ²)."""
-        return kron_curvature_diag(self.curvature.block_factors())
+        return torch.cat([block.curvature_diag() for block in self.curvature_blocks])
 
     def precision_diag(self) -> torch.Tensor:
         """(P,) diag Π = s·diag(H) + δ, exact for every prior."""
@@ -109,14 +120,9 @@ class LaplacePosterior:
         fused backends read the factor diagonals, θ and δ and write both outputs.
         """
         _check_finite_hyper(self.prior.log_precision)
-        diag_g, diag_a = [], []
-        for block in self.curvature.block_factors():
-            if isinstance(block, torch.Tensor):
-                diag_g.append(block.reshape(-1))
-                diag_a.append(None)
-            else:
-                diag_g.append(block[0].diagonal())
-                diag_a.append(block[1].diagonal() if len(block) == 2 else None)
+        pairs = [pair for block in self.curvature_blocks for pair in block.factor_diagonals()]
+        diag_g = [g for g, _ in pairs]
+        diag_a = [a for _, a in pairs]
         prior_diag = self.prior.precision_diag().detach()
         return kron_precision_and_opd(self.mean, diag_g, diag_a, prior_diag, self.curvature_scale)
 
@@ -130,40 +136,29 @@ class LaplacePosterior:
             )
         return value
 
-    def _eigen_cache(self) -> KronEigenCache:
-        if self._eigen is None:
-            names = {i: b.name for i, b in enumerate(self.blocks)}
-            self._eigen = KronEigenCache(self.curvature.factors, names)
-        return self._eigen
+    def _decompose(self, indices) -> None:
+        """Eigendecompose the Kronecker factors of these blocks (once per fit, batched)."""
+        decompose_kron_blocks([self.curvature_blocks[i] for i in indices])
 
     def _uses_plan(self, index: int) -> bool:
         """Blocks whose log det goes through the packed eigenvalue plan (fixed eigenbasis)."""
-        return index not in self.curvature.factors or self.prior.kind != "unitwise"
+        return self.curvature_blocks[index].uses_plan(self.prior.kind)
 
     def _logdet_plan(self) -> EigLogdetPlan:
         if self._plan is None:
-            l1, l2 = [], []
-            for index in range(len(self.blocks)):
-                if not self._uses_plan(index):
-                    continue
-                if index in self.curvature.factors:
-                    a, b = self._eigen_cache().eigenvalues(index)
-                else:
-                    a = self.curvature.diags[index].reshape(-1)
-                    b = a.new_ones(1)
-                l1.append(a)
-                l2.append(b)
-            self._plan = EigLogdetPlan(l1, l2)
+            planned = [i for i in range(len(self.curvature_blocks)) if self._uses_plan(i)]
+            self._decompose(planned)
+            pairs = [
+                pair
+                for index in planned
+                for pair in self.curvature_blocks[index].plan_eigenvalues()
+            ]
+            self._plan = EigLogdetPlan([a for a, _ in pairs], [b for _, b in pairs])
         return self._plan
 
-    def _plan_delta(self, index: int, tp: TensorPrecision) -> torch.Tensor:
-        shape = self.blocks[index].shape
-        if index not in self.curvature.factors:
-            return tp.expand(shape).exp().reshape(-1, 1)
-        if tp.kind == "scalar":
-            return tp.log_delta.exp()
-        D = tp.expand(shape).exp().reshape(weight_matrix_shape(shape))
-        return self._eigen_cache().projected_delta(index, D)
+    def _plan_deltas(self, index: int, tp: TensorPrecision) -> list[torch.Tensor]:
+        self._decompose([index])
+        return self.curvature_blocks[index].plan_deltas(tp)
 
     def log_det_posterior_precision(
         self, log_precision: torch.Tensor | None = None, log_sigma: torch.Tensor | None = None
@@ -175,9 +170,9 @@ class LaplacePosterior:
         deltas, unit_blocks = [], []
         for index, tp in enumerate(tps):
             if self._uses_plan(index):
-                deltas.append(self._plan_delta(index, tp))
+                deltas.extend(self._plan_deltas(index, tp))
             else:
-                unit_blocks.append((self.curvature.factors[index], tp, self.blocks[index].shape))
+                unit_blocks.extend(self.curvature_blocks[index].unitwise_parts(tp))
         total = unitwise_logdet(unit_blocks, scale) if unit_blocks else None
         plan_value = self._logdet_plan()(deltas, scale) if deltas else None
         parts = [t for t in (plan_value, total) if t is not None]
@@ -193,41 +188,52 @@ class LaplacePosterior:
         ``prior_precision`` (optional) evaluates it at other precisions — any shape
         :meth:`Prior.to_log_precision` accepts, differentiable if it requires grad; by default
         the prior's own ``log_precision`` parameter is used (so ``.backward()`` reaches it).
-        Nothing is overwritten.
+        Nothing is overwritten. Optimisers that work in log space call :meth:`log_evidence`.
         """
-        if prior_precision is None:
-            lp = self.prior.log_precision
-        else:
-            lp = self.prior.to_log_precision(prior_precision)
-        _check_finite_hyper(lp)
+        lp = None if prior_precision is None else self.prior.to_log_precision(prior_precision)
         log_sigma = None
         if sigma_noise is not None:
             if self.likelihood != "regression":
                 raise ValueError("sigma_noise can only be given for regression")
+            check_positive_finite("sigma_noise", sigma_noise)
             log_sigma = torch.as_tensor(sigma_noise, dtype=self.mean.dtype).log()
-        return self._log_marglik(lp, log_sigma)
+        return self.log_evidence(lp, log_sigma)
 
-    def _log_marglik(self, log_precision: torch.Tensor, log_sigma: torch.Tensor | None):
-        log_delta = self.prior.log_precision_diag(log_precision)
+    def log_evidence(
+        self, log_precision: torch.Tensor | None = None, log_sigma: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Laplace log evidence (0-d) at log precisions in the prior's own flat layout.
+
+        The cheap path for hyperparameter optimisers: no conversion or positivity check of
+        user precisions, differentiable w.r.t. both arguments, and neither the prior nor the
+        posterior's σ is touched. ``log_precision`` defaults to the prior's parameter,
+        ``log_sigma`` (regression only) to the posterior's own log σ.
+        """
+        lp = self.prior.log_precision if log_precision is None else log_precision
+        if lp.shape != self.prior.log_precision.shape:
+            raise ValueError(
+                f"log_precision must have the prior's shape {tuple(self.prior.log_precision.shape)}"
+                f" (its flat hyperparameter vector), got {tuple(lp.shape)}"
+            )
+        if log_sigma is not None and self.likelihood != "regression":
+            raise ValueError("log_sigma can only be given for regression")
+        _check_finite_hyper(lp)
+        log_delta = self.prior.log_precision_diag(lp)
         scatter = (log_delta.exp() * self.mean.square()).sum()
-        log_det_ratio = self.log_det_posterior_precision(log_precision, log_sigma) - log_delta.sum()
+        log_det_ratio = self.log_det_posterior_precision(lp, log_sigma) - log_delta.sum()
         return self.log_likelihood(log_sigma) - 0.5 * (log_det_ratio + scatter)
 
+    def _log_marglik(self, log_precision: torch.Tensor, log_sigma: torch.Tensor | None):
+        """Former private name of :meth:`log_evidence`, kept for existing callers."""
+        return self.log_evidence(log_precision, log_sigma)
+
     # -- predictive --------------------------------------------------------------------------
-    def _block_eigen(self, index: int, tp: TensorPrecision, scale) -> BlockEigen:
-        shape = self.blocks[index].shape
-        if index not in self.curvature.factors:  # laid out like J's (p, q) view of the block
-            h = self.curvature.diags[index].reshape(weight_matrix_shape(shape))
-            delta = tp.expand(shape).exp().reshape(h.shape)
-            return BlockEigen(None, None, scale * h + delta, None)
-        if self.prior.kind == "unitwise":
-            return whitened_unit_eigen(self.curvature.factors[index], tp, shape, scale)
-        delta = (
-            tp.log_delta.exp()
-            if tp.kind == "scalar"
-            else tp.expand(shape).exp().reshape(weight_matrix_shape(shape))
-        )
-        return self._eigen_cache().eigen(index, delta, scale)
+    def _block_eigen(self, index: int, tp: TensorPrecision, scale) -> BlockEigen | StackedEigen:
+        block = self.curvature_blocks[index]
+        unitwise = self.prior.kind == "unitwise"
+        if not unitwise:
+            self._decompose([index])
+        return block.eigen(tp, scale, unitwise)
 
     @torch.no_grad()
     def covariance_diag(self, log_precision: torch.Tensor | None = None) -> torch.Tensor:

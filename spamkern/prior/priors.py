@@ -13,6 +13,11 @@ unitwise         per ≥2-D tensor a ∈ R^out, b ∈ R^in;       exp(a_m + b_n)
 parameterwise    P                                          δ_i
 ===============  =========================================  ==================================
 
+"in" is dim 1 of the tensor: in/g for a grouped convolution's weight (out, in/g, k…), whose b
+is then shared by its groups; E for attention's packed ``in_proj_weight`` (3E, E). Blocks
+that are block-diagonal over row slices (convolution groups, q/k/v) take each slice's rows
+of the precision with :meth:`TensorPrecision.row_slice`.
+
 Initial value: log δ = log(T · prior_precision) for every entry; unitwise splits it evenly,
 a_m = b_n = ½ log(T · prior_precision), so a_m + b_n is exactly that value.
 """
@@ -74,6 +79,15 @@ class TensorPrecision:
         grid = self.a.unsqueeze(1) + self.b.unsqueeze(0)  # (rows, cols)
         extra = (1,) * (len(shape) - 2)
         return grid.reshape(*grid.shape, *extra).expand(shape)
+
+    def row_slice(self, start: int, stop: int) -> TensorPrecision:
+        """The precision of rows ``start:stop`` (one slice of a block that is block-diagonal
+        over rows: a convolution group, attention's q, k or v); unitwise keeps the shared b."""
+        if self.kind == "scalar":
+            return self
+        if self.kind == "full":
+            return TensorPrecision("full", log_delta=self.log_delta[start:stop])
+        return TensorPrecision("unit", a=self.a[start:stop], b=self.b)
 
 
 class Prior(nn.Module):

@@ -2,9 +2,13 @@
 
 * ``unit`` masks: removed units disappear — a Linear row / Conv2d filter and its bias
   leave the layer, and the matching inputs leave the next layer (through activations,
-  pooling, dropout and Flatten). Works on residual-free :class:`torch.nn.Sequential`
-  stacks (nested Sequentials included); anything that cannot be shrunk exactly raises a
-  ValueError naming the module. The result computes exactly what the masked model does.
+  pooling, dropout and Flatten). Plain :class:`torch.nn.Sequential` stacks are shrunk
+  layer by layer; any other model (residual networks, transformers, Sequential
+  subclasses with their own ``forward``) is traced on ``example_inputs`` and its coupled
+  channel groups (:mod:`spamkern.pruning.groups`) are removed with Torch-Pruning's
+  pruning functions. Either way the result is run against the masked model on a probe
+  batch and refused (ValueError) unless they agree to 1e-5 relative; masks that cannot
+  be removed exactly raise a ValueError naming the layers.
 * ``block`` masks: the masked weights go to
   ``spamkern.sparse.convert_to_block_sparse`` (Linear layers become BlockSparseLinear).
 * ``2:4`` masks: masked Linear layers become ``spamkern.sparse.SemiStructuredLinear``
@@ -22,6 +26,7 @@ import time
 import torch
 from torch import nn
 
+from spamkern.pruning.groups import default_inputs, is_plain_chain
 from spamkern.pruning.masks import PATTERNS, apply_masks
 
 __all__ = ["compress", "compression_report", "count_flops", "count_params", "measure_latency"]
@@ -208,6 +213,150 @@ def _compress_units(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Modu
     return new_model
 
 
+def _compress_units_checked(
+    model: nn.Module, masks: dict[str, torch.Tensor], example_inputs
+) -> nn.Module:
+    """Unit compression, always checked against the masked model on a probe batch.
+
+    Plain Sequential stacks are shrunk layer by layer; anything else (residual models,
+    transformers, Sequential subclasses with their own ``forward``) is traced.
+    """
+    if is_plain_chain(model):
+        small = _compress_units(model, masks)
+    else:
+        if example_inputs is None:
+            example_inputs = default_inputs(model)
+        if example_inputs is None:
+            raise ValueError(
+                "compress needs example_inputs (a batch the model accepts) to trace this "
+                f"model: {_why_traced(model)}, so its coupled channels must be found by "
+                "tracing"
+            )
+        small = compress_traced(model, masks, example_inputs)
+    probe = example_inputs if example_inputs is not None else default_inputs(model)
+    if probe is None:
+        raise ValueError(
+            "compress cannot build a probe batch for this model (its input size is not "
+            "known); pass example_inputs"
+        )
+    check_equivalent(model, masks, small, probe)
+    return small
+
+
+def _why_traced(model: nn.Module) -> str:
+    from spamkern.pruning.groups import custom_forward
+
+    custom = custom_forward(model)
+    if custom is not None:
+        return f"{custom!r} overrides Sequential.forward (e.g. a skip connection)"
+    return f"it is a {type(model).__name__}, not a plain nn.Sequential stack"
+
+
+RTOL = 1e-5
+
+
+@torch.no_grad()
+def check_equivalent(
+    model: nn.Module, masks: dict[str, torch.Tensor], small: nn.Module, probe, rtol: float = RTOL
+) -> float:
+    """Relative difference of ``small`` and the masked ``model`` on ``probe`` (eval mode);
+    a ValueError when it exceeds ``rtol``."""
+    from spamkern.pruning.groups import _call
+
+    masked = apply_masks(copy.deepcopy(model), masks).eval()
+    was_training = small.training
+    small.eval()
+    try:
+        want, got = _call(masked, probe), _call(small, probe)
+    except Exception as err:
+        raise ValueError(
+            f"the compressed model fails on the probe batch ({type(err).__name__}: {err}); "
+            "some operation between coupled layers is not channel-wise (e.g. a reshape that "
+            "mixes channels, or attention heads not declared with register_attention)"
+        ) from err
+    finally:
+        small.train(was_training)
+    want = torch.cat([w.reshape(-1) for w in (want if isinstance(want, tuple | list) else [want])])
+    got = torch.cat([g.reshape(-1) for g in (got if isinstance(got, tuple | list) else [got])])
+    if want.shape != got.shape:
+        raise ValueError(
+            f"the compressed model's output has {got.numel()} entries on the probe batch, the "
+            f"masked model's {want.numel()}"
+        )
+    err = float((got - want).norm() / want.norm().clamp(min=torch.finfo(want.dtype).tiny))
+    if not err <= rtol:
+        raise ValueError(
+            f"the compressed model differs from the masked model by {err:.3g} (relative, "
+            f"limit {rtol:g}) on the probe batch: some operation between coupled layers does "
+            "not keep removed channels at exactly zero (e.g. an offset added after them, or "
+            "a reduction across channels); refusing to return a wrong model"
+        )
+    return err
+
+
+def _removable_units(family, masks: dict, float_masks: dict, ones: dict) -> torch.Tensor:
+    """Indices of the family's units whose producers are all masked out; a ValueError for
+    units masked only in part of their coupled producers, or that cannot go exactly."""
+    from spamkern.pruning.groups import unit_values
+
+    kept, _ = unit_values(family, {n: float_masks.get(n, ones[n]) for n in ones})
+    full, _ = unit_values(family, ones)
+    partial = torch.nonzero((kept > 0) & (kept < full)).squeeze(1)
+    gone = torch.nonzero(kept == 0).squeeze(1)
+    where = f"the coupled channel group rooted at {family.root!r}"
+    if len(partial) and family.unit == 1 and family.reason is None and not family.is_output:
+        missing = sorted({s.param for s in family.producers} - set(masks))
+        raise ValueError(
+            f"masks remove only part of unit(s) {partial[:5].tolist()} of {where}: all of "
+            f"{sorted(family.producer_params())} must be masked together (not masked: "
+            f"{missing or 'none, but rows are partly masked'}); prune with "
+            "pattern='unit' and example_inputs to mask whole coupled groups"
+        )
+    if (len(gone) or len(partial)) and family.reason is not None:
+        raise ValueError(
+            f"masks remove channels of {where}, which cannot go exactly: {family.reason}"
+        )
+    if len(gone) and family.is_output:
+        raise ValueError(f"masks remove outputs of {where}; that would change the output size")
+    return gone
+
+
+def compress_traced(model: nn.Module, masks: dict[str, torch.Tensor], example_inputs) -> nn.Module:
+    """Remove every coupled channel group whose producers are all masked out, with
+    Torch-Pruning's pruning functions on a masked copy of ``model`` (not yet checked)."""
+    from spamkern.pruning.groups import build_graph, channel_families
+
+    small = apply_masks(copy.deepcopy(model), masks)
+    grad_flags = {n: p.requires_grad for n, p in small.named_parameters()}
+    dg = build_graph(small, example_inputs)
+    families = channel_families(small, example_inputs, dg)
+    float_masks = {n: m.to(torch.float64) for n, m in masks.items()}
+    ones = {n: torch.ones(()).expand(p.shape) for n, p in small.named_parameters()}
+    modules = dict(small.named_modules())
+    reached = set().union(*(f.producer_params() for f in families))
+    unreached = sorted(n for n, m in masks.items() if n not in reached and not bool(m.all()))
+    if unreached:
+        raise ValueError(
+            f"masks remove entries of parameters that produce no coupled group of the traced "
+            f"model: {unreached} (the trace on example_inputs did not reach them as channel "
+            "producers, e.g. a detached branch or an unsupported layer)"
+        )
+    for f in families:
+        gone = _removable_units(f, masks, float_masks, ones)
+        if len(gone) == 0:
+            continue
+        if len(gone) == f.n_units:
+            gone = gone[1:]  # never empty a layer: the masked copy keeps one zero unit
+        channels = (gone.unsqueeze(1) * f.unit + torch.arange(f.unit)).reshape(-1)
+        root = modules[f.root]
+        pruner = dg.get_pruner_of_module(root)
+        group = dg.get_pruning_group(root, pruner.prune_out_channels, channels.tolist())
+        group.prune()
+    for n, p in small.named_parameters():
+        p.requires_grad_(grad_flags.get(n, True))
+    return small
+
+
 def _is_unit_mask(model: nn.Module, masks: dict[str, torch.Tensor]) -> bool:
     for m in masks.values():
         if m.ndim >= 2:
@@ -222,6 +371,7 @@ def compress(
     masks: dict[str, torch.Tensor],
     pattern: str | None = None,
     block: tuple[int, int] | None = None,
+    example_inputs: torch.Tensor | tuple | None = None,
 ) -> nn.Module:
     """A new model equivalent to ``model`` with ``masks`` applied, as small/fast as the
     pattern allows (see the module docs). ``model`` itself is not modified.
@@ -235,7 +385,7 @@ def compress(
     if pattern not in PATTERNS:
         raise ValueError(f"pattern must be one of {PATTERNS}, got {pattern!r}")
     if pattern == "unit":
-        return _compress_units(model, masks)
+        return _compress_units_checked(model, masks, example_inputs)
     if pattern == "block":
         from spamkern.sparse import convert_to_block_sparse
 
@@ -275,37 +425,40 @@ def count_params(model: nn.Module, nonzero: bool = False) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _sample_inputs(
+    model: nn.Module, input_shape: tuple[int, ...], batch_size: int, random: bool
+) -> torch.Tensor:
+    """A batch of ``input_shape`` inputs: token ids below ``model.vocab_size`` when the
+    model has one, else floats in the model's dtype (random or zeros)."""
+    p = next(model.parameters())
+    shape = (batch_size, *input_shape)
+    vocab = getattr(model, "vocab_size", None)
+    if vocab is not None:
+        return torch.randint(0, vocab, shape, device=p.device)
+    if random:
+        return torch.randn(shape, dtype=p.dtype, device=p.device)
+    return torch.zeros(shape, dtype=p.dtype, device=p.device)
+
+
 @torch.no_grad()
 def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """FLOPs of one sample's forward pass: 2 × multiply–adds of every Linear and Conv2d.
+    """FLOPs of one sample's forward pass, 2 per multiply–add of every matrix product and
+    convolution (attention's products included), counted by ``torch.utils.flop_counter``.
 
     Dense counting: zeros inside a weight still count (only physical shrinking saves).
+    Token models (with ``vocab_size``) are fed token ids.
     """
-    total = 0
+    from torch.utils.flop_counter import FlopCounterMode
 
-    def hook(mod: nn.Module, _inp, out: torch.Tensor) -> None:
-        nonlocal total
-        if isinstance(mod, nn.Linear):
-            total += 2 * (out.numel() // out.shape[-1]) * mod.in_features * mod.out_features
-        else:
-            k = mod.weight[0].numel()  # (in / groups) · kh · kw
-            total += 2 * out.numel() * k
-
-    handles = [
-        m.register_forward_hook(hook)
-        for m in model.modules()
-        if isinstance(m, nn.Linear | nn.Conv2d)
-    ]
-    p = next(model.parameters())
+    x = _sample_inputs(model, input_shape, 1, random=False)
     was_training = model.training
     model.eval()
     try:
-        model(torch.zeros((1, *input_shape), dtype=p.dtype, device=p.device))
+        with FlopCounterMode(display=False) as counter:
+            model(x)
     finally:
         model.train(was_training)
-        for h in handles:
-            h.remove()
-    return total
+    return int(counter.get_total_flops())
 
 
 @torch.no_grad()
@@ -316,9 +469,9 @@ def measure_latency(
     repeats: int = 30,
     threads: int = 1,
 ) -> float:
-    """Median wall time in milliseconds of one forward pass on the CPU with ``threads``."""
-    p = next(model.parameters())
-    x = torch.randn((batch_size, *input_shape), dtype=p.dtype, device=p.device)
+    """Median wall time in milliseconds of one forward pass on the CPU with ``threads``
+    (random inputs; random token ids for models with ``vocab_size``)."""
+    x = _sample_inputs(model, input_shape, batch_size, random=True)
     old_threads = torch.get_num_threads()
     was_training = model.training
     torch.set_num_threads(threads)

@@ -6,13 +6,17 @@ original code gave the baselines other learning rates than OPD, which skews comp
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
+from spamkern.data.batches import check_batch_size, check_reiterable
+from spamkern.progress import progress_bar
 from spamkern.pruning.masks import apply_masks
 from spamkern.pruning.scores import iterate_batches
+from spamkern.validation import HALF_OPTIMISER, check_model_params, check_positive_finite
 
 __all__ = ["finetune"]
 
@@ -44,7 +48,17 @@ def finetune(
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be a non-negative integer, got {epochs!r}")
+    check_positive_finite("lr", lr)
+    if check_batch_size(batch_size) is None:
+        raise ValueError("batch_size must be a positive integer, got None")
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay}")
+    if epochs > 1:
+        check_reiterable(data)
     params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters (none with requires_grad=True)")
+    check_model_params(params, "finetune", HALF_OPTIMISER)
     if optimizer == "adam":
         opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     elif optimizer == "sgd":
@@ -55,7 +69,9 @@ def finetune(
     apply_masks(model, masks)
     model.train()
     losses = []
-    for _ in tqdm(range(epochs), desc="fine-tune", disable=not progress, leave=False):
+    for epoch in progress_bar(
+        range(1, epochs + 1), desc="fine-tune", enabled=progress, leave=False
+    ):
         total, count = 0.0, 0
         for x, y in _shuffled(data, batch_size, generator):
             opt.zero_grad(set_to_none=True)
@@ -65,5 +81,12 @@ def finetune(
             apply_masks(model, masks)
             total += float(loss.detach()) * y.shape[0]
             count += y.shape[0]
-        losses.append(total / max(count, 1))
+        if count == 0:
+            raise ValueError(f"the fine-tuning data yielded no samples in epoch {epoch}")
+        if not math.isfinite(total):
+            raise ValueError(
+                f"the fine-tuning loss became {total / count} in epoch {epoch}; lower lr or "
+                "check the data for NaN/Inf"
+            )
+        losses.append(total / count)
     return losses

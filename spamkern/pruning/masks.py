@@ -15,6 +15,11 @@ What "sparsity" counts, per pattern:
   ranking uses the *mean* score per parameter of a unit (sum / size); within one layer
   this is the same order as the sum. At least one unit per layer is always kept (a layer
   with no units would cut the network), so at most n_units − n_layers units go.
+  With ``example_inputs`` (or for non-chain models whose input is known) the model is
+  traced and a unit is a *coupled group*: channel c of every layer tied to it by residual
+  additions, BatchNorm, concatenation, or a whole attention head; its score is the sum
+  over all its producer entries, and all of them are masked together (see
+  :mod:`spamkern.pruning.groups`). "Layer" above then means a family of groups.
 * ``block``: r×c blocks of each prunable weight viewed as (out, in·kh·kw); block score =
   sum. All blocks have r·c entries, so this also counts entries.
 * ``2:4``: in every group of 4 consecutive inputs of each output row (never across rows
@@ -32,6 +37,7 @@ import torch
 from torch import nn
 
 from spamkern.ops import kth_smallest
+from spamkern.pruning.groups import default_inputs, is_plain_chain
 from spamkern.pruning.scores import scores_to_dict
 
 __all__ = [
@@ -69,9 +75,12 @@ class PruningMasks(dict):
         self.scope = scope
         self.block = block
         self.target = target
+        self.unit_fraction: float | None = None  # of coupled groups, when traced
 
     def sparsity(self) -> float:
         """Achieved sparsity in the pattern's own count (units for ``unit``, else entries)."""
+        if self.unit_fraction is not None:
+            return self.unit_fraction
         if self.pattern == "unit":
             return unit_sparsity(self)
         return mask_sparsity(self, weights_only=False)
@@ -227,6 +236,56 @@ def _unit(
     return masks
 
 
+def _unit_groups(
+    model: nn.Module,
+    scores: dict[str, torch.Tensor],
+    s: float,
+    scope: str,
+    prune_output_layer: bool,
+    example_inputs,
+) -> tuple[dict[str, torch.Tensor], float]:
+    """Unit masks over coupled channel groups traced on ``example_inputs`` (see groups.py),
+    and the fraction of units removed."""
+    from spamkern.pruning.groups import channel_families, unit_values
+
+    families = [
+        f
+        for f in channel_families(model, example_inputs)
+        if f.reason is None and (prune_output_layer or not f.is_output)
+        and any(sl.param in scores for sl in f.producers)
+    ]  # fmt: skip
+    if not families:
+        raise ValueError(
+            "no prunable coupled channel group has scores (groups through LayerNorm/"
+            "GroupNorm or nn.MultiheadAttention, and the output layer unless "
+            "prune_output_layer=True, cannot be removed exactly)"
+        )
+    ranks = []
+    for f in families:
+        total, size = unit_values(f, scores)
+        rank = total / size.clamp(min=1)
+        _check_finite(rank, f"unit scores of the group rooted at {f.root!r}")
+        rank[rank.argmax()] = math.inf  # the best unit of every group always stays
+        ranks.append(rank)
+    if scope == "global":
+        flat = torch.cat(ranks)
+        k = min(round(s * flat.numel()), flat.numel() - len(families))
+        pruned = _split(_lowest_k(flat, k), [r.numel() for r in ranks])
+    else:
+        pruned = [_lowest_k(r, min(round(s * r.numel()), r.numel() - 1)) for r in ranks]
+    params = dict(model.named_parameters())
+    masks: dict[str, torch.Tensor] = {}
+    for f, p in zip(families, pruned):
+        gone = p.repeat_interleave(f.unit)  # per channel
+        for sl in f.producers:
+            par = params[sl.param]
+            m = masks.setdefault(sl.param, torch.ones_like(par, dtype=torch.bool))
+            drop = sl.index[gone[sl.root]].to(par.device)
+            m.index_fill_(sl.dim, drop, False)
+    n_units = sum(r.numel() for r in ranks)
+    return masks, sum(int(p.sum()) for p in pruned) / n_units
+
+
 def _as_2d(name: str, w: torch.Tensor) -> torch.Tensor:
     return w.reshape(w.shape[0], -1)
 
@@ -301,11 +360,16 @@ def prune(
     block: tuple[int, int] = (64, 64),
     prune_output_layer: bool = False,
     prune_1d: bool = False,
+    example_inputs: torch.Tensor | tuple | None = None,
 ) -> PruningMasks:
     """Masks that remove the lowest-scoring ``sparsity`` fraction (see the module docs).
 
     ``scores`` is a (P,) vector aligned with ``model.parameters()`` or a dict name →
     tensor; the model itself is not modified (use :func:`apply_masks`).
+    ``example_inputs`` (a batch the model accepts) lets ``pattern="unit"`` trace the
+    model and rank whole coupled groups of channels (residual models, transformers).
+    Without it, models other than plain Sequential chains are traced on a random batch
+    when their input is known (:func:`spamkern.pruning.groups.default_inputs`).
     """
     s = check_sparsity(sparsity)
     if pattern not in PATTERNS:
@@ -313,6 +377,13 @@ def prune(
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     sd = {k: v.detach() for k, v in scores_to_dict(model, scores).items()}
+    if pattern == "unit" and example_inputs is None and not is_plain_chain(model):
+        example_inputs = default_inputs(model)
+    if pattern == "unit" and example_inputs is not None:
+        masks, fraction = _unit_groups(model, sd, s, scope, prune_output_layer, example_inputs)
+        out = PruningMasks(masks, pattern=pattern, scope=scope, target=s)
+        out.unit_fraction = fraction
+        return out
     if pattern == "unstructured":
         masks = _unstructured(model, sd, s, scope, prune_output_layer, prune_1d)
     elif pattern == "unit":

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spamkern.curvature.accumulate import _explicit_padding
+from spamkern.curvature.accumulate import _as_conv2d
 from spamkern.ops import conv_patch_gram, gram
 from spamkern.pruning.masks import apply_masks
 from spamkern.pruning.scores import _X_KEYS, _pick, posterior_terms
@@ -113,7 +113,13 @@ def masked_least_squares(
         x = _solve_gathered(H, idx, valid, rhs, row_diag)
         delta = torch.zeros_like(W).scatter_add_(1, idx, torch.where(valid, x, 0.0))
         return out + torch.where(keep, delta, torch.zeros_like(W))
-    H_inv = torch.cholesky_inverse(torch.linalg.cholesky(H))
+    chol, info = torch.linalg.cholesky_ex(H)
+    if int(info) != 0:
+        raise ValueError(
+            "the reconstruction's H is not positive definite; increase the damping (a small "
+            "multiple of mean diag A, e.g. 0.01)"
+        )
+    H_inv = torch.cholesky_inverse(chol)
     idx, valid = _padded_index(pruned)
     y = _solve_gathered(H_inv, idx, valid, W.gather(1, idx))
     y = torch.where(valid, y, 0.0)
@@ -220,12 +226,10 @@ def input_statistics(
     def hook(mod, inputs, _output):
         a = inputs[0].detach()
         if isinstance(mod, nn.Conv2d):
-            a, padding = _explicit_padding(mod, a)
-            u = F.unfold(a.sum(0, keepdim=True), mod.kernel_size, mod.dilation, padding, mod.stride)
+            a, kernel, stride, padding, dilation = _as_conv2d(mod, a)
+            u = F.unfold(a.sum(0, keepdim=True), kernel, dilation, padding, stride)
             rows = a.shape[0] * u.shape[-1]
-            sums["A"] = conv_patch_gram(
-                a, mod.kernel_size, mod.stride, padding, mod.dilation, out=sums["A"]
-            )
+            sums["A"] = conv_patch_gram(a, kernel, stride, padding, dilation, out=sums["A"])
             mu = u[0].sum(1)
         else:
             flat = a.reshape(-1, a.shape[-1])
@@ -254,6 +258,21 @@ def input_statistics(
 # ---------------------------------------------------------------------------- network
 def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+
+
+def _check_layers(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Every masked weight must belong to a layer the reconstruction can re-solve."""
+    handled = {
+        _pname(n, "weight")
+        for n, m in _layers(model)
+        if not isinstance(m, nn.Conv2d) or m.groups == 1
+    }
+    other = sorted(n for n, m in masks.items() if m.ndim >= 2 and n not in handled)
+    if other:
+        raise ValueError(
+            f"reconstruction re-solves Linear and groups=1 Conv2d weights; the masks also "
+            f"prune {other} — use reconstruct='none' for this model"
+        )
 
 
 def _pname(prefix: str, attr: str) -> str:
@@ -331,12 +350,13 @@ def reconstruct(
         raise ValueError(f"damping must be a number ≥ 0 or 'prior', got {damping!r}")
     stats = _Stats(posterior, data, batch_size)
     if getattr(masks, "pattern", None) == "unit":
-        return compensate_units(model, masks, stats, damping, absorb_bias)
+        return _compensate(model, masks, stats, damping, absorb_bias)
     work = copy.deepcopy(model)
     params = dict(work.named_parameters())
     unknown = sorted(set(masks) - set(params))
     if unknown:
         raise ValueError(f"masks name {unknown}, which are not parameters of the model")
+    _check_layers(work, masks)
     for name, layer in _layers(work):
         wname = _pname(name, "weight")
         if wname not in masks:
@@ -416,16 +436,32 @@ def _psd_solve(M: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     return torch.linalg.pinv(M, hermitian=True) @ rhs
 
 
-@torch.no_grad()
 def compensate_units(
     model: nn.Module,
     masks: dict[str, torch.Tensor],
-    stats: _Stats,
-    damping: float | str = DEFAULT_DAMPING,
+    posterior: object | None = None,
+    data=None,
+    damping: float = DEFAULT_DAMPING,
     absorb_bias: bool = True,
+    batch_size: int = 256,
 ) -> nn.Module:
     """A new model with the unit masks applied and each next layer's kept input columns
-    re-fitted by least squares on its A (bias absorbing the regression's intercept)."""
+    re-fitted by least squares on its A (bias absorbing the regression's intercept).
+
+    A (and μ) come from the posterior's factors, or from ``data`` measured layer by layer
+    on the network whose earlier layers are already pruned and compensated.
+    """
+    return _compensate(model, masks, _Stats(posterior, data, batch_size), damping, absorb_bias)
+
+
+@torch.no_grad()
+def _compensate(
+    model: nn.Module,
+    masks: dict[str, torch.Tensor],
+    stats: _Stats,
+    damping: float | str,
+    absorb_bias: bool,
+) -> nn.Module:
     lam = DEFAULT_DAMPING if damping == "prior" else float(damping)
     work = copy.deepcopy(model)
     succ = _successors(work)

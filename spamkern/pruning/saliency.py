@@ -26,9 +26,12 @@ With the Laplace posterior N(θ*, Π⁻¹), Π = s·H + diag(δ), removing a set
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 
-from spamkern.pruning.masks import PruningMasks, check_sparsity, prune
+from spamkern.pruning.masks import PruningMasks, check_sparsity, prunable_layers, prune
 from spamkern.pruning.scores import (
     PosteriorTerms,
     _to_output,
@@ -84,6 +87,18 @@ def prior_scores(
 
 
 # ---------------------------------------------------------------------------- c(M)
+def _block_terms(posterior: object) -> PosteriorTerms:
+    """Terms of a posterior whose precision is block-diagonal in the forms c(M) reads."""
+    t = _checked_terms(posterior)
+    if t.dense_curvature:
+        raise ValueError(
+            f"the Kronecker cost reads Kronecker or diagonal blocks; a "
+            f"{type(posterior).__name__} has a dense curvature matrix — use method 'obs' "
+            "(its covariance diagonal is exact) or fit a Kron/Diag posterior"
+        )
+    return t
+
+
 def _blocks(t: PosteriorTerms):
     """Per tensor: (name, θ as a (p, q) matrix, δ (p, q), factors or None, h (p, q))."""
     offset = 0
@@ -120,7 +135,7 @@ def _block_cost(s: float, theta, delta, facs, h, removed: torch.Tensor) -> torch
 def kron_cost(posterior: object, masks: dict[str, torch.Tensor]) -> torch.Tensor:
     """c(M) = ½ vec(Δ)ᵀ Π vec(Δ), Δ = −θ on the masked-out entries, from the posterior's
     blocks (Kronecker: ½ s·tr(G Δ A Δᵀ) + ½ Σ δ Δ²; diagonal: ½ Σ (s·h + δ) Δ²)."""
-    t = _checked_terms(posterior)
+    t = _block_terms(posterior)
     names = {n for n, _ in t.named_params}
     unknown = sorted(set(masks) - names)
     if unknown:
@@ -186,7 +201,7 @@ def kron_masks(
     s = check_sparsity(sparsity)
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
-    t = _checked_terms(posterior)
+    t = _block_terms(posterior)
     model = model if model is not None else getattr(posterior, "model", None)
     if model is None:
         raise TypeError("kron_masks needs a model (or a posterior with a .model)")
@@ -199,6 +214,10 @@ def kron_masks(
         "prune_1d": prune_1d,
     }
     opd = prune(model, opd_scores(posterior, as_dict=True), s, **kwargs)
+    if pattern == "unit":
+        units = _unit_masks(t, model, opd, s, scope, rounds, prune_output_layer)
+        if units is not None:
+            return units
     if pattern == "2:4":
         steps = [s]  # every group loses exactly two: one ranking of the marginal costs
     else:
@@ -284,4 +303,117 @@ def _swap_search(t: PosteriorTerms, masks: PruningMasks, names: list[str], round
             q //= 2
         if not improved:
             break
+    return masks
+
+
+# ---------------------------------------------------------------------------- units
+def _unit_layers(t: PosteriorTerms, model, opd: PruningMasks, prune_output_layer: bool):
+    """Per unit-pruned layer: (name, next layer's G and A, its weight (out, in'), columns
+    per unit); None when the model is no Sequential chain or a factor is missing."""
+    from spamkern.pruning.reconstruct import _successors
+
+    if t.kron_factors is None or not isinstance(model, torch.nn.Sequential):
+        return None
+    facs = {n: f for (n, _), f in zip(t.named_params, t.kron_factors)}
+    succ = _successors(model)
+    out = []
+    for name, _ in prunable_layers(model, prune_output_layer):
+        if f"{name}.weight" not in opd:
+            continue
+        if name not in succ:
+            return None
+        nname, nxt, cols = succ[name]
+        f = facs.get(f"{nname}.weight")
+        if not isinstance(f, tuple) or len(f) != 2:
+            return None
+        W = nxt.weight.detach().reshape(nxt.weight.shape[0], -1).to(t.mean.dtype)
+        out.append((name, f[0].to(W.dtype), f[1].to(W.dtype), W, cols))
+    return out
+
+
+def _unit_costs(s: float, G, Sigma, W, cols: int, alive: torch.Tensor) -> torch.Tensor:
+    """Cost of removing each unit (its ``cols`` input columns of the next layer) when the
+    kept columns are re-fitted: ½ s·tr(G W_C [Σ_CC]⁻¹ W_Cᵀ), Σ = A_KK⁻¹ over kept K."""
+    n_units = W.shape[1] // cols
+    idx = torch.arange(W.shape[1], device=W.device).reshape(n_units, cols)
+    blocks = Sigma[idx[:, :, None], idx[:, None, :]]  # (units, c, c)
+    Wc = W[:, idx].permute(1, 0, 2)  # (units, out, c)
+    eye = torch.eye(cols, dtype=W.dtype, device=W.device)
+    sol = torch.linalg.solve(blocks + 1e-12 * eye, Wc.transpose(1, 2))  # (units, c, out)
+    cost = 0.5 * s * torch.einsum("ucp,po,uoc->u", sol, G, Wc)
+    return torch.where(alive, cost, torch.full_like(cost, math.inf))
+
+
+def _remove_units(Sigma, W, cols: int, units: torch.Tensor):
+    """Group OBS step: W ← W − W_S Σ_SS⁻¹ Σ_S:, Σ ← Σ − Σ_:S Σ_SS⁻¹ Σ_S: (S = their columns)."""
+    S = (units[:, None] * cols + torch.arange(cols, device=W.device)).reshape(-1)
+    inv = torch.linalg.inv(Sigma[S][:, S])
+    W = W - W[:, S] @ inv @ Sigma[S]
+    Sigma = Sigma - Sigma[:, S] @ inv @ Sigma[S]
+    W[:, S] = 0.0
+    return Sigma, W
+
+
+@dataclass
+class _UnitLayer:
+    """Group-OBS state of one unit-pruned layer, seen from its next layer."""
+
+    name: str
+    G: torch.Tensor  # next layer's output factor
+    Sigma: torch.Tensor  # inverse of the next layer's damped A, downdated as units go
+    W: torch.Tensor  # next layer's weight (out, in'), compensated as units go
+    cols: int  # input columns of the next layer per unit
+    alive: torch.Tensor  # (units,) bool
+
+    def remove(self, units: torch.Tensor) -> None:
+        self.Sigma, self.W = _remove_units(self.Sigma, self.W, self.cols, units)
+        self.alive[units] = False
+
+
+def _unit_masks(t, model, opd, s: float, scope: str, rounds: int, prune_output_layer: bool):
+    """Units chosen greedily in ``rounds`` by the cost their removal leaves after the next
+    layer's least-squares compensation (group OBS on its Kronecker factors)."""
+    layers = _unit_layers(t, model, opd, prune_output_layer)
+    if not layers:
+        return None
+    state = []
+    for name, G, A, W, cols in layers:
+        damp = 1e-2 * float(A.diagonal().mean().clamp_min(1e-12))
+        Sigma = torch.linalg.inv(A + damp * torch.eye(A.shape[0], dtype=A.dtype, device=A.device))
+        alive = torch.ones(A.shape[0] // cols, dtype=torch.bool, device=A.device)
+        state.append(_UnitLayer(name, G, Sigma, W.clone(), cols, alive))
+    sizes = [st.alive.numel() for st in state]
+    if scope == "global":
+        groups = [list(range(len(state)))]
+        quota = [min(round(s * sum(sizes)), sum(sizes) - len(sizes))]
+    else:
+        groups = [[i] for i in range(len(state))]
+        quota = [min(round(s * n), n - 1) for n in sizes]
+    for k in range(rounds):
+        costs = []
+        for st in state:
+            cost = _unit_costs(t.curvature_scale, st.G, st.Sigma, st.W, st.cols, st.alive)
+            if int(st.alive.sum()) == 1:  # the last unit of a layer always stays
+                cost[st.alive] = math.inf
+            costs.append(cost)
+        for g, q in zip(groups, quota):
+            want = round(q * (k + 1) / rounds) - sum(int((~state[i].alive).sum()) for i in g)
+            if want <= 0:
+                continue
+            flat = torch.cat([costs[i] for i in g])
+            owner = torch.cat([torch.full_like(costs[i], i, dtype=torch.long) for i in g])
+            local = torch.cat([torch.arange(costs[i].numel()) for i in g])
+            pick = flat.argsort()[:want]
+            pick = pick[torch.isfinite(flat[pick])]
+            for i in g:
+                units = local[pick[owner[pick] == i]][: int(state[i].alive.sum()) - 1]
+                if units.numel():
+                    state[i].remove(units)
+    masks = PruningMasks(pattern="unit", scope=scope, target=s)
+    params = dict(model.named_parameters())
+    for st in state:
+        w = params[f"{st.name}.weight"]
+        masks[f"{st.name}.weight"] = st.alive.view(-1, *([1] * (w.ndim - 1))).expand_as(w).clone()
+        if f"{st.name}.bias" in params:
+            masks[f"{st.name}.bias"] = st.alive.clone()
     return masks

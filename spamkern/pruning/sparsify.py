@@ -13,7 +13,9 @@ Reconstructions, :data:`RECONSTRUCTIONS`: ``"none"`` (masked weights only),
 ``"posterior"`` (survivors re-solved with the posterior's Kronecker factors A, data-free),
 ``"data"`` (re-solved layer by layer on the pruned network's own inputs from ``data``),
 ``"auto"`` (``"data"`` when data is given, else ``"posterior"`` when the posterior has
-Kronecker factors, else ``"none"``; the result records what ran).
+Kronecker factors, else ``"none"``; ``"none"`` also for units of a model that is not an
+``nn.Sequential``, whose next layers unit compensation cannot follow; the result records
+what ran).
 """
 
 from __future__ import annotations
@@ -77,13 +79,17 @@ def method_scores(
     return fn(posterior, as_dict=True)
 
 
-def _resolve_reconstruct(mode: str, posterior: object | None, data) -> str:
+def _resolve_reconstruct(
+    mode: str, posterior: object | None, data, pattern: str, model: nn.Module
+) -> str:
     if mode not in RECONSTRUCTIONS:
         raise ValueError(f"reconstruct must be one of {RECONSTRUCTIONS}, got {mode!r}")
     if mode == "data" and data is None:
         raise ValueError("reconstruct='data' needs data (inputs; labels are not used)")
     if mode != "auto":
         return mode
+    if pattern == "unit" and not isinstance(model, nn.Sequential):
+        return "none"  # unit compensation follows Sequential stacks only
     if data is not None:
         return "data"
     if posterior is not None and posterior_terms(posterior).kron_factors is not None:
@@ -112,12 +118,15 @@ def sparsify(
 
     ``model`` is not modified; ``result.model`` is a new module with the pruned entries at
     zero (for ``pattern="unit"`` the compressed, smaller model). ``method=None`` uses
-    :data:`DEFAULT_METHOD`. ``data`` (inputs or (X, y) or batches; labels unused) enables
-    layer-by-layer reconstruction on the pruned network's own inputs. ``example_inputs``
-    is passed to :func:`prune`/:func:`compress` for models that need a traced graph.
+    :data:`DEFAULT_METHOD` (``"obs"`` for posteriors with a dense curvature matrix).
+    ``data`` (inputs or (X, y) or batches; labels unused) enables layer-by-layer
+    reconstruction on the pruned network's own inputs. ``example_inputs`` is passed to
+    :func:`prune`/:func:`compress` for models that need a traced graph.
     """
     s = check_sparsity(sparsity)
-    method = DEFAULT_METHOD if method is None else method
+    if method is None:  # a dense-curvature posterior has no block form for 'kron'
+        dense = posterior is not None and posterior_terms(posterior).dense_curvature
+        method = "obs" if dense else DEFAULT_METHOD
     if method not in SPARSIFY_METHODS:
         raise ValueError(f"method must be one of {SPARSIFY_METHODS} or None, got {method!r}")
     if pattern not in PATTERNS:
@@ -126,7 +135,7 @@ def sparsify(
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    mode = _resolve_reconstruct(reconstruct, posterior, data)
+    mode = _resolve_reconstruct(reconstruct, posterior, data, pattern, model)
     if mode == "posterior" and posterior is None:
         raise ValueError("reconstruct='posterior' needs a posterior with Kronecker factors")
     extra = {} if example_inputs is None else {"example_inputs": example_inputs}

@@ -7,15 +7,12 @@ uses it for block masks); ``bsr_linear`` is the op itself over every backend
 measurements on this card say it beats dense, and report their choice in ``last_choice``.
 """
 
-from spamkern.sparse import _kernels
 from spamkern.sparse.convert import convert_to_block_sparse
 from spamkern.sparse.decision import Choice
 from spamkern.sparse.format import BlockSparseWeight, block_mask_from
 from spamkern.sparse.layer import BlockSparseLinear
 from spamkern.sparse.ops import bsr_linear
 from spamkern.sparse.semi_structured import SemiStructuredLinear, is_2to4
-
-_kernels.triton_module()  # registers the Triton backend (needs triton; optional)
 
 __all__ = [
     "BlockSparseLinear",

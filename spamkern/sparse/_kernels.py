@@ -1,31 +1,18 @@
-"""Finding the Triton block-sparse module, installed (spamkern.kernels) or in a checkout.
-
-setup.py installs the top-level ``kernels/`` folder as ``spamkern.kernels``; in a source
-checkout the same files are importable as ``kernels`` from the repository root.
-"""
+"""The Triton block-sparse module, reached the one way every Triton kernel is reached
+(:func:`spamkern.dispatch.kernel_module`), or None when triton is not installed."""
 
 from __future__ import annotations
 
-import importlib
-import sys
+import importlib.util
 from types import ModuleType
 
-_NAMES = ("spamkern.kernels.block_sparse", "kernels.block_sparse")
+from spamkern import dispatch
 
 
 def triton_module() -> ModuleType | None:
-    """The imported Triton kernel module, or None when triton is missing."""
-    for name in _NAMES:
-        if name in sys.modules:
-            return sys.modules[name]
-    try:
-        import triton  # noqa: F401
-    except ImportError:
+    """``spamkern.kernels.block_sparse`` (imported and registered), or None without triton.
+
+    Any other failure to import it is an error here: the caller asked for the kernels."""
+    if importlib.util.find_spec("triton") is None:
         return None
-    for name in _NAMES:
-        try:
-            return importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name is None or not name.startswith(err.name):
-                raise
-    return None
+    return dispatch.kernel_module("block_sparse")

@@ -3,17 +3,27 @@
 A sparse kernel only pays above some sparsity that depends on the card, the shape and the
 dtype, so a layer never guesses: it looks up timings of both paths recorded for this card
 (:mod:`spamkern.sparse.tables`; the nearest entry with the same n, k, block and dtype, rows
-within a factor 2 and density within 0.05). Without one it measures both paths once on the
-real inputs, records the result and reuses it. ``SPAMKERN_SPARSE_MEASURE=0`` forbids measuring
-(then: sparse, and the choice says that nothing was measured). Before measuring, every
-candidate's output is compared with the dense one: a kernel that fails or disagrees on this
-card is dropped, and the choice says so.
+within a factor 2 and density within 0.05, measured under the same conditions). Without one
+it measures both paths on the real inputs, records the result and reuses it.
+``SPAMKERN_SPARSE_MEASURE=0`` forbids measuring (then: sparse, and the choice says that
+nothing was measured). Before measuring, every candidate's output is compared with the dense
+one: a kernel that fails or disagrees on this card is dropped, and the choice says so.
+
+One timing is noise on a busy machine, so the decision is made robust three ways:
+
+* measurements are repeated: :data:`ROUNDS` rounds that alternate the paths, each path's time
+  the median over its rounds (a burst of other work hits both paths, not one);
+* sparse must win by a margin: it is chosen only when at most ``1 − SPARSE_MARGIN`` of dense's
+  time (a tie goes to dense, whose kernels are the better tuned);
+* above :data:`MAX_SPARSE_DENSITY` kept blocks a block-sparse product does nearly all of the
+  dense work plus the indexing, so it cannot win: dense, without measuring.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,29 +44,50 @@ class Choice:
     dense_ms: float | None = None
 
 
+SPARSE_MARGIN = 0.10  # sparse must take at most 90 % of dense's time to be chosen
+MAX_SPARSE_DENSITY = 0.90  # above this fraction of kept blocks: dense, never measured
+ROUNDS = 5  # alternating measurement rounds per decision (median per path)
+
+
 def _measure_enabled() -> bool:
     return os.environ.get("SPAMKERN_SPARSE_MEASURE", "1") != "0"
 
 
+def sparse_wins(sparse_ms: float, dense_ms: float) -> bool:
+    """Sparse is chosen only when it beats dense by :data:`SPARSE_MARGIN`."""
+    return sparse_ms <= (1.0 - SPARSE_MARGIN) * dense_ms
+
+
 def time_ms(fn: Callable[[], object], device: torch.device, reps: int = 10) -> float:
-    """Median time of ``fn`` in milliseconds (CUDA: do_bench; CPU: perf_counter, with fewer
-    repetitions for slow calls so a decision never costs more than about a second)."""
+    """Median time of ``fn`` in milliseconds (CUDA: do_bench's median; CPU: perf_counter,
+    with fewer repetitions for slow calls so a decision never costs more than a second)."""
     if device.type == "cuda":
         import triton.testing
 
-        return float(triton.testing.do_bench(fn, warmup=10, rep=50))
+        return float(triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median"))
     fn()
     start = time.perf_counter()
     fn()
     first = time.perf_counter() - start
-    reps = max(1, min(reps, int(0.25 / max(first, 1e-6))))
+    reps = max(1, min(reps, int(0.05 / max(first, 1e-6))))
     samples = [first]
     for _ in range(reps - 1):
         start = time.perf_counter()
         fn()
         samples.append(time.perf_counter() - start)
-    samples.sort()
-    return samples[len(samples) // 2] * 1e3
+    return statistics.median(samples) * 1e3
+
+
+def time_paths_ms(
+    runs: dict[str, Callable[[], object]], device: torch.device, rounds: int = ROUNDS
+) -> dict[str, float]:
+    """Each path's median time over ``rounds`` rounds that visit the paths in turn, so that
+    a stretch of load from other programs slows every path, not only the one it met."""
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            samples[name].append(time_ms(run, device))
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def _agreeing(
@@ -132,6 +163,10 @@ def decide(
     if not candidates:
         raise ValueError("decide needs at least one sparse candidate backend")
     m, k = x.shape
+    if density > MAX_SPARSE_DENSITY:
+        return Choice(
+            "dense", "dense", f"density {density:.2f} > {MAX_SPARSE_DENSITY}: sparse cannot win"
+        )
     card = tables.card_name(x.device)
     found = {}
     for backend in candidates:
@@ -150,8 +185,11 @@ def decide(
             usable, rejected = _agreeing(candidates, run_dense, x.dtype)
             if not usable:
                 return Choice("dense", "dense", "dense: " + "; ".join(rejected))
-            dense_ms = time_ms(run_dense, x.device)
-            timings = {name: time_ms(candidates[name], x.device) for name in usable}
+            measured = time_paths_ms(
+                {"dense": run_dense, **{name: candidates[name] for name in usable}}, x.device
+            )
+        dense_ms = measured.pop("dense")
+        timings = measured
         for name, ms in timings.items():
             tables.record(
                 card,
@@ -170,8 +208,11 @@ def decide(
             )
         backend, sparse_ms = min(timings.items(), key=lambda item: item[1])
         how = f"measured now on {card}"
-    path = "sparse" if sparse_ms < dense_ms else "dense"
-    reason = f"{how}: sparse ({backend}) {sparse_ms:.4g} ms vs dense {dense_ms:.4g} ms"
+    path = "sparse" if sparse_wins(sparse_ms, dense_ms) else "dense"
+    reason = (
+        f"{how}: sparse ({backend}) {sparse_ms:.4g} ms vs dense {dense_ms:.4g} ms "
+        f"(sparse needs a {SPARSE_MARGIN:.0%} lead)"
+    )
     return Choice(path, backend if path == "sparse" else "dense", reason, sparse_ms, dense_ms)
 
 

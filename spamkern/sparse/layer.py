@@ -22,13 +22,6 @@ from spamkern.sparse.ops import bsr_linear
 MODES = ("auto", "sparse", "dense")
 
 
-def _backend_name(op: str, fn) -> str:
-    for name, info in dispatch._REGISTRY.get(op, {}).items():
-        if info.fn is fn:
-            return name
-    return "unknown"
-
-
 class BlockSparseLinear(nn.Module):
     """y = x Wᵀ + b with W stored as kept blocks only (zero blocks dropped)."""
 
@@ -97,8 +90,7 @@ class BlockSparseLinear(nn.Module):
         """Sparse backends to choose among: the one ``SPAMKERN_BACKEND`` names, else every
         fast backend that can run on x (the torch reference only when there is none)."""
         if dispatch.requested_backend() != "auto":
-            fn = dispatch.select_impl("bsr_linear", x2, self.blocks_t)
-            return [_backend_name("bsr_linear", fn)]
+            return [dispatch.select_backend("bsr_linear", x2, self.blocks_t)]
         order = ("cuda", "triton") if x2.device.type == "cuda" else ("cpp",)
         found = []
         for name in order:

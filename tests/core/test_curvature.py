@@ -308,7 +308,7 @@ def test_string_padding(padding, kernel, dilation):
             assert rel_err(ours, theirs) < TOL
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 @pytest.mark.parametrize("likelihood", ["classification", "regression"])
 def test_cuda_matches_cpu(likelihood):
     """float64 on the GPU equals the CPU fit; MC draws from a CPU generator are the same on

@@ -27,9 +27,7 @@ def _labels(n: int) -> torch.Tensor:
 @pytest.mark.parametrize(
     ("layer", "x_shape", "what"),
     [
-        (nn.Conv1d(2, 3, 3), (4, 2, 5), "Conv1d"),
-        (nn.Conv2d(2, 4, 3, groups=2), (4, 2, 3, 3), "groups=2"),
-        (nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect"), (4, 2, 3, 3), "reflect"),
+        (nn.Conv3d(2, 3, 2), (4, 2, 3, 3, 3), "Conv3d"),
         (nn.ConvTranspose2d(2, 1, 2), (4, 2, 3, 3), "ConvTranspose2d"),
     ],
 )

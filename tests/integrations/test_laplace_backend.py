@@ -342,7 +342,7 @@ def test_dict_batches():
     assert rel(precision_diag(las[0]), precision_diag(las[1])) < RTOL
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", [SpamkernGGN, SpamkernEF])
 def test_on_cuda_matches_cpu_reference(backend):
     """The backend on a GPU (float64) against laplace-torch's Curvlinops backend on the CPU."""

@@ -23,14 +23,14 @@ ROOT = Path(__file__).resolve().parents[2]
 def _cases(all_variants: bool):
     import triton.language as tl
 
-    import kernels.factors as kf
-    import kernels.logdet as kl
-    import kernels.opd as ko
-    import kernels.select as ks
+    from spamkern.dispatch import kernel_module
+
+    kf, kl, ko, ks = (kernel_module(n) for n in ("factors", "logdet", "opd", "select"))
 
     gram_types = [("fp32", "tf32x3"), ("fp32", "tf32"), ("fp32", "ieee"), ("fp16", "ieee"),
                   ("bf16", "ieee"), ("fp64", "ieee")]  # fmt: skip
-    for dt, precision in gram_types if all_variants else [gram_types[0], gram_types[-1]]:
+    default_types = [gram_types[0], gram_types[3], gram_types[-1]]  # tf32x3, fp16, fp64
+    for dt, precision in gram_types if all_variants else default_types:
         acc = "fp64" if dt == "fp64" else "fp32"
         block_d, block_k, warps = (64, 16, 4) if dt == "fp64" else (128, 32, 8)
         for conv in (False, True):
@@ -85,6 +85,49 @@ def _cases(all_variants: bool):
             yield f"eig logdet {dt} grad={need_grad}", kl._eig_logdet_kernel, types, consts, 4, 1
 
 
+def _block_sparse_cases(all_variants: bool):
+    """The three block-sparse kernels: every dtype and flag, and (``--all``) every launch
+    configuration the GPU tuner may pick for 64×64 fp16/bf16 blocks."""
+    from spamkern.dispatch import kernel_module
+
+    kb = kernel_module("block_sparse")
+    kernels = {"tiled": kb._bsr_linear_kernel, "tiled_t": kb._bsr_linear_t_kernel,
+               "splitk": kb._bsr_linear_splitk_kernel}  # fmt: skip
+
+    def case(dtype, bn, bk, config, precision="ieee", even_k=False, bias=True):
+        kind = config["kind"]
+        types = dict.fromkeys(("x_ptr", "blocks_ptr", "bias_ptr", "y_ptr"), f"*{dtype}")
+        types |= dict.fromkeys(("row_ptr", "col_idx", "row_order"), "*i32")
+        types["y32_ptr"] = "*fp32"
+        consts = {"BN": bn, "BK": bk, "BLOCK_M": config["BLOCK_M"], "HAS_BIAS": bias,
+                  "EVEN_K": even_k, "UPCAST": False, "F32_PRECISION": precision}  # fmt: skip
+        if kind == "tiled":
+            consts["COL_SPLIT"] = config.get("COL_SPLIT", 1)
+        if kind == "splitk":
+            consts["SPLIT"] = config["SPLIT"]
+        flags = ",".join(f"{k}={v}" for k, v in sorted(config.items()) if k != "kind")
+        name = f"bsr {kind} {dtype} {precision} {bn}x{bk} even_k={even_k} bias={bias} {flags}"
+        return name, kernels[kind], types, consts, config["num_warps"], config["num_stages"]
+
+    tiled = {"kind": "tiled", "BLOCK_M": 128, "num_warps": 4, "num_stages": 3}
+    decode = {"kind": "tiled", "BLOCK_M": 16, "num_warps": 4, "num_stages": 3}
+    splitk = {"kind": "splitk", "BLOCK_M": 16, "SPLIT": 4, "num_warps": 2, "num_stages": 3}
+    swapped = {"kind": "tiled_t", "BLOCK_M": 256, "num_warps": 8, "num_stages": 3}
+    for dtype, precisions in (("fp16", ["ieee"]), ("bf16", ["ieee"]), ("fp32", ["ieee", "tf32"])):
+        for precision in precisions:
+            for config in (tiled, decode, splitk, swapped):
+                yield case(dtype, 64, 64, config, precision)
+            if all_variants:
+                for bn, bk in ((32, 16), (128, 32), (16, 128)):
+                    yield case(dtype, bn, bk, dict(tiled, BLOCK_M=64), precision, even_k=True)
+                yield case(dtype, 64, 64, tiled, precision, even_k=True, bias=False)
+    if all_variants:
+        for dtype in ("fp16", "bf16"):
+            for m in (1, 128):
+                for config in kb.candidate_configs(m, 64, 64):
+                    yield case(dtype, 64, 64, config)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80, 90")
@@ -99,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
 
     target = GPUTarget("cuda", args.arch, 32)
     failures = 0
-    for name, fn, types, consts, warps, stages in _cases(args.all):
+    cases = [*_cases(args.all), *_block_sparse_cases(args.all)]
+    for name, fn, types, consts, warps, stages in cases:
         signature = {a: "constexpr" if a in consts else types.get(a, "i32") for a in fn.arg_names}
         try:
             compiled = triton.compile(

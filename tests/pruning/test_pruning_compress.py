@@ -77,9 +77,6 @@ def test_unstructured_compress_is_masked_copy():
 
 
 def test_block_compress_uses_block_sparse_layers():
-    sparse = pytest.importorskip("spamkern.sparse")
-    if not hasattr(sparse, "convert_to_block_sparse"):
-        pytest.skip("spamkern.sparse.convert_to_block_sparse is not available")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 3))
     masks = prune(model, random_scores(model), 0.5, pattern="block", block=(16, 16))
@@ -104,9 +101,13 @@ def test_errors_name_the_module():
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.b(x + self.a(x))
 
-    res = Residual()
-    with pytest.raises(ValueError, match="nn.Sequential"):
-        compress(res, prune(res, random_scores(res), 0.5, pattern="unit"))
+    res = Residual()  # traced: a's channels are added to the model's input
+    with pytest.raises(ValueError, match="no prunable coupled channel group"):
+        prune(res, random_scores(res), 0.5, pattern="unit")
+    masks = {"a.weight": torch.ones(4, 4, dtype=torch.bool)}
+    masks["a.weight"][2] = False
+    with pytest.raises(ValueError, match="rooted at 'a', which cannot go exactly"):
+        compress(res, masks)
 
     mlp = make_mlp()
     unstructured = prune(mlp, random_scores(mlp), 0.5)
@@ -118,9 +119,6 @@ def test_errors_name_the_module():
 
 
 def test_two_four_compress_uses_semi_structured_linear():
-    sparse = pytest.importorskip("spamkern.sparse")
-    if not hasattr(sparse, "SemiStructuredLinear"):
-        pytest.skip("spamkern.sparse.SemiStructuredLinear is not available")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3)).double()
     masks = prune(model, random_scores(model), 0.5, pattern="2:4")

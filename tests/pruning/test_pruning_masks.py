@@ -178,7 +178,7 @@ def test_apply_masks_zeroes_exactly_and_checks_names():
         apply_masks(model, {"0.weight": torch.ones(3, 3, dtype=torch.bool)})
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 @pytest.mark.parametrize("pattern", ["unstructured", "unit", "2:4"])
 def test_prune_on_the_gpu_matches_the_cpu(pattern):
     torch.manual_seed(0)

@@ -63,8 +63,6 @@ def test_online_fires_at_the_right_epochs_and_masks_persist():
 
 
 def test_marglik_train_enforces_masks_and_runs_online_pruning():
-    if not hasattr(sk, "marglik_train"):
-        pytest.skip("spamkern.marglik_train is not available")
     x, y = classification_data(64, (7,), 3)
     model = make_mlp()
     masks = prune(model, random_scores(model), 0.6)

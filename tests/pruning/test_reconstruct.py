@@ -10,6 +10,7 @@ from torch import nn
 
 import spamkern as sk
 from spamkern.pruning import (
+    compensate_units,
     input_statistics,
     masked_least_squares,
     reconstruct,
@@ -222,6 +223,9 @@ def test_unit_compensation_is_least_squares_on_the_next_inputs(layer):
         {f"{layer}.weight": wm, f"{layer}.bias": keep_units.clone()}, pattern="unit"
     )
     got = reconstruct(model, masks, data=x, damping=0.0)
+    alt = compensate_units(model, masks, data=x, damping=0.0)
+    for p, q in zip(got.parameters(), alt.parameters()):
+        assert torch.equal(p, q)
     nxt = {"0": "3", "3": "6", "6": "8"}[layer]
     nlayer = dict(model.named_modules())[nxt]
     X = _layer_inputs(model, nlayer, x)
@@ -280,3 +284,15 @@ def test_curvature_pass_records_the_input_means_for_bias_absorption():
     torch.testing.assert_close(got[6].weight, w)
     torch.testing.assert_close(got[6].bias, b)
     assert not torch.allclose(got[6].bias, model[6].bias)
+
+
+def test_singular_h_without_damping_is_a_clear_error():
+    X = _samples(30, 6)
+    X[:, 2] = 0.0  # a dead input makes A singular
+    W = _samples(3, 6, seed=1, shift=0.0)
+    H = X.T @ X / 30
+    few = torch.tensor([[False, False, True, False, False, True]] * 3)
+    with pytest.raises(ValueError, match="damping"):
+        masked_least_squares(W, few, H)  # kept side: H_KK is singular
+    with pytest.raises(ValueError, match="damping"):
+        masked_least_squares(W, ~few, H)  # pruned side: H itself is factorised

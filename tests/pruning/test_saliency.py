@@ -122,14 +122,16 @@ def _relu_mean_model():
     ).double()
 
 
-@pytest.mark.parametrize("prior", PRIORS)
-@pytest.mark.parametrize("pattern,sparsity", [("unstructured", 0.7), ("unit", 0.4)])
+@pytest.mark.parametrize(
+    "prior,pattern,sparsity",
+    [(p, "unstructured", 0.7) for p in PRIORS] + [("unitwise", "block", 0.5)],
+)
 def test_kron_masks_never_costlier_than_opd(prior, pattern, sparsity):
     model = _relu_mean_model()
     x, y = classification_data(80, (6,), 3)
     post = _perturbed_fit(model, (x + 1.5, y), prior)
-    masks = kron_masks(post, sparsity, pattern=pattern, rounds=8)
-    opd = sk.prune(model, sk.opd_scores(post), sparsity, pattern=pattern)
+    masks = kron_masks(post, sparsity, pattern=pattern, rounds=8, block=(2, 2))
+    opd = sk.prune(model, sk.opd_scores(post), sparsity, pattern=pattern, block=(2, 2))
     assert masks.sparsity() == pytest.approx(opd.sparsity())
     assert set(masks) == set(opd)
     assert float(kron_cost(post, masks)) <= float(kron_cost(post, opd)) + 1e-12
@@ -193,3 +195,67 @@ def test_scores_read_laplace_torch_posteriors(structure):
     torch.testing.assert_close(prior_scores(la), prior_scores(ours))
     masks = _random_masks(ours.model, 0.5, seed=1)
     torch.testing.assert_close(kron_cost(la, masks), kron_cost(ours, masks))
+
+
+def test_unit_cost_is_the_compensated_kronecker_cost():
+    """Removing unit u (columns C) of the next layer's input, the rest re-fitted by least
+    squares: ½ s·tr(G ΔW A ΔWᵀ) at the optimum equals ½ s·tr(G W_C [A⁻¹]_CC⁻¹ W_Cᵀ)."""
+    from spamkern.pruning.saliency import _remove_units, _unit_costs
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(50, 12, generator=g, dtype=torch.float64).relu() + 0.1
+    A = X.T @ X / 50
+    M = torch.randn(5, 5, generator=g, dtype=torch.float64)
+    G = M @ M.T
+    W = torch.randn(5, 12, generator=g, dtype=torch.float64)
+    cols, s = 3, 0.7
+    Sigma = torch.linalg.inv(A)
+    alive = torch.ones(4, dtype=torch.bool)
+    got = _unit_costs(s, G, Sigma, W, cols, alive)
+    for u in range(4):
+        C = torch.zeros(12, dtype=torch.bool)
+        C[u * cols : (u + 1) * cols] = True
+        B = torch.linalg.solve(A[~C][:, ~C], A[~C][:, C])  # a_C ≈ Bᵀ a_K
+        W_new = torch.zeros_like(W)
+        W_new[:, ~C] = W[:, ~C] + W[:, C] @ B.T
+        D = W_new - W
+        torch.testing.assert_close(got[u], 0.5 * s * torch.trace(G @ D @ A @ D.T))
+    Sigma2, W2 = _remove_units(Sigma, W.clone(), cols, torch.tensor([1]))
+    K = torch.ones(12, dtype=torch.bool)
+    K[3:6] = False
+    torch.testing.assert_close(Sigma2[K][:, K], torch.linalg.inv(A[K][:, K]))
+    B = torch.linalg.solve(A[K][:, K], A[K][:, ~K])
+    torch.testing.assert_close(W2[:, K], W[:, K] + W[:, ~K] @ B.T)
+
+
+@pytest.mark.parametrize("scope", ("global", "layerwise"))
+def test_kron_unit_masks_counts_and_keep_a_unit_per_layer(cnn_data, scope):
+    model, data = cnn_data
+    post = sk.fit_laplace(model, data, prior="unitwise", progress=False)
+    masks = kron_masks(post, 0.6, pattern="unit", scope=scope)
+    opd = sk.prune(model, sk.opd_scores(post), 0.6, pattern="unit", scope=scope)
+    assert set(masks) == set(opd)
+    assert masks.pattern == "unit"
+    assert masks.sparsity() == pytest.approx(opd.sparsity())
+    for m in masks.values():
+        if m.ndim > 1:
+            rows = m.reshape(m.shape[0], -1)
+            assert bool((rows.all(1) == rows.any(1)).all()) and bool(rows.any())
+
+
+def test_kron_cost_refuses_a_dense_laplace_torch_posterior():
+    from laplace import FullLaplace
+
+    from spamkern.integrations.laplace import SpamkernGGN
+
+    model = make_mlp()
+    x, y = classification_data(20, (7,), 3)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=10)
+    la = FullLaplace(model, "classification", prior_precision=0.7, backend=SpamkernGGN)
+    la.fit(loader, progress_bar=False)
+    cov = torch.linalg.inv(la.posterior_precision).diagonal()
+    torch.testing.assert_close(obs_scores(la), 0.5 * la.mean.square() / cov)
+    with pytest.raises(ValueError, match="dense curvature"):
+        kron_masks(la, 0.5)
+    with pytest.raises(ValueError, match="dense curvature"):
+        kron_cost(la, {"0.weight": torch.ones(13, 7, dtype=torch.bool)})

@@ -25,8 +25,18 @@ def _state(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("method", sk.SPARSIFY_METHODS)
-@pytest.mark.parametrize("reconstruct_mode", ("none", "posterior", "data"))
+@pytest.mark.parametrize(
+    "method,reconstruct_mode",
+    [
+        ("opd", "none"),
+        ("obs", "posterior"),
+        ("prior", "data"),
+        ("kron", "posterior"),
+        ("kron", "data"),
+        ("magnitude", "none"),
+        ("magnitude", "data"),
+    ],
+)
 def test_unstructured_invariants(setting, method, reconstruct_mode):
     model, data, post = setting
     before = _state(model)
@@ -163,3 +173,46 @@ def test_online_pruning_uses_the_same_machinery(setting):
         torch.testing.assert_close(p, q, msg=n)
     with pytest.raises(ValueError, match="either"):
         sk.OnlinePruning(0.5, score_fn=sk.opd_scores, method="obs")
+
+
+def test_units_of_a_non_sequential_model_skip_compensation(setting):
+    _, data, _ = setting
+
+    class Wrapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = make_cnn()
+
+        def forward(self, x):
+            return self.body(x)
+
+    model = Wrapped()
+    post = sk.fit_laplace(model, data, progress=False)
+    x = data[0][:3]
+    result = sk.sparsify(model, post, 0.3, pattern="unit", example_inputs=x)
+    assert result.reconstruct == "none"
+    masked = sk.apply_masks(copy.deepcopy(model), result.masks)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), masked(x))
+    with pytest.raises(ValueError, match="Sequential"):
+        sk.sparsify(
+            model, post, 0.3, pattern="unit", reconstruct="data", data=data, example_inputs=x
+        )
+
+
+def test_default_for_a_dense_laplace_torch_posterior_is_obs():
+    from laplace import FullLaplace
+
+    from spamkern.integrations.laplace import SpamkernGGN
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+    x, y = classification_data(20, (5,), 3)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=10)
+    la = FullLaplace(model, "classification", prior_precision=0.7, backend=SpamkernGGN)
+    la.fit(loader, progress_bar=False)
+    result = sk.sparsify(model, la, 0.5, data=x)
+    assert result.method == "obs" and result.reconstruct == "data"
+    expected = sk.prune(model, sk.obs_scores(la), 0.5)
+    for name in expected:
+        assert torch.equal(result.masks[name], expected[name])

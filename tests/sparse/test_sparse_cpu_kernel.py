@@ -6,10 +6,10 @@ import pytest
 import torch
 from sparse_helpers import TOL, make_case, rel_err
 
+from spamkern import _ext
 from spamkern.sparse import BlockSparseWeight, bsr_linear
 
-ext = pytest.importorskip("spamkern._ext")
-pytestmark = pytest.mark.skipif(not ext.AVAILABLE, reason=f"no spamkern._C: {ext.LOAD_ERROR}")
+assert _ext.AVAILABLE, f"spamkern._C is required: {_ext.LOAD_ERROR}"
 
 BLOCKS = [(16, 16), (32, 64), (64, 64), (128, 32), (128, 128), (16, 128)]
 

@@ -60,15 +60,7 @@ def test_torch_glue_parses(tmp_path):
         assert result.returncode == 0, result.stderr[-4000:]
 
 
-def _cuda_backend_available() -> bool:
-    if not torch.cuda.is_available():
-        return False
-    from spamkern import _ext
-
-    return _ext.HAS_CUDA_KERNELS
-
-
-@pytest.mark.skipif(not _cuda_backend_available(), reason="needs a GPU and a CUDA spamkern._C")
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(
     "block,m,density",

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from sparse_helpers import rel_err
 from torch import nn
 
-from spamkern.dispatch import select_impl
+from spamkern.dispatch import select_backend
 from spamkern.sparse import (
     BlockSparseLinear,
     SemiStructuredLinear,
@@ -18,8 +18,7 @@ from spamkern.sparse import (
     is_2to4,
     tables,
 )
-from spamkern.sparse.decision import lookup
-from spamkern.sparse.layer import _backend_name
+from spamkern.sparse.decision import lookup, sparse_wins
 
 
 def _pruned_linear(n, k, block, density, seed):
@@ -57,7 +56,7 @@ def test_auto_measures_once_and_records_per_card():
         layer(x)
     first = layer.last_choice
     assert "measured now" in first.reason and first.sparse_ms > 0 and first.dense_ms > 0
-    assert first.path == ("sparse" if first.sparse_ms < first.dense_ms else "dense")
+    assert first.path == ("sparse" if sparse_wins(first.sparse_ms, first.dense_ms) else "dense")
     card = tables.card_name(x.device)
     files = list(tables.cache_dir().glob("*.json"))
     assert len(files) == 1 and json.loads(files[0].read_text())["card"] == card
@@ -74,7 +73,7 @@ def test_recorded_timings_decide(dense_faster):
     layer = BlockSparseLinear.from_dense(lin, 64, bmask)
     x = torch.randn(40, 192)
     card = tables.card_name(x.device)
-    backend = _backend_name("bsr_linear", select_impl("bsr_linear", x, layer.blocks_t))
+    backend = select_backend("bsr_linear", x, layer.blocks_t)
     tables.record(
         card,
         timing={
@@ -199,7 +198,7 @@ def test_2to4_layer_falls_back_to_dense_where_cusparselt_cannot_run():
         SemiStructuredLinear.from_dense(lin, torch.ones(24, 64, dtype=torch.bool))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="cuSPARSELt needs a CUDA GPU")
+@pytest.mark.gpu
 def test_2to4_layer_on_gpu_matches_dense():
     gen = torch.Generator().manual_seed(9)
     lin = nn.Linear(512, 256).half().cuda()

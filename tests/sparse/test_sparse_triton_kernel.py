@@ -15,9 +15,7 @@ from spamkern.sparse import _kernels, bsr_linear
 
 kb = _kernels.triton_module()
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-pytestmark = pytest.mark.skipif(
-    kb is None or not triton_usable(DEVICE), reason="needs triton (GPU or TRITON_INTERPRET=1)"
-)
+assert kb is not None and triton_usable(DEVICE), "needs triton (GPU or TRITON_INTERPRET=1)"
 
 
 def _interpreted() -> bool:
@@ -29,7 +27,7 @@ def _interpreted() -> bool:
 @pytest.fixture(autouse=True)
 def _kernels_interpreted_on_cpu():
     if DEVICE.type == "cpu" and not _interpreted():
-        pytest.skip("kernels were imported before TRITON_INTERPRET=1 was set")
+        pytest.fail("kernels were imported before TRITON_INTERPRET=1 was set")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -1,0 +1,243 @@
+"""Curvature harvested from the training sweep: EF and MC-GGN factors without a refit pass.
+
+During an epoch that ends in a marglik step, forward hooks record every Linear/Conv2d input
+``a`` and output; each training step's per-sample output gradients ``g`` then give
+A += Σ a aᵀ / S and G += Σ g gᵀ through the same helpers as the refit pass, so the factors
+have laplace-torch's Kron layout and scaling (``[G, A]`` per weight, ``[G]`` per bias,
+A divided by N):
+
+* EF: ``g`` is the training backward's own output gradient, rescaled from the mean loss of
+  the batch to the summed loss (× B; a regression loss also drops its 1/σ² factor);
+* MC-GGN: one extra backward of sampled labels to the layer outputs only (no parameter
+  gradients are formed).
+
+θ moves during the epoch, so this is a running estimate over the epoch, not the curvature
+at the epoch's final θ; with a learning rate of 0 it equals a refit. The summed loss is the
+training loss over the epoch. Every trainable tensor must sit in a Linear, convolution or
+attention layer (others need per-sample autograd: use a refit); exact GGN always refits.
+
+:class:`InputFactors` keeps the Kronecker A of layers whose input depends on the data only
+(no trainable parameter upstream, e.g. the first layer): computed in the first pass of a
+run, reused by every later pass — refits and harvests alike. Valid when the data yield the
+same inputs in every pass (no random augmentation, no dropout before those layers); their
+eigendecompositions are then computed once per run too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from spamkern.curvature.accumulate import (
+    Curvature,
+    _accumulate_conv,
+    _accumulate_linear,
+    _kron_factors,
+    _per_call_blocks,
+    _Recorder,
+    check_finite,
+)
+from spamkern.curvature.likelihood import pseudo_gradients
+from spamkern.curvature.structure import CONVS, ParamBlock
+from spamkern.posterior.eigen import keep_eigh
+
+CURVATURE_SOURCES = ("epoch", "refit")
+HARVESTABLE = ("ef", "ggn-mc")
+
+
+def check_curvature_source(curvature_source: str, curvature: str, blocks: list[ParamBlock]) -> None:
+    """Refuse a harvest that cannot be done exactly as documented."""
+    if curvature_source not in CURVATURE_SOURCES:
+        raise ValueError(
+            f"curvature_source must be one of {CURVATURE_SOURCES}, got {curvature_source!r}"
+        )
+    if curvature_source == "refit":
+        return
+    if curvature not in HARVESTABLE:
+        raise ValueError(
+            f"curvature_source='epoch' harvests {HARVESTABLE} only; curvature={curvature!r} "
+            "(exact GGN, C output columns) needs curvature_source='refit'"
+        )
+    others = [b.name for b in blocks if not b.via_hooks]
+    if others:
+        raise ValueError(
+            "curvature_source='epoch' needs every trainable tensor in a Linear, convolution "
+            f"or attention layer; {others} need per-sample autograd: use curvature_source='refit'"
+        )
+
+
+class EpochHarvest:
+    """Accumulates EF or MC-GGN curvature from the training steps of one epoch.
+
+    Use as a context manager around the epoch (it installs forward hooks); per step call
+    :meth:`before_backward` after the forward and :meth:`after_backward` after the
+    training backward, then :meth:`curvature` once the epoch is over.
+    """
+
+    def __init__(
+        self,
+        blocks: list[ParamBlock],
+        curvature: str,
+        generator: torch.Generator | None = None,
+        input_factors: dict[int, torch.Tensor] | None = None,
+        likelihood: str = "classification",
+    ):
+        if curvature not in HARVESTABLE:
+            raise ValueError(f"can harvest {HARVESTABLE} only, got {curvature!r}")
+        self.blocks, self.curvature_type, self.likelihood = blocks, curvature, likelihood
+        self.generator = generator
+        self.input_factors = dict(input_factors or {})
+        self._given_A = {
+            (id(blocks[i].module), site) for i in self.input_factors for site in blocks[i].sites
+        }
+        param = blocks[0].param
+        self.loss = torch.zeros((), dtype=param.dtype, device=param.device)
+        self.n_data, self.n_outputs = 0, 0
+        self._G: dict[tuple[int, str], torch.Tensor] = {}  # per recorded map, as the refit
+        self._A: dict[tuple[int, str], torch.Tensor] = {}
+        self._diags: dict[int, torch.Tensor] = {}
+        self._recorder: _Recorder | None = None
+
+    def __enter__(self) -> EpochHarvest:
+        self._recorder = _Recorder(self.blocks)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._recorder is not None:
+            self._recorder.remove()
+            self._recorder = None
+
+    def _calls(self):
+        if self._recorder is None:
+            raise RuntimeError("EpochHarvest must be entered (with ...) before the forward")
+        return self._recorder.outputs()
+
+    def before_backward(self, f: torch.Tensor, y: torch.Tensor) -> None:
+        """EF: keep the output gradients of the coming backward. MC: backpropagate sampled
+        labels to the layer outputs now (the graph is kept for the training backward)."""
+        outs = [rec.calls[i][site][1] for rec, i, site in self._calls()]
+        if self.curvature_type == "ef":
+            for out in outs:
+                if out.requires_grad:
+                    out.retain_grad()
+            return
+        V = pseudo_gradients(self.likelihood, self.curvature_type, f, y, self.generator)
+        grads = torch.autograd.grad(f, outs, V[:, 0].to(f.dtype), True, allow_unused=True)
+        self._accumulate(self._calls(), grads, 1.0)
+
+    def after_backward(self, f: torch.Tensor, batch_loss: torch.Tensor, grad_scale: float) -> None:
+        """Count the batch: its summed loss (no σ factor) and, for EF, the output gradients
+        of the training loss times ``grad_scale`` (B for a mean loss, B·σ² for regression)."""
+        calls = self._calls()
+        if self.curvature_type == "ef":
+            grads = [rec.calls[i][site][1].grad for rec, i, site in calls]
+            self._accumulate(calls, grads, grad_scale)
+        self.loss += batch_loss.detach()
+        self.n_data += f.shape[0]
+        self.n_outputs = f.shape[1]
+        self._recorder.clear()
+
+    def _accumulate(self, calls, grads, scale: float) -> None:
+        for (rec, i, site), g in zip(calls, grads):
+            if g is None:  # this call does not influence the output
+                continue
+            if len(rec.calls) > 1 and any(b.kind == "diag" for _, b in rec.blocks):
+                raise ValueError(
+                    f"module {rec.blocks[0][1].module_name!r} is called more than once; its "
+                    "exact diagonal needs per-sample autograd: use curvature_source='refit'"
+                )
+            g = (g * scale if scale != 1.0 else g).unsqueeze(0)
+            a, _, positions = rec.calls[i][site]
+            own, key = _per_call_blocks(rec, site), (id(rec.module), site)
+            parts = (self._G, self._A, self._diags, key not in self._given_A)
+            if isinstance(rec.module, CONVS):
+                _accumulate_conv(key, rec.module, a, g, own, *parts)
+            else:
+                _accumulate_linear(key, a, g, positions, own, *parts)
+
+    def curvature(self) -> Curvature:
+        """The harvested blocks, laid out and scaled like :func:`accumulate_curvature`'s."""
+        if self.n_data == 0:
+            raise ValueError("the harvested epoch saw no samples")
+        factors: dict[int, list[torch.Tensor]] = {}
+        diags: dict[int, torch.Tensor] = {}
+        for index, block in enumerate(self.blocks):
+            if block.kind == "kron":
+                factors[index] = _kron_factors(block, self._G, self._A, self.n_data)
+                if index in self.input_factors:
+                    factors[index][1] = self.input_factors[index]
+            else:
+                diag = self._diags.get(index)
+                diags[index] = (torch.zeros_like(block.param) if diag is None else diag).reshape(
+                    block.shape
+                )
+        result = Curvature(self.blocks, self.loss, self.n_data, self.n_outputs, factors, diags)
+        check_finite(result)
+        return result
+
+
+class InputFactors:
+    """Kronecker A factors of layers whose input depends on the data only, kept per run.
+
+    ``enabled=False`` turns the reuse off (data that differ between passes: random
+    augmentation, dropout before the first layer). Single process only: under
+    torch.distributed every pass accumulates its own.
+    """
+
+    def __init__(self, blocks: list[ParamBlock], enabled: bool = True):
+        self.blocks, self.enabled = blocks, enabled
+        self.indices: list[int] | None = None  # found on the first pass
+        self.factors: dict[int, torch.Tensor] = {}
+
+    @property
+    def needs_detection(self) -> bool:
+        """Whether :meth:`detect` still has to look at a forward."""
+        return self.enabled and self.indices is None
+
+    def given(self) -> dict[int, torch.Tensor]:
+        """The factors the next pass can take as given."""
+        return dict(self.factors) if self.enabled else {}
+
+    def detect(self, model: nn.Module, x: Any) -> list[int]:
+        """Kronecker weight blocks whose layer input needs no gradient in a forward of ``x``."""
+        if self.indices is not None or not self.enabled:
+            return self.indices or []
+        kron = [  # single-map weights (Linear/conv); attention projections are left out
+            (i, b)
+            for i, b in enumerate(self.blocks)
+            if b.kind == "kron" and b.role == "weight" and b.sites == ("main",)
+        ]
+        data_only = {i: True for i, _ in kron}
+
+        def hook_for(index: int):
+            def hook(module, inputs, output):
+                data_only[index] &= not inputs[0].requires_grad
+
+            return hook
+
+        handles = [b.module.register_forward_hook(hook_for(i)) for i, b in kron]
+        try:
+            with torch.enable_grad():
+                model(x)
+        finally:
+            for handle in handles:
+                handle.remove()
+        self.indices = sorted(i for i, flag in data_only.items() if flag)
+        return self.indices
+
+    def update(self, result: Curvature) -> None:
+        """Keep the data-only A factors of a finished pass (the first one computes them)."""
+        if not self.enabled or self.indices is None:
+            return
+        for index in self.indices:
+            if index not in self.factors:
+                self.factors[index] = keep_eigh(result.factors[index][1])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"indices": self.indices, "factors": {i: A.clone() for i, A in self.factors.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.indices = state["indices"]
+        self.factors = {i: keep_eigh(A) for i, A in state["factors"].items()}
