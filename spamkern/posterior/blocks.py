@@ -79,7 +79,7 @@ def weight_matrix_shape(shape: torch.Size) -> tuple[int, int]:
 
 def unit_log_grid(tp: TensorPrecision, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
     """Row and column log precisions of a unitwise weight, columns repeated over kernel
-    positions (b_rep in SPEC §3)."""
+    positions (b_rep in docs/maths.md)."""
     positions = int(torch.Size(shape[2:]).numel()) if len(shape) > 2 else 1
     return tp.a, tp.b.repeat_interleave(positions)
 
