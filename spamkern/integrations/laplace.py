@@ -367,6 +367,7 @@ def _opd_terms(la: BaseLaplace):
         curvature_scale=post.curvature_scale,
         covariance_diag=lambda: _laplace_covariance_diag(la).to(post.mean.dtype),
         kron_factors=kron,
+        dense_curvature=isinstance(la, FullLaplace),
     )
 
 

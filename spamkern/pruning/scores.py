@@ -1,4 +1,4 @@
-"""Pruning scores, one value per parameter, aligned with ``model.parameters()`` (SPEC §4, §7).
+"""Pruning scores, one value per parameter, aligned with ``model.parameters()``.
 
 Lowest score = pruned first, for every score here. Each function returns a flat (P,)
 tensor over the trainable parameters in ``model.parameters()`` order, or with
@@ -132,7 +132,9 @@ class PosteriorTerms:
     * ``kron_factors``: per tensor of ``named_params``, ``(G, A)`` for a Kronecker weight,
       ``(G,)`` for a Kronecker bias, or the curvature diagonal shaped like the tensor;
     * ``input_means``: tensor name → E[a], the mean layer input in the layout of A
-      (lets a bias absorb the input mean in data-free reconstruction).
+      (lets a bias absorb the input mean in data-free reconstruction);
+    * ``dense_curvature``: True when H is a full matrix (e.g. laplace-torch's
+      FullLaplace): neither ``kron_factors`` nor the diagonal describe its cross terms.
 
     ``None`` means the posterior does not provide it; the functions that need it say so.
     """
@@ -145,6 +147,7 @@ class PosteriorTerms:
     covariance_diag: Callable[[], torch.Tensor] | None = None
     kron_factors: list | None = None
     input_means: dict[str, torch.Tensor] | None = None
+    dense_curvature: bool = False  # H is a dense (P, P) matrix no block form here describes
 
 
 _ADAPTERS: list[tuple[Callable[[object], bool], Callable[[object], PosteriorTerms]]] = []

@@ -241,3 +241,21 @@ def test_kron_unit_masks_counts_and_keep_a_unit_per_layer(cnn_data, scope):
         if m.ndim > 1:
             rows = m.reshape(m.shape[0], -1)
             assert bool((rows.all(1) == rows.any(1)).all()) and bool(rows.any())
+
+
+def test_kron_cost_refuses_a_dense_laplace_torch_posterior():
+    from laplace import FullLaplace
+
+    from spamkern.integrations.laplace import SpamkernGGN
+
+    model = make_mlp()
+    x, y = classification_data(20, (7,), 3)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=10)
+    la = FullLaplace(model, "classification", prior_precision=0.7, backend=SpamkernGGN)
+    la.fit(loader, progress_bar=False)
+    cov = torch.linalg.inv(la.posterior_precision).diagonal()
+    torch.testing.assert_close(obs_scores(la), 0.5 * la.mean.square() / cov)
+    with pytest.raises(ValueError, match="dense curvature"):
+        kron_masks(la, 0.5)
+    with pytest.raises(ValueError, match="dense curvature"):
+        kron_cost(la, {"0.weight": torch.ones(13, 7, dtype=torch.bool)})
