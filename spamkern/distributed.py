@@ -202,6 +202,8 @@ def all_reduce_curvature(result: Curvature) -> None:
             tensors.append((facs[1] * local_n).reshape(-1))  # back to the raw sum
     for index in sorted(result.diags):
         tensors.append(result.diags[index].reshape(-1))
+    for index in sorted(result.input_means):  # means, like A, go back to raw sums
+        tensors.append((result.input_means[index] * local_n).reshape(-1))
     dtype = result.loss.dtype
     flat = torch.cat([t.to(dtype) for t in tensors] + [result.loss.new_tensor([float(local_n)])])
     dist.all_reduce(flat)
@@ -222,6 +224,8 @@ def all_reduce_curvature(result: Curvature) -> None:
             facs[1] = take(facs[1]) / global_n
     for index in sorted(result.diags):
         result.diags[index] = take(result.diags[index])
+    for index in sorted(result.input_means):
+        result.input_means[index] = take(result.input_means[index]) / global_n
     result.n_data = global_n
 
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spamkern.curvature.attention import recorded_attention
+from spamkern.curvature.attention import random_state, recorded_attention
 from spamkern.curvature.likelihood import (
     check_curvature,
     check_label_range,
@@ -56,6 +56,10 @@ class Curvature:
     n_outputs: int
     factors: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # kron: [G, A] / [G]
     diags: dict[int, torch.Tensor] = field(default_factory=dict)  # diag: shaped like the param
+    # Kronecker weights of Linear and groups=1 Conv1d/Conv2d layers: E[a], the mean layer
+    # input in A's layout (lets a pruned layer's bias absorb the input mean when its
+    # survivors are re-solved without data)
+    input_means: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def block_factors(self) -> list[list[torch.Tensor] | torch.Tensor]:
         """Per block, in parameter order: its Kronecker factors or its diagonal."""
@@ -73,6 +77,7 @@ class _ModuleRecord:
         self.module = module
         self.blocks = blocks
         self.calls: list[dict[str, tuple[torch.Tensor, torch.Tensor, int | None]]] = []
+        self.random_state = None  # attention: the random state before its forward
 
     def clear(self) -> None:
         self.calls.clear()
@@ -90,14 +95,18 @@ class _Recorder:
                     self.records[key] = _ModuleRecord(block.module, [])
                 self.records[key].blocks.append((index, block))
         self.active = True
-        self._handles = [self._register(rec) for rec in self.records.values()]
+        self._handles = [h for rec in self.records.values() for h in self._register(rec)]
 
-    def _register(self, record: _ModuleRecord):
-        if isinstance(record.module, nn.MultiheadAttention):
-            return record.module.register_forward_hook(
-                self._attention_hook(record), with_kwargs=True
-            )
-        return record.module.register_forward_hook(self._hook(record))
+    def _register(self, record: _ModuleRecord) -> list:
+        module = record.module
+        if isinstance(module, nn.MultiheadAttention):
+            return [
+                module.register_forward_pre_hook(
+                    self._attention_pre_hook(record), with_kwargs=True
+                ),
+                module.register_forward_hook(self._attention_hook(record), with_kwargs=True),
+            ]
+        return [module.register_forward_hook(self._hook(record))]
 
     def _hook(self, record: _ModuleRecord):
         def hook(module, inputs, output):
@@ -106,11 +115,17 @@ class _Recorder:
 
         return hook
 
+    def _attention_pre_hook(self, record: _ModuleRecord):
+        def hook(module, args, kwargs):
+            record.random_state = random_state(module, args, kwargs) if self.active else None
+
+        return hook
+
     def _attention_hook(self, record: _ModuleRecord):
         def hook(module, args, kwargs, output):
             if not self.active:
                 return None
-            output, sites = recorded_attention(module, args, kwargs, output)
+            output, sites = recorded_attention(module, args, kwargs, output, record.random_state)
             record.calls.append({k: (a.detach(), out, n) for k, (a, out, n) in sites.items()})
             return output
 
@@ -276,6 +291,24 @@ def _grouped_patches(a, conv, kernel, stride, padding, dilation) -> torch.Tensor
     return u.reshape(u.shape[0], conv.groups, -1, u.shape[-1])
 
 
+def _accumulate_mean(module: nn.Module, a: torch.Tensor, positions, blocks, raw_mean) -> None:
+    """Σ_n of the layer input averaged over weight-sharing positions (A's layout)."""
+    for index, block in blocks:
+        if block.kind != "kron" or block.role != "weight":
+            continue
+        if isinstance(module, CONVS) and module.groups == 1:
+            x, kernel, stride, padding, dilation = _as_conv2d(module, a)
+            u = F.unfold(x.sum(0, keepdim=True), kernel, dilation, padding, stride)[0]
+            total = u.sum(1) / u.shape[1]
+        elif isinstance(module, nn.Linear):
+            if positions is None:
+                positions = a[0, ..., 0].numel() if a.ndim > 2 else 1
+            total = a.reshape(-1, a.shape[-1]).sum(0) / positions
+        else:  # grouped convolutions, attention projections: no mean recorded
+            continue
+        _add(raw_mean, index, total)
+
+
 def _generic_diag(
     model: nn.Module,
     x,
@@ -341,6 +374,7 @@ def accumulate_curvature(
     G_sums: dict[int, torch.Tensor] = {}
     raw_A: dict[int, torch.Tensor] = {}
     diags: dict[int, torch.Tensor] = {}
+    raw_mean: dict[int, torch.Tensor] = {}
     input_factors = input_factors or {}
     given_A = {(id(blocks[i].module), site) for i in input_factors for site in blocks[i].sites}
     loss = torch.zeros((), dtype=dtype, device=device)
@@ -391,6 +425,7 @@ def accumulate_curvature(
                     else:
                         parts = (G_sums, raw_A, diags, with_A)
                         _accumulate_linear(key, a, g, positions, own, *parts)
+                    _accumulate_mean(rec.module, a, positions, own, raw_mean)
             # a module called more than once: its per-sample gradient is the sum over the
             # calls, so squaring call by call would be wrong; take those diagonals exactly
             shared = [
@@ -418,7 +453,8 @@ def accumulate_curvature(
             diags[index] = torch.zeros_like(block.param, memory_format=torch.contiguous_format)
         else:
             diags[index] = diags[index].reshape(block.shape)
-    result = Curvature(blocks, loss, n_data, n_outputs, factors, diags)
+    means = {index: total / n_data for index, total in raw_mean.items()}
+    result = Curvature(blocks, loss, n_data, n_outputs, factors, diags, means)
     check_finite(result)
     return result
 

@@ -33,12 +33,43 @@ def _projections(mha: nn.MultiheadAttention):
     return weights, biases
 
 
+RandomState = tuple[torch.device, torch.Tensor, torch.Tensor | None]
+
+
+def random_state(mha: nn.MultiheadAttention, args: tuple, kwargs: dict) -> RandomState | None:
+    """The random state before a forward that draws attention dropout (training mode), so
+    the recomputation draws the same mask; None when the forward draws nothing."""
+    if not (mha.training and mha.dropout > 0):
+        return None
+    device = (args[0] if args else kwargs["query"]).device
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return device, torch.get_rng_state(), cuda
+
+
 def recorded_attention(
-    mha: nn.MultiheadAttention, args: tuple, kwargs: dict, output: tuple
+    mha: nn.MultiheadAttention,
+    args: tuple,
+    kwargs: dict,
+    output: tuple,
+    state: RandomState | None = None,
 ) -> tuple[tuple, dict[str, tuple[torch.Tensor, torch.Tensor, int]]]:
     """The module's output recomputed through explicit projections, and per site
     ("q", "k", "v", "out") its ``(input, output, positions)``: rows of the linear map and the
-    number of sequence positions per sample (the weight-sharing count of the "expand" rule)."""
+    number of sequence positions per sample (the weight-sharing count of the "expand" rule).
+
+    ``state`` (from :func:`random_state` before the forward) replays the forward's dropout;
+    the random state after the call is the one the module's own forward left."""
+    if state is None:
+        return _recorded(mha, args, kwargs, output)
+    device, cpu, cuda = state
+    with torch.random.fork_rng(devices=[device] if cuda is not None else []):
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
+        return _recorded(mha, args, kwargs, output)
+
+
+def _recorded(mha, args, kwargs, output):
     bound = _SIGNATURE.bind(mha, *args, **kwargs)
     bound.apply_defaults()
     call = dict(bound.arguments)

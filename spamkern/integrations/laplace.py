@@ -343,16 +343,30 @@ def from_laplace(la: BaseLaplace) -> LaplaceTorchPosterior:
     )
 
 
+def _laplace_covariance_diag(la: BaseLaplace) -> torch.Tensor:
+    """(P,) diag Π⁻¹ of a fitted laplace-torch posterior (for the OBS saliency)."""
+    if isinstance(la, KronLaplace):
+        return la.posterior_precision.diag(exponent=-1).detach()
+    if isinstance(la, FullLaplace):
+        return la.posterior_covariance.diagonal().detach()
+    return la.posterior_variance.detach()
+
+
 def _opd_terms(la: BaseLaplace):
     from spamkern.pruning.scores import PosteriorTerms
 
     post = from_laplace(la)
+    kron = None
+    if isinstance(la, KronLaplace):  # laplace-torch's layout: [G, A] per weight, [G] otherwise
+        kron = [tuple(f) if len(f) == 2 else (f[0],) for f in la.H_facs.kfacs]
     return PosteriorTerms(
         named_params=post.named_params,
         mean=post.mean,
         curvature_diag=post.curvature_diag(),
         prior_diag=post.prior.precision_diag(),
         curvature_scale=post.curvature_scale,
+        covariance_diag=lambda: _laplace_covariance_diag(la).to(post.mean.dtype),
+        kron_factors=kron,
     )
 
 

@@ -15,6 +15,12 @@ so log det Π = Σ log denom − 2 Σ log w and Π⁻¹ = W Q diag(1/denom) Qᵀ
   (Hadamard's inequality for the positive definite QᵀΠQ) and its inverse an approximation.
 
 A bias block has the single factor G: the same with λ2 ≡ 1, Q2 = [1].
+
+Each parameter tensor's curvature is one typed block with the operations the posterior
+needs (curvature and factor diagonals, log det plan entries, eigenbasis, unitwise parts):
+:class:`DiagBlock` (exact diagonal), :class:`KronBlock` (``[G, A]`` or ``[G]``) and
+:class:`RowSlicedKronBlock` — block-diagonal over equal row slices, each slice its own
+Kronecker block (grouped convolutions, attention's packed q/k/v), exact slice by slice.
 """
 
 from __future__ import annotations

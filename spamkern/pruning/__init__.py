@@ -17,6 +17,14 @@ from spamkern.pruning.masks import (
     unit_sparsity,
 )
 from spamkern.pruning.online import OnlinePruning
+from spamkern.pruning.reconstruct import (
+    compensate_units,
+    input_statistics,
+    masked_least_squares,
+    reconstruct,
+    reconstruct_layer,
+)
+from spamkern.pruning.saliency import kron_cost, kron_masks, obs_scores, prior_scores
 from spamkern.pruning.scores import (
     PosteriorTerms,
     grasp_scores,
@@ -29,9 +37,30 @@ from spamkern.pruning.scores import (
     snip_scores,
     synflow_scores,
 )
+from spamkern.pruning.sparsify import (
+    DEFAULT_METHOD,
+    RECONSTRUCTIONS,
+    SPARSIFY_METHODS,
+    SparsifyResult,
+    sparsify,
+)
 
 __all__ = [
+    "DEFAULT_METHOD",
+    "RECONSTRUCTIONS",
+    "SPARSIFY_METHODS",
     "OnlinePruning",
+    "SparsifyResult",
+    "compensate_units",
+    "input_statistics",
+    "kron_cost",
+    "kron_masks",
+    "masked_least_squares",
+    "obs_scores",
+    "prior_scores",
+    "reconstruct",
+    "reconstruct_layer",
+    "sparsify",
     "PosteriorTerms",
     "PruningMasks",
     "apply_masks",

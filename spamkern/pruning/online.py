@@ -10,6 +10,16 @@ and the step prunes only when ⌊e / I⌋ has grown since the last prune (so a m
 more often than every I epochs does not prune twice at one level). New masks are combined
 with the old ones (a pruned weight never comes back), applied to the model at once, and
 returned; marglik_train enforces them after every later optimiser step.
+
+The masks come from the same machinery as :func:`spamkern.sparsify`: ``method`` names a
+selection of :data:`~spamkern.pruning.sparsify.SPARSIFY_METHODS` (default: the same
+measured default), or ``score_fn(posterior)`` gives scores directly. ``reconstruct``:
+``"posterior"`` re-solves the survivors from the posterior's Kronecker factor A at every
+prune (data-free, cheap: the optimiser then starts from the best weights for the new
+mask instead of relearning them; units are compensated in the next layer), ``"none"``
+leaves that to training; ``"auto"`` (default) reconstructs when the posterior has
+Kronecker factors. Data-driven reconstruction is not offered here: the next epochs train
+on the data anyway.
 """
 
 from __future__ import annotations
@@ -20,14 +30,18 @@ import torch
 from torch import nn
 
 from spamkern.pruning.masks import PruningMasks, apply_masks, check_sparsity, prune
-from spamkern.pruning.scores import opd_scores
+from spamkern.pruning.reconstruct import DEFAULT_DAMPING, reconstruct
+from spamkern.pruning.saliency import kron_masks
+from spamkern.pruning.scores import posterior_terms
+from spamkern.pruning.sparsify import DEFAULT_METHOD, SPARSIFY_METHODS, method_scores
 
 __all__ = ["OnlinePruning"]
 
 
 class OnlinePruning:
     """Schedule s_e from ``initial_sparsity`` (s_0) to ``final_sparsity`` (s_end) every
-    ``interval`` (I) epochs, pruning by ``score_fn(posterior)`` (OPD by default)."""
+    ``interval`` (I) epochs, pruning by ``method`` (or ``score_fn(posterior)``) and
+    optionally reconstructing the survivors (see the module docs)."""
 
     def __init__(
         self,
@@ -39,7 +53,10 @@ class OnlinePruning:
         block: tuple[int, int] = (64, 64),
         prune_output_layer: bool = False,
         prune_1d: bool = False,
-        score_fn: Callable[[object], torch.Tensor] = opd_scores,
+        score_fn: Callable[[object], torch.Tensor] | None = None,
+        method: str | None = None,
+        reconstruct: str = "auto",
+        damping: float = DEFAULT_DAMPING,
     ) -> None:
         self.final_sparsity = check_sparsity(final_sparsity)
         self.initial_sparsity = check_sparsity(initial_sparsity)
@@ -58,7 +75,19 @@ class OnlinePruning:
             "prune_output_layer": prune_output_layer,
             "prune_1d": prune_1d,
         }
+        if score_fn is not None and method is not None:
+            raise ValueError("pass either score_fn or method, not both")
+        method = None if score_fn is not None else (method or DEFAULT_METHOD)
+        if method is not None and method not in SPARSIFY_METHODS:
+            raise ValueError(f"method must be one of {SPARSIFY_METHODS}, got {method!r}")
+        if reconstruct not in ("auto", "none", "posterior"):
+            raise ValueError(
+                f"reconstruct must be 'auto', 'none' or 'posterior', got {reconstruct!r}"
+            )
         self.score_fn = score_fn
+        self.method = method
+        self.reconstruct = reconstruct
+        self.damping = damping
         self.masks: PruningMasks | None = None
         self.history: list[dict[str, float]] = []
         self._level: int | None = None
@@ -84,11 +113,34 @@ class OnlinePruning:
         s = self.target(epoch, n_epochs)
         if s == 0.0 and self.masks is None:
             return None
-        new = prune(model, self.score_fn(posterior), s, **self.prune_kwargs)
+        new = self._select(model, posterior, s)
         if self.masks is not None:
             for name, old in self.masks.items():
                 new[name] = new[name] & old if name in new else old
+        if self._reconstructs(posterior):
+            rebuilt = reconstruct(model, new, posterior=posterior, damping=self.damping)
+            with torch.no_grad():
+                for p, q in zip(model.parameters(), rebuilt.parameters()):
+                    p.copy_(q)
         apply_masks(model, new)
         self.masks = new
         self.history.append({"epoch": epoch, "target": s, "achieved": new.sparsity()})
         return new
+
+    def _select(self, model: nn.Module, posterior: object, s: float) -> PruningMasks:
+        if self.score_fn is not None:
+            return prune(model, self.score_fn(posterior), s, **self.prune_kwargs)
+        if self.method == "kron":
+            return kron_masks(posterior, s, model=model, **self.prune_kwargs)
+        return prune(model, method_scores(self.method, model, posterior), s, **self.prune_kwargs)
+
+    def _reconstructs(self, posterior: object) -> bool:
+        if self.reconstruct == "none":
+            return False
+        has_factors = posterior_terms(posterior).kron_factors is not None
+        if self.reconstruct == "posterior" and not has_factors:
+            raise ValueError(
+                "OnlinePruning(reconstruct='posterior') needs a Kronecker posterior "
+                "(structure='kron'); use reconstruct='none' or 'auto'"
+            )
+        return has_factors

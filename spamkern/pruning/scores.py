@@ -123,13 +123,28 @@ def _flat_params(named: list[tuple[str, nn.Parameter]]) -> torch.Tensor:
 # ---------------------------------------------------------------------------- OPD
 @dataclass
 class PosteriorTerms:
-    """What OPD needs from a posterior: θ*, diag(H), the prior diagonal and 1/T scaling."""
+    """What the pruning scores read from a posterior.
+
+    OPD needs θ*, diag(H), the prior diagonal and the scaling s (Π = s·H + diag δ). The
+    optional fields serve the scores and the reconstruction beyond the diagonal:
+
+    * ``covariance_diag``: a callable returning the (P,) diagonal of Π⁻¹ (OBS saliency);
+    * ``kron_factors``: per tensor of ``named_params``, ``(G, A)`` for a Kronecker weight,
+      ``(G,)`` for a Kronecker bias, or the curvature diagonal shaped like the tensor;
+    * ``input_means``: tensor name → E[a], the mean layer input in the layout of A
+      (lets a bias absorb the input mean in data-free reconstruction).
+
+    ``None`` means the posterior does not provide it; the functions that need it say so.
+    """
 
     named_params: list[tuple[str, nn.Parameter]]
     mean: torch.Tensor
     curvature_diag: torch.Tensor
     prior_diag: torch.Tensor
     curvature_scale: float
+    covariance_diag: Callable[[], torch.Tensor] | None = None
+    kron_factors: list | None = None
+    input_means: dict[str, torch.Tensor] | None = None
 
 
 _ADAPTERS: list[tuple[Callable[[object], bool], Callable[[object], PosteriorTerms]]] = []
@@ -152,12 +167,22 @@ def _is_spamkern_posterior(obj: object) -> bool:
 
 def _spamkern_terms(post) -> PosteriorTerms:
     named = list(getattr(post, "named_params", None) or trainable_named_parameters(post.model))
+    cov = getattr(post, "covariance_diag", None)
+    kron = None
+    if getattr(post, "structure", None) == "kron":
+        kron = [tuple(f) if isinstance(f, list | tuple) else f for f in post.kron_factors]
+    means = getattr(getattr(post, "curvature", None), "input_means", None)
+    if means:  # stored per block index by the curvature pass
+        means = {named[i][0]: m for i, m in means.items()}
     return PosteriorTerms(
         named_params=named,
         mean=post.mean.detach(),
         curvature_diag=post.curvature_diag().detach(),
         prior_diag=post.prior.precision_diag().detach(),
         curvature_scale=float(getattr(post, "curvature_scale", 1.0)),
+        covariance_diag=cov if callable(cov) else None,
+        kron_factors=kron,
+        input_means=means or None,
     )
 
 
@@ -169,7 +194,15 @@ def _precision_only_terms(post) -> PosteriorTerms:
     # Anything that only exposes diag Π: feed it as the "curvature" with a zero prior.
     named = list(getattr(post, "named_params", None) or trainable_named_parameters(post.model))
     precision = post.precision_diag().detach()
-    return PosteriorTerms(named, post.mean.detach(), precision, torch.zeros_like(precision), 1.0)
+    cov = getattr(post, "covariance_diag", None)
+    return PosteriorTerms(
+        named,
+        post.mean.detach(),
+        precision,
+        torch.zeros_like(precision),
+        1.0,
+        covariance_diag=cov if callable(cov) else None,
+    )
 
 
 def _load_optional_adapters(posterior: object) -> None:

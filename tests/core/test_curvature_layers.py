@@ -225,7 +225,7 @@ def test_attention_it_cannot_factor_is_refused(attention, batched, match):
     assert rel_err(diag.curvature_diag(), H.diagonal()) < TOL
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 @pytest.mark.parametrize("case", ["grouped", "self-attention"])
 def test_cuda_matches_cpu(case):
     """float64 on the GPU: the same row-sliced factors and unitwise/parameterwise evidence."""
@@ -244,3 +244,27 @@ def test_cuda_matches_cpu(case):
         for a, b in zip(gpu_arrays, cpu_arrays, strict=True):
             assert rel_err(a, b) < 1e-8
         assert gpu_lml == pytest.approx(cpu_lml, rel=1e-8)
+
+
+def test_attention_dropout_in_training_mode_is_replayed():
+    """Recording a training-mode forward (curvature harvested from the training sweep)
+    recomputes attention with the same dropout mask and leaves the same random state."""
+    from spamkern.curvature.accumulate import _Recorder
+    from spamkern.curvature.structure import parameter_blocks
+
+    torch.manual_seed(10)
+    model = _AttentionOn(nn.MultiheadAttention(4, 2, dropout=0.5, batch_first=True)).double()
+    model.train()
+    X = torch.randn(3, 5, 4, dtype=torch.float64)
+    torch.manual_seed(11)
+    plain = model(X)
+    after_plain = torch.rand(1)
+    recorder = _Recorder(parameter_blocks(model, "kron"))
+    try:
+        torch.manual_seed(11)
+        recorded = model(X)
+        after_recorded = torch.rand(1)
+    finally:
+        recorder.remove()
+    assert torch.equal(recorded, plain) and torch.equal(after_recorded, after_plain)
+    assert len(recorder.records[id(model.attn)].calls) == 1

@@ -16,6 +16,8 @@ import warnings
 
 import pytest
 import torch
+from laplace import KronLaplace
+from laplace.curvature import CurvlinopsGGN
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -23,10 +25,6 @@ import spamkern as sk
 
 from . import layers as L
 from .dense import rel_err
-
-laplace = pytest.importorskip("laplace")
-from laplace import KronLaplace  # noqa: E402
-from laplace.curvature import CurvlinopsGGN  # noqa: E402
 
 TOL = 1e-8
 T = 0.7

@@ -100,6 +100,21 @@ def test_fixed_point_never_lowers_the_evidence_and_stops_early():
     assert opt.n_evaluations <= 3  # converged: one trial step, then the tolerance stops it
 
 
+@pytest.mark.parametrize(("case", "prior"), [("cnn", "parameterwise"), ("reg-mlp", "unitwise")])
+def test_every_accepted_iteration_raises_the_evidence(case, prior):
+    post = _fit(case, prior, seed=6)
+    opt = make_hyper_optimizer("fixed-point", post.prior, tol=0.0, n_steps=40)
+    log_sigma = post.log_sigma.clone().requires_grad_(True)
+    if post.likelihood == "regression":
+        opt = make_hyper_optimizer(
+            "fixed-point", post.prior, log_sigma=log_sigma, learn_sigma=True, tol=0.0, n_steps=40
+        )
+    opt.step(post)
+    values = [value for _, _, value in opt.history]
+    assert len(values) > 3
+    assert all(b >= a for a, b in zip(values, values[1:]))
+
+
 def _adam_by_hand(post, log_sigma, n_steps: int) -> float:
     """What the training loop did before: Adam on −log p(D | δ)/N."""
     opt = torch.optim.Adam([post.prior.log_precision, log_sigma], lr=0.1)

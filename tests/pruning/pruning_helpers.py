@@ -31,6 +31,9 @@ class DiagPosterior:
     def precision_diag(self) -> torch.Tensor:
         return self.curvature_scale * self._curvature + self.prior.precision_diag()
 
+    def covariance_diag(self) -> torch.Tensor:
+        return 1.0 / self.precision_diag()
+
     def functional_variance(self, J: torch.Tensor) -> torch.Tensor:
         return torch.einsum("bcp,p,bdp->bcd", J, 1.0 / self.precision_diag(), J)
 
