@@ -13,8 +13,10 @@ A divided by N):
 
 θ moves during the epoch, so this is a running estimate over the epoch, not the curvature
 at the epoch's final θ; with a learning rate of 0 it equals a refit. The summed loss is the
-training loss over the epoch. Every trainable tensor must sit in a Linear, convolution or
-attention layer (others need per-sample autograd: use a refit); exact GGN always refits.
+training loss over the epoch. The mean layer inputs E[a] are recorded as the refit records
+them (data-free reconstruction lets a pruned layer's bias absorb them). Every trainable
+tensor must sit in a Linear, convolution or attention layer (others need per-sample
+autograd: use a refit); exact GGN always refits.
 
 :class:`InputFactors` keeps the Kronecker A of layers whose input depends on the data only
 (no trainable parameter upstream, e.g. the first layer): computed in the first pass of a
@@ -34,6 +36,7 @@ from spamkern.curvature.accumulate import (
     Curvature,
     _accumulate_conv,
     _accumulate_linear,
+    _accumulate_mean,
     _kron_factors,
     _per_call_blocks,
     _Recorder,
@@ -98,6 +101,7 @@ class EpochHarvest:
         self._G: dict[tuple[int, str], torch.Tensor] = {}  # per recorded map, as the refit
         self._A: dict[tuple[int, str], torch.Tensor] = {}
         self._diags: dict[int, torch.Tensor] = {}
+        self._means: dict[int, torch.Tensor] = {}  # Σ_n E[a] per weight, as the refit
         self._recorder: _Recorder | None = None
 
     def __enter__(self) -> EpochHarvest:
@@ -156,6 +160,7 @@ class EpochHarvest:
                 _accumulate_conv(key, rec.module, a, g, own, *parts)
             else:
                 _accumulate_linear(key, a, g, positions, own, *parts)
+            _accumulate_mean(rec.module, a, positions, own, self._means)
 
     def curvature(self) -> Curvature:
         """The harvested blocks, laid out and scaled like :func:`accumulate_curvature`'s."""
@@ -173,7 +178,10 @@ class EpochHarvest:
                 diags[index] = (torch.zeros_like(block.param) if diag is None else diag).reshape(
                     block.shape
                 )
-        result = Curvature(self.blocks, self.loss, self.n_data, self.n_outputs, factors, diags)
+        means = {index: total / self.n_data for index, total in self._means.items()}
+        result = Curvature(
+            self.blocks, self.loss, self.n_data, self.n_outputs, factors, diags, means
+        )
         check_finite(result)
         return result
 

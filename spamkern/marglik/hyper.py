@@ -8,9 +8,11 @@ Two methods behind one interface (``make_hyper_optimizer(...).step(posterior)``)
   entries sharing one precision when δ_g ‖θ_g‖² = γ_g, γ_g = Σ_{i∈g} (1 − δ_i Σ_ii) the
   group's effective number of parameters (Σ = Π⁻¹). Each iteration moves log δ_g towards
   log(γ_g / ‖θ_g‖²) — a Newton step on that equation, bounded — and σ² towards
-  2·s·L·σ² / (N·C − γ_total) for regression. Every update is an ascent direction of the
-  evidence; it is accepted only if the evidence does not decrease (otherwise halved), and
-  the iteration stops once an iteration gains less than ``tol`` per data point.
+  2·s·L·σ² / (N·C − γ_total) for regression; after the first step an L-BFGS direction,
+  preconditioned by the per-group curvature, replaces it while it points uphill. Every
+  update is an ascent direction of the evidence; it is accepted only if the evidence does
+  not decrease (otherwise halved), and the iteration stops once an iteration gains less
+  than ``tol`` per data point.
 
 See docs/hyperparameters.md for the update rules and when to pick which.
 """
@@ -173,8 +175,8 @@ class FixedPointHyper:
         Same sign as the gradient, so an ascent direction. The divisor 2 − γ_g/n_g
         approximates 1 − d log γ_g / d log δ_g: about 1 when the data determine the group
         (the plain MacKay step), about 2 when the prior does (where the plain step
-        oscillates). The ratio to the gradient ½ (γ_g − ‖θ_g‖²_δ) is a positive diagonal
-        preconditioner for the quasi-Newton acceleration."""
+        oscillates). Also returns 1 / −∂²E/∂(log δ_g)² (approximate), the diagonal from which
+        the quasi-Newton acceleration starts."""
         step, _ = _log_step(gamma, scatter)
         gamma = gamma.clamp_min(0.0)
         fraction = (gamma / self._count.clamp_min(1.0)).clamp(0.0, 1.0)
@@ -219,6 +221,17 @@ class FixedPointHyper:
             r = point.mackay.clamp(-self.max_log_step, self.max_log_step)
         return r
 
+    def _guarded_step(self, posterior, point: _Point, direction: torch.Tensor, bounds):
+        """(the first of x + d, x + d/2, … whose evidence is not lower, or None; evaluations)."""
+        lo, hi = bounds
+        for tried in range(1, 13):
+            x = torch.minimum(torch.maximum(point.x + direction, lo), hi)
+            candidate = self._evaluate(posterior, x)
+            if _ascended(point, candidate):
+                return candidate, tried
+            direction = 0.5 * direction
+        return None, tried
+
     def step(self, posterior: LaplacePosterior) -> float:
         x0 = self._x0(posterior)
         lo, hi = x0.clone(), x0.clone()
@@ -237,15 +250,8 @@ class FixedPointHyper:
             direction = self._direction(point, pairs, diagonal)
             if float(torch.dot(direction, point.grad)) <= self.tol * posterior.n_data:
                 break  # the first-order gain of a full step is below the tolerance
-            accepted = None
-            for _ in range(12):  # halve until the evidence does not decrease
-                x = torch.minimum(torch.maximum(point.x + direction, lo), hi)
-                candidate = self._evaluate(posterior, x)
-                evaluations += 1
-                if _ascended(point, candidate):
-                    accepted = candidate
-                    break
-                direction = 0.5 * direction
+            accepted, tried = self._guarded_step(posterior, point, direction, (lo, hi))
+            evaluations += tried
             if accepted is None:  # no ascent left at round-off level
                 break
             s, y = accepted.x - point.x, point.grad - accepted.grad  # y: change of ∇(−E)

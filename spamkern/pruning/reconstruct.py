@@ -15,7 +15,9 @@ labels are not needed). Ignoring the output factor G's off-diagonal decouples th
 The bias absorbs the input mean: the input is augmented with a constant 1, so H becomes
 [[A, μ], [μᵀ, 1]] with μ = E[a] and the bias is one more (always kept) entry of each row.
 
-Removed units (``unit`` masks) are compensated in the next layer instead: the removed
+Removed units (``unit`` masks) are compensated in the next layer instead (the next layer
+in a plain chain; in other models the one Linear/Conv2d that alone reads the removed
+channels, found by tracing, see :func:`spamkern.pruning.groups.successors`): the removed
 inputs a_S are regressed on the kept ones (and a constant), a_S ≈ B a_K + c with
 [B c] = [A_SK μ_S] [[A_KK μ_K], [μ_Kᵀ 1]]⁻¹, and W'_K = W_K + W_S B, b' = b + W_S c.
 
@@ -307,8 +309,11 @@ class _Stats:
             return input_statistics(model, layer, self.data, self.batch_size)
         wname = _pname(name, "weight")
         facs = self.kron.get(wname)
-        if not isinstance(facs, tuple | list) or len(facs) != 2:
-            raise ValueError(f"the posterior has no Kronecker factor A for {wname!r}")
+        if not isinstance(facs, tuple | list) or len(facs) != 2 or facs[1].ndim != 2:
+            raise ValueError(
+                f"the posterior has no single Kronecker factor A for {wname!r} (grouped "
+                "layers have one per group); pass data (inputs, no labels needed)"
+            )
         return facs[1], self.means.get(wname)
 
     def prior_row_damping(self, name: str) -> torch.Tensor:
@@ -334,6 +339,8 @@ def reconstruct(
     damping: float | str = DEFAULT_DAMPING,
     absorb_bias: bool = True,
     batch_size: int = 256,
+    example_inputs=None,
+    skipped: list[str] | None = None,
 ) -> nn.Module:
     """A new model: ``masks`` applied and the survivors re-solved (see the module docs).
 
@@ -342,7 +349,8 @@ def reconstruct(
     layer's A and μ are measured on the already pruned and reconstructed network.
     ``damping``: λ in H = A + λ·mean(diag A)·I, or ``"prior"`` (data-free only) for the
     posterior's own row blocks s·G_ii·A + diag(δ_i). Unit masks (``pattern="unit"``) are
-    compensated in the next layer (:func:`compensate_units`).
+    compensated in the next layer (:func:`compensate_units`; ``example_inputs`` and
+    ``skipped`` are its).
     """
     if damping == "prior" and data is not None:
         raise ValueError("damping='prior' uses the posterior's factors; it needs data=None")
@@ -350,7 +358,7 @@ def reconstruct(
         raise ValueError(f"damping must be a number ≥ 0 or 'prior', got {damping!r}")
     stats = _Stats(posterior, data, batch_size)
     if getattr(masks, "pattern", None) == "unit":
-        return _compensate(model, masks, stats, damping, absorb_bias)
+        return _compensate(model, masks, stats, damping, absorb_bias, example_inputs, skipped)
     work = copy.deepcopy(model)
     params = dict(work.named_parameters())
     unknown = sorted(set(masks) - set(params))
@@ -444,14 +452,95 @@ def compensate_units(
     damping: float = DEFAULT_DAMPING,
     absorb_bias: bool = True,
     batch_size: int = 256,
+    example_inputs=None,
+    skipped: list[str] | None = None,
 ) -> nn.Module:
     """A new model with the unit masks applied and each next layer's kept input columns
     re-fitted by least squares on its A (bias absorbing the regression's intercept).
 
     A (and μ) come from the posterior's factors, or from ``data`` measured layer by layer
     on the network whose earlier layers are already pruned and compensated.
+    Plain ``nn.Sequential`` chains are followed in order; other models are traced on
+    ``example_inputs`` (or a batch synthesised as for :func:`~spamkern.pruning.prune`) and
+    compensated where :func:`spamkern.pruning.groups.successors` finds one next layer
+    reading the removed channels. Elsewhere (channels of a residual sum, the output layer)
+    the units are only removed; their layer names are appended to ``skipped`` if given.
     """
-    return _compensate(model, masks, _Stats(posterior, data, batch_size), damping, absorb_bias)
+    stats = _Stats(posterior, data, batch_size)
+    return _compensate(model, masks, stats, damping, absorb_bias, example_inputs, skipped)
+
+
+def _plain_plan(model: nn.Module, masks) -> list[tuple[str | None, list[str]]]:
+    """Per unit-pruned layer of a plain chain: (the layer, its own masked parameters)."""
+    steps = []
+    for name, _ in _layers(model):
+        own = [p for p in (_pname(name, "weight"), _pname(name, "bias")) if p in masks]
+        if own:
+            steps.append((name, own))
+    return steps
+
+
+def _call_order(model: nn.Module, example_inputs) -> dict[str, int]:
+    """Module name → position of its first call in a forward of ``example_inputs``."""
+    from spamkern.pruning.groups import _call
+
+    order: dict[str, int] = {}
+    names = {m: n for n, m in model.named_modules()}
+
+    def hook(mod, _inputs, _output):
+        order.setdefault(names[mod], len(order))
+
+    handles = [m.register_forward_hook(hook) for m in names if isinstance(m, nn.Linear | nn.Conv2d)]
+    was_training = model.training
+    model.eval()
+    try:
+        _call(model, example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return order
+
+
+def _traced_plan(model: nn.Module, masks, example_inputs):
+    """Per coupled family with masked producers, in call order: (its layer whose next layer
+    can be re-fitted, or None; all its masked parameters), and the successor map."""
+    from spamkern.pruning.groups import channel_families, successors
+
+    families = channel_families(model, example_inputs)
+    succ = successors(model, example_inputs, families)
+    order = _call_order(model, example_inputs)
+    steps = []
+    for f in families:
+        params = sorted(p for p in f.producer_params() if p in masks)
+        if not params:
+            continue
+        layers = {p.rpartition(".")[0] for p in params}
+        source = next((n for n in sorted(layers) if n in succ), None)
+        first = min(order.get(n, len(order)) for n in layers)
+        name = source or min(layers, key=lambda n: (order.get(n, len(order)), n))
+        steps.append((first, name, source is not None, params))
+    steps.sort(key=lambda step: step[0])
+    return [(name, params, ok) for _, name, ok, params in steps], succ
+
+
+def _unit_plan(model: nn.Module, masks, example_inputs):
+    """(steps, successors): each step (a pruned layer, the masked parameters to zero after
+    it, whether its next layer can be re-fitted), in forward order."""
+    from spamkern.pruning.groups import default_inputs, is_plain_chain
+
+    if is_plain_chain(model):
+        succ = _successors(model)
+        return [(n, own, n in succ) for n, own in _plain_plan(model, masks)], succ
+    if example_inputs is None:
+        example_inputs = default_inputs(model)
+    if example_inputs is None:
+        raise ValueError(
+            f"unit compensation traces a {type(model).__name__} (not a plain nn.Sequential "
+            "chain) to find each pruned layer's next layer; pass example_inputs (a batch the "
+            "model accepts), or use reconstruct='none'"
+        )
+    return _traced_plan(model, masks, example_inputs)
 
 
 @torch.no_grad()
@@ -461,29 +550,38 @@ def _compensate(
     stats: _Stats,
     damping: float | str,
     absorb_bias: bool,
+    example_inputs=None,
+    skipped: list[str] | None = None,
 ) -> nn.Module:
+    """Masks applied step by step in forward order, each step's removed units first
+    compensated in the next layer where :func:`spamkern.pruning.groups.successors` (or,
+    for a plain chain, the next layer in order) gives one; the layers where none could be
+    are appended to ``skipped``."""
     lam = DEFAULT_DAMPING if damping == "prior" else float(damping)
     work = copy.deepcopy(model)
-    succ = _successors(work)
-    for name, _layer in _layers(work):
+    plan, succ = _unit_plan(work, masks, example_inputs)
+    for name, params, refit in plan:
         wm = masks.get(_pname(name, "weight"))
-        if wm is None:
-            continue
-        removed = ~wm.reshape(wm.shape[0], -1).any(dim=1)
-        if bool(removed.any()) and name in succ:
+        removed = None if wm is None else ~wm.reshape(wm.shape[0], -1).any(dim=1)
+        if refit and removed is not None and bool(removed.any()):
             nname, nxt, cols = succ[name]
             A, mu = stats(work, nname, nxt)
-            col_removed = removed.repeat_interleave(cols)
             use_bias = absorb_bias and mu is not None and nxt.bias is not None
-            B, c = _compensation(A.double(), mu.double() if use_bias else None, col_removed, lam)
-            W = nxt.weight.reshape(nxt.weight.shape[0], -1)
-            W_S = W[:, col_removed].double()
-            W_new = W.double().clone()
-            W_new[:, ~col_removed] += W_S @ B
-            W_new[:, col_removed] = 0.0
-            nxt.weight.copy_(W_new.reshape(nxt.weight.shape).to(nxt.weight.dtype))
-            if c is not None:
-                nxt.bias.add_((W_S @ c).to(nxt.bias.dtype))
-        own = (_pname(name, "weight"), _pname(name, "bias"))
-        apply_masks(work, {k: masks[k] for k in own if k in masks})  # later layers see it
+            _refit(nxt, A, mu if use_bias else None, removed.repeat_interleave(cols), lam)
+        elif skipped is not None and any(not bool(masks[k].all()) for k in params):
+            skipped.append(name)
+        apply_masks(work, {k: masks[k] for k in params})  # later layers see it
     return apply_masks(work, masks)
+
+
+def _refit(nxt: nn.Module, A, mu, col_removed: torch.Tensor, lam: float) -> None:
+    """W'_K = W_K + W_S B, b' = b + W_S c, W'_S = 0 (see the module docs)."""
+    B, c = _compensation(A.double(), None if mu is None else mu.double(), col_removed, lam)
+    W = nxt.weight.reshape(nxt.weight.shape[0], -1)
+    W_S = W[:, col_removed].double()
+    W_new = W.double().clone()
+    W_new[:, ~col_removed] += W_S @ B
+    W_new[:, col_removed] = 0.0
+    nxt.weight.copy_(W_new.reshape(nxt.weight.shape).to(nxt.weight.dtype))
+    if c is not None:
+        nxt.bias.add_((W_S @ c).to(nxt.bias.dtype))

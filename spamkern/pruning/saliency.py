@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from spamkern.pruning.groups import ChannelFamily
 from spamkern.pruning.masks import PruningMasks, check_sparsity, prunable_layers, prune
 from spamkern.pruning.scores import (
     PosteriorTerms,
@@ -119,9 +120,12 @@ def _blocks(t: PosteriorTerms):
 
 
 def _residual(facs: tuple, delta_w: torch.Tensor) -> torch.Tensor:
-    """R = G Δ A for a weight, G Δ for a bias (Δ as a (p, q) matrix)."""
-    r = facs[0] @ delta_w
-    return r @ facs[1] if len(facs) == 2 else r
+    """R = G Δ A for a weight, G Δ for a bias (Δ as a (p, q) matrix); for stacked factors
+    (grouped convolutions, packed q/k/v: one block per row slice) R_j = G_j Δ_j A_j."""
+    d = delta_w.reshape(facs[0].shape[0], -1, delta_w.shape[-1]) if facs[0].ndim == 3 else delta_w
+    r = facs[0] @ d  # batched over the slices for stacked factors
+    r = r @ facs[1] if len(facs) == 2 else r
+    return r.reshape(delta_w.shape)
 
 
 def _block_cost(s: float, theta, delta, facs, h, removed: torch.Tensor) -> torch.Tensor:
@@ -168,10 +172,7 @@ def _marginal_costs(t: PosteriorTerms, removed: dict[str, torch.Tensor]) -> dict
             cost = 0.5 * (s * h + delta) * sq
         else:
             d = torch.where(rem, -theta, torch.zeros_like(theta))
-            diag = facs[0].diagonal()[:, None]
-            if len(facs) == 2:
-                diag = diag * facs[1].diagonal()[None, :]
-            cost = s * (-theta * _residual(facs, d) + 0.5 * diag * sq) + 0.5 * delta * sq
+            cost = s * (-theta * _residual(facs, d) + 0.5 * h * sq) + 0.5 * delta * sq
         out[name] = cost.reshape(p.shape)
     return out
 
@@ -215,7 +216,8 @@ def kron_masks(
     }
     opd = prune(model, opd_scores(posterior, as_dict=True), s, **kwargs)
     if pattern == "unit":
-        units = _unit_masks(t, model, opd, s, scope, rounds, prune_output_layer)
+        ex = prune_kwargs.get("example_inputs")
+        units = _unit_masks(t, model, opd, s, scope, rounds, prune_output_layer, ex)
         if units is not None:
             return units
     if pattern == "2:4":
@@ -307,28 +309,71 @@ def _swap_search(t: PosteriorTerms, masks: PruningMasks, names: list[str], round
 
 
 # ---------------------------------------------------------------------------- units
-def _unit_layers(t: PosteriorTerms, model, opd: PruningMasks, prune_output_layer: bool):
-    """Per unit-pruned layer: (name, next layer's G and A, its weight (out, in'), columns
-    per unit); None when the model is no Sequential chain or a factor is missing."""
-    from spamkern.pruning.reconstruct import _successors
-
-    if t.kron_factors is None or not isinstance(model, torch.nn.Sequential):
+def _unit_layers(
+    t: PosteriorTerms, model, opd: PruningMasks, prune_output_layer: bool, example_inputs=None
+):
+    """Per unit-pruned layer (or traced channel family): (its layer's name, next layer's G
+    and A, its weight (out, in'), columns per unit, the family or None); None when some
+    pruned layer has no next layer to re-fit, a factor is missing or the model cannot be
+    traced."""
+    if t.kron_factors is None:
         return None
     facs = {n: f for (n, _), f in zip(t.named_params, t.kron_factors)}
-    succ = _successors(model)
+    links = _plain_links(model, opd, prune_output_layer)
+    if links is None:
+        links = _traced_links(model, opd, example_inputs)
+    if links is None or None in links:
+        return None
     out = []
-    for name, _ in prunable_layers(model, prune_output_layer):
-        if f"{name}.weight" not in opd:
-            continue
-        if name not in succ:
-            return None
-        nname, nxt, cols = succ[name]
+    for name, (nname, nxt, cols), family in links:
         f = facs.get(f"{nname}.weight")
-        if not isinstance(f, tuple) or len(f) != 2:
+        if not isinstance(f, tuple) or len(f) != 2 or f[0].ndim != 2:
             return None
         W = nxt.weight.detach().reshape(nxt.weight.shape[0], -1).to(t.mean.dtype)
-        out.append((name, f[0].to(W.dtype), f[1].to(W.dtype), W, cols))
+        out.append((name, f[0].to(W.dtype), f[1].to(W.dtype), W, cols, family))
     return out
+
+
+def _plain_links(model, opd: PruningMasks, prune_output_layer: bool):
+    """(layer, its next layer, None) per unit-pruned layer of a plain chain; [None] when
+    one has none; None when the model is not a plain chain."""
+    from spamkern.pruning.groups import is_plain_chain
+    from spamkern.pruning.reconstruct import _successors
+
+    if not is_plain_chain(model):
+        return None
+    succ = _successors(model)
+    links = []
+    for name, _ in prunable_layers(model, prune_output_layer):
+        if f"{name}.weight" in opd:
+            if name not in succ:
+                return [None]
+            links.append((name, succ[name], None))
+    return links
+
+
+def _traced_links(model, opd: PruningMasks, example_inputs):
+    """(source layer, its reader with columns per *unit*, family) per pruned channel
+    family of a traced model; None when one has no single reader (a residual sum)."""
+    from spamkern.pruning.groups import channel_families, default_inputs, successors
+
+    ex = example_inputs if example_inputs is not None else default_inputs(model)
+    if ex is None:
+        return None
+    families = channel_families(model, ex)
+    succ = successors(model, ex, families)
+    links = []
+    for f in families:
+        layers = {p.rpartition(".")[0] for p in f.producer_params() if p in opd}
+        if not layers:
+            continue
+        source = next((n for n in sorted(layers) if n in succ), None)
+        own = [sl for sl in f.producers if sl.param == f"{source}.weight"]
+        if source is None or len(own) != 1 or not torch.equal(own[0].root, own[0].index):
+            return None
+        nname, nxt, per_channel = succ[source]
+        links.append((source, (nname, nxt, per_channel * f.unit), f))
+    return links
 
 
 def _unit_costs(s: float, G, Sigma, W, cols: int, alive: torch.Tensor) -> torch.Tensor:
@@ -364,24 +409,27 @@ class _UnitLayer:
     W: torch.Tensor  # next layer's weight (out, in'), compensated as units go
     cols: int  # input columns of the next layer per unit
     alive: torch.Tensor  # (units,) bool
+    family: ChannelFamily | None = None  # the traced channel family, if any
 
     def remove(self, units: torch.Tensor) -> None:
         self.Sigma, self.W = _remove_units(self.Sigma, self.W, self.cols, units)
         self.alive[units] = False
 
 
-def _unit_masks(t, model, opd, s: float, scope: str, rounds: int, prune_output_layer: bool):
+def _unit_masks(
+    t, model, opd, s: float, scope: str, rounds: int, prune_output_layer: bool, example_inputs
+):
     """Units chosen greedily in ``rounds`` by the cost their removal leaves after the next
     layer's least-squares compensation (group OBS on its Kronecker factors)."""
-    layers = _unit_layers(t, model, opd, prune_output_layer)
+    layers = _unit_layers(t, model, opd, prune_output_layer, example_inputs)
     if not layers:
         return None
     state = []
-    for name, G, A, W, cols in layers:
+    for name, G, A, W, cols, family in layers:
         damp = 1e-2 * float(A.diagonal().mean().clamp_min(1e-12))
         Sigma = torch.linalg.inv(A + damp * torch.eye(A.shape[0], dtype=A.dtype, device=A.device))
         alive = torch.ones(A.shape[0] // cols, dtype=torch.bool, device=A.device)
-        state.append(_UnitLayer(name, G, Sigma, W.clone(), cols, alive))
+        state.append(_UnitLayer(name, G, Sigma, W.clone(), cols, alive, family))
     sizes = [st.alive.numel() for st in state]
     if scope == "global":
         groups = [list(range(len(state)))]
@@ -411,9 +459,24 @@ def _unit_masks(t, model, opd, s: float, scope: str, rounds: int, prune_output_l
                     state[i].remove(units)
     masks = PruningMasks(pattern="unit", scope=scope, target=s)
     params = dict(model.named_parameters())
+    if state[0].family is not None:
+        _family_masks(masks, params, state)
+        return masks
     for st in state:
         w = params[f"{st.name}.weight"]
         masks[f"{st.name}.weight"] = st.alive.view(-1, *([1] * (w.ndim - 1))).expand_as(w).clone()
         if f"{st.name}.bias" in params:
             masks[f"{st.name}.bias"] = st.alive.clone()
     return masks
+
+
+def _family_masks(masks: PruningMasks, params: dict, state: list[_UnitLayer]) -> None:
+    """Every producer of each traced family loses the channels of its removed units."""
+    for st in state:
+        gone = (~st.alive).repeat_interleave(st.family.unit)  # per channel
+        for sl in st.family.producers:
+            par = params[sl.param]
+            m = masks.setdefault(sl.param, torch.ones_like(par, dtype=torch.bool))
+            m.index_fill_(sl.dim, sl.index[gone[sl.root]].to(par.device), False)
+    removed = sum(int((~st.alive).sum()) for st in state)
+    masks.unit_fraction = removed / sum(st.alive.numel() for st in state)

@@ -13,9 +13,14 @@ Reconstructions, :data:`RECONSTRUCTIONS`: ``"none"`` (masked weights only),
 ``"posterior"`` (survivors re-solved with the posterior's Kronecker factors A, data-free),
 ``"data"`` (re-solved layer by layer on the pruned network's own inputs from ``data``),
 ``"auto"`` (``"data"`` when data is given, else ``"posterior"`` when the posterior has
-Kronecker factors, else ``"none"``; ``"none"`` also for units of a model that is not an
-``nn.Sequential``, whose next layers unit compensation cannot follow; the result records
-what ran).
+Kronecker factors, else ``"none"``; the result records what ran).
+
+For ``pattern="unit"`` reconstruction means compensating each pruned layer's *next* layer
+(:func:`~spamkern.pruning.reconstruct.compensate_units`): in a plain ``nn.Sequential``
+chain the next layer in order, in any other model (traced on ``example_inputs``) the one
+Linear/Conv2d that alone reads the removed channels. Units of channels that a residual sum
+carries, or of the output layer, have no such reader; they are only removed, and
+``result.uncompensated`` names the first layer of each such group.
 """
 
 from __future__ import annotations
@@ -57,12 +62,15 @@ DEFAULT_METHOD = "kron"
 @dataclass
 class SparsifyResult:
     """``model``: the new pruned (and reconstructed; for units compressed) module;
-    ``masks``: what was removed; ``method``/``reconstruct``: what actually ran."""
+    ``masks``: what was removed; ``method``/``reconstruct``: what actually ran;
+    ``uncompensated``: for units, the pruned layers whose removal no next layer could
+    absorb (residual streams, the output layer), empty otherwise."""
 
     model: nn.Module
     masks: PruningMasks
     method: str
     reconstruct: str
+    uncompensated: tuple[str, ...] = ()  # unit-pruned layers with no next layer to re-fit
 
 
 def method_scores(
@@ -79,17 +87,13 @@ def method_scores(
     return fn(posterior, as_dict=True)
 
 
-def _resolve_reconstruct(
-    mode: str, posterior: object | None, data, pattern: str, model: nn.Module
-) -> str:
+def _resolve_reconstruct(mode: str, posterior: object | None, data) -> str:
     if mode not in RECONSTRUCTIONS:
         raise ValueError(f"reconstruct must be one of {RECONSTRUCTIONS}, got {mode!r}")
     if mode == "data" and data is None:
         raise ValueError("reconstruct='data' needs data (inputs; labels are not used)")
     if mode != "auto":
         return mode
-    if pattern == "unit" and not isinstance(model, nn.Sequential):
-        return "none"  # unit compensation follows Sequential stacks only
     if data is not None:
         return "data"
     if posterior is not None and posterior_terms(posterior).kron_factors is not None:
@@ -135,7 +139,7 @@ def sparsify(
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    mode = _resolve_reconstruct(reconstruct, posterior, data, pattern, model)
+    mode = _resolve_reconstruct(reconstruct, posterior, data)
     if mode == "posterior" and posterior is None:
         raise ValueError("reconstruct='posterior' needs a posterior with Kronecker factors")
     extra = {} if example_inputs is None else {"example_inputs": example_inputs}
@@ -151,6 +155,7 @@ def sparsify(
         masks = kron_masks(posterior, s, rounds=rounds, model=model, **kwargs, **extra)
     else:
         masks = prune(model, method_scores(method, model, posterior), s, **kwargs, **extra)
+    skipped: list[str] = []
     if mode == "none":
         new = apply_masks(copy.deepcopy(model), masks)
     else:
@@ -161,7 +166,9 @@ def sparsify(
             data=data if mode == "data" else None,
             damping=damping,
             batch_size=batch_size,
+            skipped=skipped,
+            **extra,
         )
     if pattern == "unit":
         new = compress(new, masks, **extra)
-    return SparsifyResult(new, masks, method, mode)
+    return SparsifyResult(new, masks, method, mode, tuple(skipped))

@@ -268,3 +268,22 @@ def test_attention_dropout_in_training_mode_is_replayed():
         recorder.remove()
     assert torch.equal(recorded, plain) and torch.equal(after_recorded, after_plain)
     assert len(recorder.records[id(model.attn)].calls) == 1
+
+
+@pytest.mark.parametrize("case", ["grouped", "self-attention"])
+def test_kron_cost_of_row_sliced_blocks_against_dense(case):
+    """The pruning cost c(M) = ½ vec(Δ)ᵀ Π vec(Δ) (Δ = −θ on removed entries) sees each row
+    slice's own Kronecker block."""
+    post, model, _, _ = fit_perturbed(
+        (CASES[case][0], "classification"), "layerwise", "kron", 4, batch_size=3, perturb_offset=7
+    )
+    gen = torch.Generator().manual_seed(1)
+    masks = {n: torch.rand(p.shape, generator=gen) > 0.4 for n, p in model.named_parameters()}
+    keep = torch.cat([masks[n].reshape(-1) for n, _ in model.named_parameters()])
+    delta = torch.where(keep, torch.zeros_like(post.mean), -post.mean)
+    precision = post.curvature_scale * _dense_curvature_matrix(post) + torch.diag(
+        expected_log_prior(post.prior).exp()
+    )
+    assert float(sk.kron_cost(post, masks)) == pytest.approx(
+        float(0.5 * delta @ precision @ delta), rel=1e-10
+    )

@@ -36,6 +36,13 @@ def _assert_same_factors(a, b):
             torch.testing.assert_close(x, z, rtol=1e-12, atol=1e-14)
 
 
+def _assert_same_means(mine: dict, ref: dict, n_weights: int):
+    """Every weight's recorded input mean E[a] (what data-free reconstruction absorbs)."""
+    assert sorted(mine) == sorted(ref) and len(ref) == n_weights
+    for index in ref:
+        torch.testing.assert_close(mine[index], ref[index], rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 @pytest.mark.parametrize("cache", [True, False])
 def test_ef_harvested_at_zero_learning_rate_equals_a_refit(kind, cache):
@@ -51,6 +58,7 @@ def test_ef_harvested_at_zero_learning_rate_equals_a_refit(kind, cache):
         model, (X, y), curvature="ef", prior="layerwise", prior_precision=0.7, progress=False
     )
     _assert_same_factors(res.posterior, refit)
+    _assert_same_means(res.posterior.curvature.input_means, refit.curvature.input_means, 2)
     torch.testing.assert_close(
         res.posterior.curvature.loss, refit.curvature.loss, rtol=1e-13, atol=0
     )
@@ -80,6 +88,7 @@ def test_mc_harvest_equals_the_refit_pass_for_the_same_draws():
     for index in ref.factors:
         for x, z in zip(mine.factors[index], ref.factors[index]):
             torch.testing.assert_close(x, z, rtol=1e-12, atol=1e-14)
+    _assert_same_means(mine.input_means, ref.input_means, 2)
     torch.testing.assert_close(mine.loss, ref.loss, rtol=1e-13, atol=0)
 
 

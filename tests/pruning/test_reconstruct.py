@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -248,20 +250,129 @@ def test_unit_compensation_is_least_squares_on_the_next_inputs(layer):
     assert bool((pruned.bias[~keep_units] == 0).all())
 
 
-def test_unit_compensation_needs_a_sequential():
-    class Wrapped(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.body = make_cnn()
+class _Wrapped(nn.Module):
+    """make_cnn behind a custom forward: not a plain chain, so it is traced."""
 
-        def forward(self, x):
-            return self.body(x)
+    def __init__(self):
+        super().__init__()
+        self.body = make_cnn()
 
-    model = Wrapped()
-    x, _ = classification_data(10, (2, 6, 6), 4)
-    masks = sk.prune(model, sk.magnitude_scores(model), 0.3, pattern="unit")
-    with pytest.raises(ValueError, match="Sequential"):
-        reconstruct(model, masks, data=x)
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_traced_compensation_of_a_wrapped_chain_is_the_chain_s():
+    model = _Wrapped()
+    x, _ = classification_data(40, (2, 6, 6), 4)
+    masks = sk.prune(model.body, sk.magnitude_scores(model.body), 0.4, pattern="unit")
+    plain = compensate_units(model.body, masks, data=x)
+    wrapped_masks = sk.pruning.PruningMasks(
+        {f"body.{k}": v for k, v in masks.items()}, pattern="unit"
+    )
+    skipped = []
+    traced = compensate_units(model, wrapped_masks, data=x, example_inputs=x[:4], skipped=skipped)
+    assert skipped == []
+    for (n, p), (_, q) in zip(plain.named_parameters(), traced.body.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12, msg=n)
+    with pytest.raises(ValueError, match="example_inputs"):  # conv input: no batch to trace
+        reconstruct(model, wrapped_masks, data=x)
+
+
+# ---------------------------------------------------------------------------- traced units
+def _traced_case(name: str):
+    from spamkern.models import resnet, vit
+
+    torch.manual_seed(0)
+    if name == "resnet":
+        model = resnet((3, 8, 8), 5, depth=6, widths=(4, 8)).double()
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+        source, reader = "stages.0.0.conv1", "stages.0.0.conv2"  # conv–BN–ReLU → conv
+    else:
+        model = vit((3, 8, 8), 5, dim=16, depth=2, n_heads=4, patch=4).double()
+        source, reader = "blocks.0.mlp.0", "blocks.0.mlp.2"  # Linear–GELU → Linear (bias)
+    g = torch.Generator().manual_seed(1)
+    data = torch.randn(48, 3, 8, 8, generator=g, dtype=torch.float64) + 0.5
+    return model.eval(), data, source, reader
+
+
+def _reader_inputs(model, layer, x):
+    """Rows of ``layer``'s input on x (Conv2d: unfolded patches), in eval mode."""
+    seen = []
+    h = layer.register_forward_hook(lambda m, i, o: seen.append(i[0].detach()))
+    with torch.no_grad():
+        model.eval()(x)
+    h.remove()
+    a = seen[0]
+    if isinstance(layer, nn.Conv2d):
+        u = F.unfold(a, layer.kernel_size, padding=layer.padding, stride=layer.stride)
+        return u.transpose(1, 2).reshape(-1, layer.weight[0].numel())
+    return a.reshape(-1, a.shape[-1])
+
+
+@pytest.mark.parametrize("name", ("resnet", "vit"))
+def test_traced_unit_compensation_is_dense_least_squares_for_one_layer(name):
+    """One family's units removed: its reader's new weights are the dense least-squares
+    fit of the reader's original output from the kept inputs (and a constant, for a
+    reader with a bias), and they lower the reader's output error on the data."""
+    model, data, source, reader = _traced_case(name)
+    full = sk.prune(model, sk.magnitude_scores(model), 0.5, pattern="unit", example_inputs=data)
+    owners = (source, source.replace("conv1", "bn1"))  # the ResNet's conv1 feeds bn1
+    family = {k: v for k, v in full.items() if k.rpartition(".")[0] in owners}
+    masks = sk.pruning.PruningMasks(family, pattern="unit")
+    removed_units = ~masks[f"{source}.weight"].reshape(masks[f"{source}.weight"].shape[0], -1).any(
+        1
+    )
+    assert 0 < int(removed_units.sum()) < removed_units.numel()
+    comp = compensate_units(model, masks, data=data, damping=0.0, example_inputs=data[:4])
+    old = dict(model.named_modules())[reader]
+    new = dict(comp.named_modules())[reader]
+    X = _reader_inputs(model, old, data)
+    cols = X.shape[1] // removed_units.numel()
+    removed = removed_units.repeat_interleave(cols)
+    W = old.weight.detach().reshape(old.weight.shape[0], -1)
+    bias = old.bias.detach() if old.bias is not None else torch.zeros(W.shape[0], dtype=W.dtype)
+    target = X @ W.T + bias
+    Z = X[:, ~removed]
+    if old.bias is not None:
+        Z = torch.cat([Z, torch.ones_like(Z[:, :1])], 1)
+    sol = torch.linalg.lstsq(Z, target, driver="gelsd").solution
+    new_w = new.weight.detach().reshape(W.shape[0], -1)
+    new_b = new.bias.detach() if new.bias is not None else torch.zeros_like(bias)
+    torch.testing.assert_close(
+        new_w[:, ~removed], sol[: int((~removed).sum())].T, rtol=1e-8, atol=1e-8
+    )
+    if old.bias is not None:
+        torch.testing.assert_close(new_b, sol[-1], rtol=1e-8, atol=1e-8)
+    assert bool((new_w[:, removed] == 0).all())
+    err_comp = (X[:, ~removed] @ new_w[:, ~removed].T + new_b - target).norm()
+    err_none = (X[:, ~removed] @ W[:, ~removed].T + bias - target).norm()
+    assert float(err_comp) < 0.9 * float(err_none)
+
+
+@pytest.mark.parametrize("name", ("resnet", "vit"))
+def test_traced_sparsify_is_the_compressed_compensated_model(name):
+    model, data, _, _ = _traced_case(name)
+    x = data[:4]
+    result = sk.sparsify(
+        model, None, 0.5, pattern="unit", method="magnitude", data=data, example_inputs=x
+    )
+    assert result.reconstruct == "data"
+    skipped = []
+    ref = compensate_units(model, result.masks, data=data, example_inputs=x, skipped=skipped)
+    assert tuple(skipped) == result.uncompensated
+    # residual streams have no single reader; the ViT's go through LayerNorm (never pruned)
+    assert bool(result.uncompensated) == (name == "resnet")
+    probe = torch.randn(7, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        got, want = result.model.eval()(probe), ref.eval()(probe)
+    assert float((got - want).norm() / want.norm()) <= 1e-8
+    assert sk.pruning.count_params(result.model) < sk.pruning.count_params(model)
+    masked = sk.apply_masks(copy.deepcopy(model), result.masks).eval()
+    with torch.no_grad():
+        assert float((masked(probe) - want).norm()) > 1e-6  # compensation changed the model
 
 
 def test_curvature_pass_records_the_input_means_for_bias_absorption():

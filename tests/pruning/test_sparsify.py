@@ -175,7 +175,7 @@ def test_online_pruning_uses_the_same_machinery(setting):
         sk.OnlinePruning(0.5, score_fn=sk.opd_scores, method="obs")
 
 
-def test_units_of_a_non_sequential_model_skip_compensation(setting):
+def test_units_of_a_non_sequential_model_are_compensated_through_the_trace(setting):
     _, data, _ = setting
 
     class Wrapped(nn.Module):
@@ -190,14 +190,14 @@ def test_units_of_a_non_sequential_model_skip_compensation(setting):
     post = sk.fit_laplace(model, data, progress=False)
     x = data[0][:3]
     result = sk.sparsify(model, post, 0.3, pattern="unit", example_inputs=x)
-    assert result.reconstruct == "none"
+    assert result.reconstruct == "posterior" and result.uncompensated == ()
+    want = sk.pruning.compensate_units(model, result.masks, post, example_inputs=x)
     masked = sk.apply_masks(copy.deepcopy(model), result.masks)
     with torch.no_grad():
-        torch.testing.assert_close(result.model(x), masked(x))
-    with pytest.raises(ValueError, match="Sequential"):
-        sk.sparsify(
-            model, post, 0.3, pattern="unit", reconstruct="data", data=data, example_inputs=x
-        )
+        torch.testing.assert_close(result.model(x), want(x), rtol=1e-10, atol=1e-12)
+        assert float((result.model(x) - masked(x)).abs().max()) > 1e-6
+    with pytest.raises(ValueError, match="example_inputs"):  # nothing to trace it on
+        sk.sparsify(model, post, 0.3, pattern="unit", reconstruct="data", data=data)
 
 
 def test_default_for_a_dense_laplace_torch_posterior_is_obs():
@@ -216,3 +216,60 @@ def test_default_for_a_dense_laplace_torch_posterior_is_obs():
     expected = sk.prune(model, sk.obs_scores(la), 0.5)
     for name in expected:
         assert torch.equal(result.masks[name], expected[name])
+
+
+def test_kron_unit_selection_of_a_traced_chain_is_the_chain_s(setting):
+    """Traced next layers give the plain chain's greedy group-OBS selection."""
+    body, data, post = setting
+
+    class Wrapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = copy.deepcopy(body)
+
+        def forward(self, x):
+            return self.body(x)
+
+    model = Wrapped()
+    post_w = sk.fit_laplace(model, data, prior="unitwise", progress=False)
+    x = data[0][:3]
+    want = sk.sparsify(body, post, 0.4, pattern="unit", method="kron", reconstruct="none")
+    got = sk.sparsify(
+        model, post_w, 0.4, pattern="unit", method="kron", reconstruct="none", example_inputs=x
+    )
+    assert sorted(got.masks) == sorted(f"body.{k}" for k in want.masks)
+    for k, m in want.masks.items():
+        assert torch.equal(got.masks[f"body.{k}"], m), k
+    assert got.masks.sparsity() == pytest.approx(want.masks.sparsity())
+
+
+def test_kron_unit_selection_follows_heads_and_mlp_readers_of_a_vit():
+    from spamkern.models import resnet, vit
+    from spamkern.pruning.saliency import _unit_layers
+    from spamkern.pruning.scores import posterior_terms
+
+    torch.manual_seed(0)
+    model = vit((3, 8, 8), 5, dim=16, depth=1, n_heads=4, patch=4).double()
+    X = torch.randn(24, 3, 8, 8, dtype=torch.float64)
+    data = (X, torch.randint(0, 5, (24,)))
+    post = sk.fit_laplace(model, data, prior="unitwise", progress=False)
+    opd = sk.prune(model, sk.opd_scores(post), 0.5, pattern="unit", example_inputs=X[:4])
+    layers = _unit_layers(posterior_terms(post), model, opd, False, X[:4])
+    got = {name: (W.shape, cols) for name, _, _, W, cols, _ in layers}
+    assert got == {
+        "blocks.0.attn.v": (torch.Size([16, 16]), 4),  # heads of width 4 → proj columns
+        "blocks.0.mlp.0": (torch.Size([16, 32]), 1),
+    }
+    result = sk.sparsify(model, post, 0.5, pattern="unit", example_inputs=X[:4], data=X)
+    assert result.method == "kron" and result.uncompensated == ()
+    heads = result.masks["blocks.0.attn.q.weight"].all(dim=1).reshape(4, 4)
+    assert bool((heads.all(dim=1) | ~heads.any(dim=1)).all())  # whole heads only
+    for p in ("k", "v"):
+        assert torch.equal(
+            result.masks[f"blocks.0.attn.{p}.weight"], result.masks["blocks.0.attn.q.weight"]
+        )
+    # a ResNet's residual channel groups have no single reader: the generic rounds run
+    net = resnet((3, 8, 8), 5, depth=6, widths=(4, 8)).double()
+    post_r = sk.fit_laplace(net, data, prior="unitwise", progress=False)
+    opd_r = sk.prune(net, sk.opd_scores(post_r), 0.5, pattern="unit", example_inputs=X[:4])
+    assert _unit_layers(posterior_terms(post_r), net, opd_r, False, X[:4]) is None
