@@ -1,6 +1,6 @@
-"""Curvature benchmarks (BENCH.md §1), pytest-benchmark, every case in one run.
+"""Curvature benchmarks (the sizes of bench/README.md), pytest-benchmark, every case in one run.
 
-    python -m pytest bench/bench_curvature.py                # BENCH sizes (meant for a GPU)
+    python -m pytest bench/bench_curvature.py                # full sizes (meant for a GPU)
     python -m pytest bench/bench_curvature.py --quick        # small sizes, a CPU check
     python bench/run_curvature_gpu.py                         # GPU run + results file
 
@@ -228,7 +228,7 @@ def test_eigendecomposition_and_first_step(benchmark, timed, work, sizes, device
 
 
 # ------------------------------------------------------------------ factor products alone
-# (name, kind, shape): the per-batch products of the BENCH models' KFAC pass
+# (name, kind, shape): the per-batch products of benchmark models' KFAC pass
 FACTOR_SHAPES = [
     ("mlp_G_1024", "gram", (10 * 256, 1024)),  # exact GGN: C·B pseudo-gradient rows
     ("mlp_A_784", "gram", (256, 784)),

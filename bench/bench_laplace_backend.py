@@ -1,6 +1,6 @@
 """laplace-torch's KronLaplace fit with spamkern as its backend, beside its own backends.
 
-    python bench/bench_laplace_backend.py              # GPU: BENCH.md §1 sizes; CPU: --quick
+    python bench/bench_laplace_backend.py              # GPU: full sizes; CPU: --quick
     python -m pytest bench/bench_laplace_backend.py [--quick]   # the cases alone
 
 The first command writes bench/results/<card>-laplace_backend.json (card, versions, date,
@@ -8,7 +8,7 @@ medians, speed-up of the spamkern backend over each laplace-torch backend).
 
 Same model, same DataLoader, a fresh deep copy of the model per round (the ASDL backends
 fail on a model another backend's hooks touched). Cases: KronLaplace.fit with SpamkernGGN,
-CurvlinopsGGN (laplace-torch's default), AsdlGGN, SpamkernEF and AsdlEF on the BENCH.md §1
+CurvlinopsGGN (laplace-torch's default), AsdlGGN, SpamkernEF and AsdlEF on the full-size
 MLP and CNN, plus one ``log_marginal_likelihood`` + backward (what ``marglik_training`` runs
 per hyperstep), which does not depend on the backend.
 """
@@ -36,7 +36,7 @@ pytestmark = pytest.mark.skipif(not HAS_LAPLACE, reason="laplace-torch is not in
 
 
 class Problem:
-    """A BENCH.md §1 model with its data behind a DataLoader (laplace-torch needs .dataset)."""
+    """A full-size benchmark model, its data behind a DataLoader (laplace-torch needs .dataset)."""
 
     def __init__(self, name: str, sizes, device: torch.device):
         from curvature_baselines import cnn, mlp
@@ -145,7 +145,7 @@ def _version(distribution: str) -> str | None:
 
 
 def main() -> int:
-    """Run the cases (BENCH sizes on a GPU, --quick on a CPU) and record them with ratios."""
+    """Run the cases (full sizes on a GPU, --quick on a CPU) and record them with ratios."""
     here = Path(__file__).resolve().parent
     quick = not torch.cuda.is_available() or "--quick" in sys.argv[1:]
     with tempfile.TemporaryDirectory() as tmp:
@@ -171,7 +171,7 @@ def main() -> int:
     record = {
         "card": _device_name(),
         "date": date.today().isoformat(),
-        "sizes": "quick (CPU check, not BENCH.md sizes)" if quick else "BENCH.md §1",
+        "sizes": "quick (CPU check, not the full sizes)" if quick else "full",
         "torch": torch.__version__,
         "triton": _version("triton"),
         "laplace-torch": _version("laplace-torch"),

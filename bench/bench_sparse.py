@@ -4,7 +4,7 @@
     python -m pytest bench/bench_sparse.py -k cuda                      # on a GPU machine
 
 CPU: spamkern's C++ kernel against torch's dense F.linear on a 2048×2048 layer, batch 256,
-64×64 blocks, at 1 and 2 threads (fixed per case: `torch.set_num_threads`). GPU (BENCH.md
+64×64 blocks, at 1 and 2 threads (fixed per case: `torch.set_num_threads`). GPU (the
 §2 shapes, fp16): dense cuBLAS, torch BSR, torch 2:4, spamkern Triton, spamkern CUDA, and
 an end-to-end MLP block 4096→11008→4096 at 50/75/90 % block sparsity. Every case in one
 group runs in the same process, so ratios within a group compare like with like.
@@ -69,7 +69,7 @@ def test_cpu_spamkern_cpp(benchmark, threads, sparsity):
 
 
 # --------------------------------------------------------------------------- GPU
-GPU_CASES = [  # (m, k, n, sparsity) from BENCH.md §2, 64×64 blocks
+GPU_CASES = [  # (m, k, n, sparsity) the GPU targets' shapes, 64×64 blocks
     (4096, 4096, 4096, 0.5),
     (4096, 4096, 4096, 0.9),
     (4096, 4096, 4096, 0.95),

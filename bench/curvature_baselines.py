@@ -1,6 +1,6 @@
-"""Baselines of the curvature benchmarks: the BENCH.md §1 models and a plain-torch KFAC.
+"""Baselines of the curvature benchmarks: the full-size benchmark models and a plain-torch KFAC.
 
-``plain_exact_ggn_kfac`` is the "what plain torch reaches" reference of BENCH.md §1: forward
+``plain_exact_ggn_kfac`` is the "what plain torch reaches" reference: forward
 hooks keep each layer's input (A) and output, the C columns of the loss-Hessian square root
 L = diag(√p) − p√pᵀ go back in one batched ``autograd.grad(..., is_grads_batched=True)``,
 and G is one product over the C·B(·S) pseudo-gradient rows. Same layout and scaling as

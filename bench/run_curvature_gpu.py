@@ -1,11 +1,11 @@
 """Run the curvature benchmarks once and write bench/results/<card>-curvature.json.
 
-    python bench/run_curvature_gpu.py            # on a GPU machine, BENCH.md §1 sizes
+    python bench/run_curvature_gpu.py            # on a GPU machine, full sizes
     python bench/run_curvature_gpu.py --quick    # CPU check; writes cpu-curvature-quick.json
 
 All cases run in one pytest process (so ratios compare like with like); the file records
 the card, torch/triton/laplace-torch versions, the date, each case's median/min/max in ms,
-the ratios BENCH.md §1 speaks of, and for each target the measured value and whether it
+the ratios to the sweep, and for each target the measured value and whether it
 was met. CPU results are marked as such: they are not GPU numbers.
 """
 
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
         "card": card,
         "gpu": torch.cuda.is_available(),
         "note": (
-            "GPU run at BENCH.md §1 sizes"
+            "GPU run at full sizes"
             if gpu_run
             else "CPU/quick run: NOT GPU numbers; checks that the suite works, not the targets"
         ),

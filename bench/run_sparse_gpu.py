@@ -3,7 +3,7 @@
 Builds nothing: build the extension first (``python setup.py build_ext --inplace``; without
 it the spamkern CUDA column is skipped), then from the repository root::
 
-    python bench/run_sparse_gpu.py                  # BENCH.md §2 shapes, 2:4, MLP block
+    python bench/run_sparse_gpu.py                  # target shapes, 2:4, MLP block
     python bench/run_sparse_gpu.py --quick          # fewer shapes (smoke run, ~1 min)
     python bench/run_sparse_gpu.py --write-tables   # also store the measured sparse/dense
                                                     # timings and tuned Triton configurations
@@ -34,7 +34,7 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 import triton.testing  # noqa: E402
 
-BLOCK_CASES = [  # (m, k, n, sparsity) — BENCH.md §2 plus decode and 75 %
+BLOCK_CASES = [  # (m, k, n, sparsity) — the targets' shapes plus decode and 75 %
     (4096, 4096, 4096, 0.5),
     (4096, 4096, 4096, 0.75),
     (4096, 4096, 4096, 0.9),

@@ -11,6 +11,7 @@ synchronisation per step.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from spamkern.curvature.harvest import EpochHarvest
@@ -33,8 +34,10 @@ class PriorGradient:
         self.params = params
         self.prior = prior
         self.scale = temperature / n_data
-        self.uniform: dict[float, list[int]] = {}  # δ → tensors with that single δ
+        # (T/N)·δ → the tensors with that single δ (their indices and themselves)
+        self.uniform: dict[float, tuple[list[int], list[nn.Parameter]]] = {}
         self.full: list[int] = []  # tensors with one δ per entry
+        self.full_params: list[nn.Parameter] = []
         self.deltas: list[torch.Tensor] = []
 
     @torch.no_grad()
@@ -43,25 +46,30 @@ class PriorGradient:
         tps = self.prior.per_tensor()
         single = [i for i, tp in enumerate(tps) if tp.kind == "scalar"]
         values = torch.stack([tps[i].log_delta for i in single]).exp().tolist() if single else []
-        self.uniform = {}
+        by_value: dict[float, list[int]] = {}
         for i, value in zip(single, values):
-            self.uniform.setdefault(value, []).append(i)
+            by_value.setdefault(value, []).append(i)
+        self.uniform = {
+            self.scale * value: (group, [self.params[i] for i in group])
+            for value, group in by_value.items()
+        }
         self.full = [i for i, tp in enumerate(tps) if tp.kind != "scalar"]
+        self.full_params = [self.params[i] for i in self.full]
         self.deltas = [tps[i].expand(self.params[i].shape).exp().contiguous() for i in self.full]
 
     @torch.no_grad()
     def __call__(self) -> None:
-        params = self.params
-        for p in params:  # a parameter the loss does not reach still feels the prior
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        for value, group in self.uniform.items():
-            grads = [params[i].grad for i in group]
-            torch._foreach_add_(grads, [params[i] for i in group], alpha=self.scale * value)
+        grads = [p.grad for p in self.params]
+        if any(g is None for g in grads):  # a tensor the loss does not reach feels the prior
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            grads = [p.grad for p in self.params]
+        for alpha, (group, params) in self.uniform.items():
+            torch._foreach_add_([grads[i] for i in group], params, alpha=alpha)
         if self.full:
-            grads = [params[i].grad for i in self.full]
-            full = [params[i] for i in self.full]
-            torch._foreach_addcmul_(grads, self.deltas, full, value=self.scale)
+            full_grads = [grads[i] for i in self.full]
+            torch._foreach_addcmul_(full_grads, self.deltas, self.full_params, value=self.scale)
 
 
 class MaskEnforcer:
@@ -130,6 +138,8 @@ def train_epoch(
     device = params[0].device
     prior_gradient.refresh()
     regression = settings.likelihood == "regression"
+    classification = not regression
+    distributed = is_distributed()
     noise = torch.exp(-2.0 * state.log_sigma.detach()) if regression else None
     noise_value = float(noise) if regression else 1.0
     losses, sizes = [], []  # summed on the device once per epoch, no host sync per step
@@ -140,14 +150,14 @@ def train_epoch(
         f = model(x)
         check_targets(settings.likelihood, f, y, check_range=False)
         labels(y, f.shape[-1])
-        raw = mean_loss(settings.likelihood, f, y)
+        raw = F.cross_entropy(f, y) if classification else mean_loss(settings.likelihood, f, y)
         loss = raw * noise if regression else raw
         if harvest is not None:
             harvest.before_backward(f, y)
         loss.backward()
         if harvest is not None:
             harvest.after_backward(f, raw.detach() * f.shape[0], f.shape[0] / noise_value)
-        if is_distributed():
+        if distributed:
             all_reduce_gradients(params, weight=f.shape[0])  # exact for unequal shards
         prior_gradient()
         opt.step()

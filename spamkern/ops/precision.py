@@ -1,6 +1,6 @@
 """Posterior precision diagonal and OPD scores — the one pass pruning needs.
 
-diag Π = scale · diag(H) + δ exactly, for every prior (SPEC §4); for a Kronecker block
+diag Π = scale · diag(H) + δ exactly, for every prior; for a Kronecker block
 diag(G ⊗ A) = diag(G) ⊗ diag(A). OPD: s_i = ½ θ_i² Π_ii.
 """
 

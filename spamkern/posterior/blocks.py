@@ -54,7 +54,7 @@ class BlockEigen:
         if self.q1 is not None:
             out = self.q1.square() @ out
         if self.q2 is not None:
-            out = out @ self.q2.square().T
+            out = out @ self.q2.square().mT  # .mT: also for stacked slices
         if self.log_w is not None:
             out = out * (2.0 * self.log_w).exp()
         return out
@@ -79,7 +79,7 @@ def weight_matrix_shape(shape: torch.Size) -> tuple[int, int]:
 
 def unit_log_grid(tp: TensorPrecision, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
     """Row and column log precisions of a unitwise weight, columns repeated over kernel
-    positions (b_rep in SPEC §3)."""
+    positions (b_rep in docs/maths.md)."""
     positions = int(torch.Size(shape[2:]).numel()) if len(shape) > 2 else 1
     return tp.a, tp.b.repeat_interleave(positions)
 
@@ -206,15 +206,10 @@ def unitwise_logdet(blocks: list[tuple], scale) -> torch.Tensor:
 
 
 @dataclass
-class StackedEigen:
+class StackedEigen(BlockEigen):
     """A row-sliced block's precision in its eigenbasis, stacked over the g slices: the
     fields of :class:`BlockEigen` with a leading slice dimension (q1 (g, r, r), q2 (g, d, d),
     denom and log_w (g, r, d)); every operation runs on all slices at once."""
-
-    q1: torch.Tensor | None
-    q2: torch.Tensor | None
-    denom: torch.Tensor
-    log_w: torch.Tensor | None
 
     @classmethod
     def stack(cls, parts: list[BlockEigen]) -> StackedEigen:
@@ -224,21 +219,9 @@ class StackedEigen:
 
         return cls(both("q1"), both("q2"), both("denom"), both("log_w"))
 
-    def logdet(self) -> torch.Tensor:
-        total = self.denom.log().sum()
-        if self.log_w is not None:
-            total = total - 2.0 * self.log_w.expand_as(self.denom).sum()
-        return total
-
     def inverse_diag(self) -> torch.Tensor:
         """(out, q): the slices' diagonals of Π⁻¹, row slice after row slice."""
-        out = self.denom.reciprocal()
-        if self.q1 is not None:
-            out = self.q1.square() @ out
-        if self.q2 is not None:
-            out = out @ self.q2.square().mT
-        if self.log_w is not None:
-            out = out * (2.0 * self.log_w).exp()
+        out = super().inverse_diag()
         return out.reshape(-1, out.shape[-1])
 
     def quadratic(self, J: torch.Tensor) -> torch.Tensor:

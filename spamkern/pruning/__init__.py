@@ -1,4 +1,4 @@
-"""Pruning with OPD and the baselines: scores → masks → compression (SPEC §4, §6, §7)."""
+"""Pruning with OPD and the baselines: scores → masks → compression."""
 
 from spamkern.pruning.compress import (
     compress,

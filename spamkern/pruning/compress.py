@@ -1,4 +1,4 @@
-"""Turn masks into a model that is really smaller or faster (SPEC §6), and measure it.
+"""Turn masks into a model that is really smaller or faster, and measure it.
 
 * ``unit`` masks: removed units disappear — a Linear row / Conv2d filter and its bias
   leave the layer, and the matching inputs leave the next layer (through activations,

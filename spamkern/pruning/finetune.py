@@ -1,6 +1,6 @@
 """Fine-tuning a pruned model with its masks enforced after every optimiser step.
 
-Every method is fine-tuned with the same optimiser and learning rate (SPEC §10: the
+Every method is fine-tuned with the same optimiser and learning rate (the
 original code gave the baselines other learning rates than OPD, which skews comparisons).
 """
 

@@ -1,4 +1,4 @@
-"""Masks from scores (SPEC §4, §6): patterns, scopes, exact sparsity, enforcement.
+"""Masks from scores: patterns, scopes, exact sparsity, enforcement.
 
 A mask dict maps a parameter name to a bool tensor of that parameter's shape (True =
 kept); parameters left out are not pruned. :func:`prune` returns a :class:`PruningMasks`,
@@ -11,7 +11,7 @@ What "sparsity" counts, per pattern:
   output layer; 1-D tensors only with ``prune_1d=True``).
 * ``unit``: units of the prunable Linear/Conv2d layers — a unit is one output row of the
   weight (a Conv2d filter) together with its bias entry. Its score is the sum of the
-  entries' scores (SPEC §4). Units of different layers have different sizes, so the global
+  entries' scores. Units of different layers have different sizes, so the global
   ranking uses the *mean* score per parameter of a unit (sum / size); within one layer
   this is the same order as the sum. At least one unit per layer is always kept (a layer
   with no units would cut the network), so at most n_units − n_layers units go.

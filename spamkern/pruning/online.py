@@ -1,4 +1,4 @@
-"""Online pruning during SpaM training (SPEC §6): a rising OPD target, persistent masks.
+"""Online pruning during SpaM training: a rising OPD target, persistent masks.
 
 ``marglik_train(..., online_pruning=OnlinePruning(...))`` calls :meth:`OnlinePruning.step`
 right after each marglik step with the epoch just completed (1-based, so the last epoch

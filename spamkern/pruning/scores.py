@@ -1,4 +1,4 @@
-"""Pruning scores, one value per parameter, aligned with ``model.parameters()`` (SPEC §4, §7).
+"""Pruning scores, one value per parameter, aligned with ``model.parameters()``.
 
 Lowest score = pruned first, for every score here. Each function returns a flat (P,)
 tensor over the trainable parameters in ``model.parameters()`` order, or with

@@ -177,7 +177,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def expected_log_prior(prior) -> torch.Tensor:
-    """(P,) log δ from the prior's flat ``log_precision``, expanded by SPEC §2's table."""
+    """(P,) log δ from the prior's flat ``log_precision``, expanded per prior (docs/maths.md)."""
     lp = prior.log_precision.detach()
     parts, cursor = [], 0
     for index, slot in enumerate(prior.slots):

@@ -121,7 +121,7 @@ def test_parameterwise_is_the_hadamard_bound_in_the_eigenbasis():
 
 
 def test_default_log_precision_is_temperature_times_precision():
-    """SPEC §2: log δ = log(T·prior_precision) for every entry and every prior (unitwise
+    """log δ = log(T·prior_precision) for every entry and every prior (unitwise
     splits it so that a_m + b_n is that value)."""
     model, _, _ = M.mixed(seed=0)
     named = [(n, p) for n, p in model.named_parameters()]

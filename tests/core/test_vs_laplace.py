@@ -109,7 +109,7 @@ def test_matches_laplace_torch(model_name, backend_name, structure):
         if likelihood == "regression" and curvature == "ef":
             # laplace-torch 0.3 squares the gradient of MSELoss(sum), 2(f − y), and scales
             # by ½: its regression EF is 2·Σ g gᵀ, twice the EF of the Gaussian log
-            # likelihood (SPEC §1: g = per-sample gradient of ½‖f − y‖²). Only the
+            # likelihood (g = per-sample gradient of ½‖f − y‖²). Only the
             # curvature itself compares.
             for ours, theirs in _blocks(post, la, structure):
                 assert rel_err(2.0 * ours, theirs) < TOL

@@ -37,5 +37,5 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
 
 
-# Tolerances against a float64 reference (DESIGN.md): narrower operands, looser bound.
+# Tolerances against a float64 reference: narrower operands, looser bound.
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
