@@ -41,6 +41,7 @@ from spamkern.curvature.accumulate import (
     _per_call_blocks,
     _Recorder,
     check_finite,
+    mirror_sums,
 )
 from spamkern.curvature.likelihood import pseudo_gradients
 from spamkern.curvature.structure import CONVS, ParamBlock
@@ -166,6 +167,7 @@ class EpochHarvest:
         """The harvested blocks, laid out and scaled like :func:`accumulate_curvature`'s."""
         if self.n_data == 0:
             raise ValueError("the harvested epoch saw no samples")
+        mirror_sums(self._G, self._A)  # summed on the upper triangle only
         factors: dict[int, list[torch.Tensor]] = {}
         diags: dict[int, torch.Tensor] = {}
         for index, block in enumerate(self.blocks):
