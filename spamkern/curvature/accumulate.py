@@ -457,7 +457,7 @@ def accumulate_curvature(
             diags[index] = diags[index].reshape(block.shape)
     means = {index: total / n_data for index, total in raw_mean.items()}
     result = Curvature(blocks, loss, n_data, n_outputs, factors, diags, means)
-    check_finite(result)
+    check_finite(result, checked=input_factors.values())
     return result
 
 
@@ -495,8 +495,10 @@ def _kron_factors(block: ParamBlock, G_sums: dict, raw_A: dict, n_data: int) -> 
     return [G, factor(raw_A, block.param[0].numel()) / n_data]
 
 
-def check_finite(result: Curvature) -> None:
-    """Non-finite loss or curvature is an error, never a silent result."""
+def check_finite(result: Curvature, checked: Iterable[torch.Tensor] = ()) -> None:
+    """Non-finite loss or curvature is an error, never a silent result. Factors in
+    ``checked`` (given from an earlier, checked pass) are not scanned again."""
+    seen = {id(factor) for factor in checked}
     if not torch.isfinite(result.loss):
         raise ValueError(
             f"the training loss is not finite ({float(result.loss)}); check the model's "
@@ -504,6 +506,7 @@ def check_finite(result: Curvature) -> None:
         )
     for index, block in enumerate(result.blocks):
         parts = result.factors.get(index) or [result.diags[index]]
+        parts = [p for p in parts if id(p) not in seen]
         if not all(bool(torch.isfinite(p).all()) for p in parts):
             raise ValueError(
                 f"the curvature of parameter {block.name!r} contains NaN or Inf; check the "

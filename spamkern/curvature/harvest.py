@@ -184,7 +184,7 @@ class EpochHarvest:
         result = Curvature(
             self.blocks, self.loss, self.n_data, self.n_outputs, factors, diags, means
         )
-        check_finite(result)
+        check_finite(result, checked=self.input_factors.values())
         return result
 
 

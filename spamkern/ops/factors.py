@@ -69,9 +69,7 @@ def gram_upper(x: torch.Tensor, out: torch.Tensor | None = None, alpha: float = 
 
 def mirror_upper_(m: torch.Tensor) -> torch.Tensor:
     """Copy the upper triangle of (a stack of) square matrices onto the lower, in place."""
-    rows, cols = torch.triu_indices(m.shape[-1], m.shape[-1], 1, device=m.device)
-    m[..., cols, rows] = m[..., rows, cols]
-    return m
+    return m.copy_(torch.triu(m).add_(torch.triu(m, 1).mT))
 
 
 def unfold_patches(
