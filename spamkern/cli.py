@@ -7,7 +7,8 @@ unit (structured) pattern, optionally fine-tune with masks enforced, and evaluat
 test split. Writes ``results.csv``, ``summary.md`` and ``accuracy_vs_sparsity.png`` into
 ``--out`` and prints the tables. The work itself lives in :mod:`spamkern.experiment`.
 
-    spamkern                      # breast cancer (CancerNet) and digits (CNN), seeds 0 1 2
+    spamkern                      # breast cancer (CancerNet), digits (CNN) and digits28
+                                  # (LeNet-5), seeds 0 1 2
     spamkern --data mnist=/data --seeds 0 1 2 --finetune-epochs 5
 """
 
@@ -71,8 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=_dataset_spec,
         default=[(d, None) for d in BUILTIN],
         metavar="NAME[=FOLDER]",
-        help="data sets: breast_cancer, digits (built in), mnist, fashion_mnist, cifar10 "
-        "(read from FOLDER or --data-root in torchvision's layout). Default: the built-in two",
+        help="data sets: breast_cancer, digits, digits28 (built in; digits28 = digits "
+        "upsampled to 28×28, trained with LeNet-5), mnist, fashion_mnist, cifar10 (read "
+        "from FOLDER or --data-root in torchvision's layout). Default: the built-in three",
     )
     p.add_argument("--data-root", default=None, help="folder of the local data sets")
     p.add_argument("--out", default="spamkern-results", help="output folder")
@@ -145,7 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         choices=tuple(METHODS),
         default=list(METHODS),
-        help="pruning scores to compare: OPD and the baselines (default: all)",
+        metavar="METHOD",
+        help="pruning methods (default all): " + ", ".join(METHODS) + ". SpaM+sparsify is "
+        "sk.sparsify's default on the SpaM model with data= (survivors re-solved on the "
+        "training inputs), +rec(A) the same from the posterior's factors; MAP+sparsify and "
+        "MAP+magnitude+rec put the MAP model through the same reconstruction",
     )
     p.add_argument(
         "--finetune-epochs",

@@ -20,6 +20,7 @@ __all__ = [
     "build_model",
     "cancer_net",
     "lenet",
+    "lenet5",
     "model_by_name",
     "resnet",
     "vit",
@@ -71,6 +72,38 @@ def lenet(input_shape: tuple[int, int, int], n_classes: int = 10) -> nn.Sequenti
         nn.Linear(c2 * h_out * w_out, hidden),
         nn.ReLU(),
         nn.Linear(hidden, n_classes),
+    )
+
+
+def lenet5(input_shape: tuple[int, int, int] = (1, 28, 28), n_classes: int = 10) -> nn.Sequential:
+    """LeNet-5: conv6(5×5)–ReLU–maxpool–conv16(5×5)–ReLU–maxpool–fc120–ReLU–fc84–ReLU–fc.
+
+    Unpadded convolutions, so 1×28×28 inputs reach fc1 as 16×4×4 = 256 features. fc1 holds
+    most of the weights and its inputs are ReLU + max-pool outputs (all ≥ 0, large mean):
+    the case where a diagonal pruning score misses the cross terms of the curvature.
+    """
+    if len(input_shape) != 3:
+        raise ValueError(f"lenet5 expects an input shape (C, H, W), got {tuple(input_shape)}")
+    c, h, w = input_shape
+    h_out, w_out = ((h - 4) // 2 - 4) // 2, ((w - 4) // 2 - 4) // 2
+    if h_out < 1 or w_out < 1:
+        raise ValueError(
+            f"input {tuple(input_shape)} is too small for LeNet-5 (two unpadded 5×5 "
+            "convolutions and two 2×2 pools need at least 16×16)"
+        )
+    return nn.Sequential(
+        nn.Conv2d(c, 6, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * h_out * w_out, 120),
+        nn.ReLU(),
+        nn.Linear(120, 84),
+        nn.ReLU(),
+        nn.Linear(84, n_classes),
     )
 
 

@@ -6,7 +6,7 @@ of −inf) or a crash deep inside torch after minutes of training.
 
 Half precision: the curvature sums over the whole data set overflow float16 (max 65504) and
 the log determinants and eigendecompositions of the evidence need more digits than float16
-or bfloat16 carry (and ``torch.linalg.eigh`` has no half-precision kernel), so fitting a
+or bfloat16 carry (and ``torch.linalg.eigh`` has no half kernel on the CPU), so fitting a
 posterior or training the prior requires float32 or float64 parameters. The predictives
 accept half-precision models: they compute in the posterior's precision and return the
 model's dtype.

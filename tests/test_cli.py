@@ -24,7 +24,7 @@ def test_quick_run_writes_consistent_results(tmp_path, capsys):
         [
             "--data", "breast_cancer", "digits",
             "--quick", "--seeds", "3", "--sparsities", "50", "90",
-            "--methods", "SpaM+OPD", "MAP+magnitude", "MAP+SNIP",
+            "--methods", "SpaM+OPD", "MAP+magnitude", "MAP+SNIP", "SpaM+sparsify",
             "--finetune-epochs", "1", "--online-sparsity", "60",
             "--latency-repeats", "2",
             "--out", str(out), "--no-progress",
@@ -45,7 +45,7 @@ def test_quick_run_writes_consistent_results(tmp_path, capsys):
         online = [r for r in mine if r["method"] == "SpaM+online-OPD"]
         assert len(online) == 1 and abs(float(online[0]["achieved_sparsity"]) - 0.6) < 1e-3
         pruned = [r for r in mine if r["pattern"] != "dense" and r not in online]
-        assert len(pruned) == 3 * 2 * 2  # methods × patterns × sparsities
+        assert len(pruned) == 4 * 2 * 2  # methods × patterns × sparsities
         for r in pruned:
             assert 0.0 <= float(r["accuracy"]) <= 1.0 and float(r["nll"]) > 0
             assert r["finetune_epochs"] == "1"
@@ -58,10 +58,16 @@ def test_quick_run_writes_consistent_results(tmp_path, capsys):
                 assert int(r["params"]) < int(dense[0]["params"])
                 assert int(r["flops"]) < int(dense[0]["flops"])
                 assert float(r["latency_ms"]) > 0
-        assert {r["method"] for r in pruned} == {"SpaM+OPD", "MAP+magnitude", "MAP+SNIP"}
+        assert {r["method"] for r in pruned} == {
+            "SpaM+OPD", "MAP+magnitude", "MAP+SNIP", "SpaM+sparsify"
+        }  # fmt: skip
+        rec = {r["reconstruct"] for r in pruned if r["method"] == "SpaM+sparsify"}
+        assert rec == {"data"}
+        assert {r["reconstruct"] for r in pruned if r["method"] != "SpaM+sparsify"} == {"none"}
         dense_map = next(r for r in dense if r["method"] == "MAP" and r["predictive"] == "map")
         assert f"dense MAP {100 * float(dense_map['accuracy']):.1f}" in printed
     assert set(METHODS) >= {"SpaM+OPD", "MAP+OBD", "MAP+GraSP", "MAP+SynFlow", "MAP+random"}
+    assert set(METHODS) >= {"SpaM+sparsify", "MAP+sparsify", "MAP+magnitude+rec"}
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,11 @@
 * ``digits``: scikit-learn's 8x8 digits (1797 images, 10 classes) as 1x8x8 pixels in [0, 1],
   80/20 stratified split. Kept in [0, 1] whatever ``normalize`` says: it is the small MNIST
   stand-in and is used at that scale.
+* ``digits28``: the same images and split, upsampled to 1x28x28 by bilinear interpolation
+  (corners aligned: output pixel i samples the 8x8 image at position i·7/27); pixels stay
+  in [0, 1] like ``digits``. It gives a LeNet-5-shaped network (whose
+  first Linear layer follows conv + ReLU + pooling) real data that ships with
+  scikit-learn, deterministic and offline.
 * ``mnist``, ``fashion_mnist``: 1x28x28 pixels in [0, 1] read from torchvision's on-disk IDX
   files; ``normalize`` standardises them with the training images' mean and std.
 * ``cifar10``: 3x32x32 pixels read from the python batches; ``normalize`` standardises each
@@ -28,7 +33,7 @@ import torch
 from spamkern.data.cifar import read_cifar_batch
 from spamkern.data.idx import read_idx
 
-DATASETS = ("breast_cancer", "digits", "mnist", "fashion_mnist", "cifar10")
+DATASETS = ("breast_cancer", "digits", "digits28", "mnist", "fashion_mnist", "cifar10")
 ROOT_ENV = "SPAMKERN_DATA"
 TEST_FRACTION = 0.2
 
@@ -71,8 +76,8 @@ def load_dataset(
     """Load data set ``name`` (one of :data:`DATASETS`) as a :class:`DatasetSplit`.
 
     ``root`` is only read for mnist, fashion_mnist and cifar10; ``seed`` only drives the
-    split of breast_cancer and digits. Raises ValueError for an unknown name or a corrupted
-    file, FileNotFoundError (naming every expected path) when files are missing.
+    split of breast_cancer, digits and digits28. Raises ValueError for an unknown name or a
+    corrupted file, FileNotFoundError (naming every expected path) when files are missing.
     """
     if not isinstance(name, str):
         raise TypeError(f"name must be a str, one of {DATASETS}; got {type(name).__name__}")
@@ -122,6 +127,30 @@ def _load_digits(name: str, root, seed: int, normalize: bool) -> DatasetSplit:
         input_shape=(1, 8, 8),
         name=name,
     )
+
+
+DIGITS28_SIZE = 28
+
+
+def _load_digits28(name: str, root, seed: int, normalize: bool) -> DatasetSplit:
+    """``digits`` (same split for the same seed) bilinearly upsampled to 28x28."""
+    small = _load_digits("digits", root, seed, normalize)
+    return DatasetSplit(
+        train=(upsample_bilinear(small.train[0], DIGITS28_SIZE), small.train[1]),
+        test=(upsample_bilinear(small.test[0], DIGITS28_SIZE), small.test[1]),
+        n_classes=small.n_classes,
+        input_shape=(1, DIGITS28_SIZE, DIGITS28_SIZE),
+        name=name,
+    )
+
+
+def upsample_bilinear(images: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, C, h, w) images → (N, C, size, size), bilinear with aligned corners, computed in
+    float64 so the result does not depend on the thread count or the float32 rounding path."""
+    import torch.nn.functional as F
+
+    out = F.interpolate(images.double(), size=(size, size), mode="bilinear", align_corners=True)
+    return out.clamp_(0.0, 1.0).to(images.dtype).contiguous()
 
 
 def _stratified_split(x: np.ndarray, y: np.ndarray, seed: int):
@@ -277,6 +306,7 @@ def _as_labels(y: np.ndarray) -> torch.Tensor:
 _LOADERS: dict[str, Callable[..., DatasetSplit]] = {
     "breast_cancer": _load_breast_cancer,
     "digits": _load_digits,
+    "digits28": _load_digits28,
     "mnist": _load_idx_dataset,
     "fashion_mnist": _load_idx_dataset,
     "cifar10": _load_cifar10,

@@ -18,9 +18,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from spamkern.experiment.config import CSV_FIELDS, METHODS, TrainConfig, training_config
+from spamkern.experiment.config import (
+    CSV_FIELDS,
+    LENET5_SETS,
+    METHODS,
+    Method,
+    TrainConfig,
+    training_config,
+)
 from spamkern.metrics import classification_metrics, glm_predictive, map_predictive
-from spamkern.models import model_by_name
+from spamkern.models import lenet5, model_by_name
 from spamkern.progress import progress_bar
 from spamkern.pruning import (
     OnlinePruning,
@@ -30,15 +37,16 @@ from spamkern.pruning import (
     count_params,
     finetune,
     grasp_scores,
-    magnitude_scores,
     measure_latency,
     obd_scores,
-    opd_scores,
     prune,
     random_scores,
     snip_scores,
+    sparsify,
     synflow_scores,
 )
+from spamkern.pruning.scores import flatten_scores
+from spamkern.pruning.sparsify import method_scores as sparsify_scores
 
 
 @dataclass
@@ -82,6 +90,15 @@ class Run:
 
 
 # ---------------------------------------------------------------------------- training
+def initial_model(split, model: str = "auto") -> nn.Module:
+    """The untrained network of a data set: ``--model`` (:func:`spamkern.models.model_by_name`);
+    with ``auto``, LeNet-5 for :data:`LENET5_SETS` (its first Linear layer follows conv +
+    ReLU + pooling) and the default model of the input shape otherwise."""
+    if model == "auto" and split.name in LENET5_SETS:
+        return lenet5(tuple(split.input_shape), split.n_classes)
+    return model_by_name(model, split.input_shape, split.n_classes)
+
+
 def train_models(
     split, cfg: TrainConfig, args: argparse.Namespace, seed: int, device: torch.device
 ) -> Trained:
@@ -89,8 +106,7 @@ def train_models(
     import spamkern as sk
 
     torch.manual_seed(seed)
-    init = model_by_name(args.model, split.input_shape, split.n_classes)
-    init = init.to(device)
+    init = initial_model(split, args.model).to(device)
     common = {
         "n_epochs": cfg.epochs,
         "structure": args.structure,
@@ -153,16 +169,20 @@ def train_models(
 
 
 # ---------------------------------------------------------------------------- scoring
-def method_scores(method: str, trained: Trained, split, seed: int) -> torch.Tensor:
-    """One score per weight for ``method``: OPD from the posterior, the rest from the model."""
-    which, score = METHODS[method]
-    model = trained.spam_model if which == "spam" else trained.map_model
-    posterior = trained.spam_posterior if which == "spam" else trained.map_posterior
-    data = split.train
-    if score == "opd":
-        return opd_scores(posterior)
-    if score == "magnitude":
-        return magnitude_scores(model)
+def _model_and_posterior(method: Method, trained: Trained):
+    if method.model == "spam":
+        return trained.spam_model, trained.spam_posterior
+    return trained.map_model, trained.map_posterior
+
+
+def method_scores(method: str | Method, trained: Trained, split, seed: int) -> torch.Tensor:
+    """One score per weight for a method without reconstruction (scores are reused for
+    every level): OPD/OBS/prior from the posterior, the baselines from the model."""
+    spec = METHODS[method] if isinstance(method, str) else method
+    model, posterior = _model_and_posterior(spec, trained)
+    data, score = split.train, spec.score
+    if score in ("opd", "obs", "prior", "magnitude"):
+        return flatten_scores(model, sparsify_scores(score, model, posterior))
     if score == "random":
         return random_scores(model, torch.Generator().manual_seed(10_000 + seed))
     if score == "snip":
@@ -173,7 +193,43 @@ def method_scores(method: str, trained: Trained, split, seed: int) -> torch.Tens
         return obd_scores(model, data)
     if score == "synflow":
         return synflow_scores(model, tuple(split.input_shape))
-    raise ValueError(f"unknown score {score!r}")
+    raise ValueError(f"score {score!r} has no fixed per-weight scores")
+
+
+def uses_sparsify(method: Method) -> bool:
+    """Reconstructed methods and the Kronecker/default selections go through sparsify."""
+    return method.reconstruct != "none" or method.score in ("kron", "default")
+
+
+@dataclass
+class Pruned:
+    """One pruned model: ``compressed`` when unit pruning already made it smaller."""
+
+    model: nn.Module
+    masks: Any
+    score: str
+    compressed: bool
+
+
+def prune_with(
+    method: Method, run: Run, pattern: str, pct: float, scores: torch.Tensor | None
+) -> Pruned:
+    """Prune the method's trained model to ``pct`` % (``scores`` for score-only methods)."""
+    model, posterior = _model_and_posterior(method, run.trained)
+    if not uses_sparsify(method):
+        masks = prune(model, scores, pct / 100.0, pattern=pattern, scope=run.args.scope)
+        return Pruned(apply_masks(copy.deepcopy(model), masks), masks, method.score, False)
+    result = sparsify(
+        model,
+        posterior,
+        pct / 100.0,
+        pattern=pattern,
+        scope=run.args.scope,
+        method=None if method.score == "default" else method.score,
+        data=run.split.train[0] if method.reconstruct == "data" else None,
+        reconstruct=method.reconstruct,
+    )
+    return Pruned(result.model, result.masks, result.method, pattern == "unit")
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -189,16 +245,30 @@ def evaluate(model: nn.Module, split) -> dict[str, float]:
     return classification_metrics(map_predictive(model, x), y)
 
 
-def make_row(dataset: str, seed: int, method: str, pattern: str, sparsity: float, **values) -> dict:
-    """A full CSV row: unset columns stay empty so every row has the same fields."""
-    which, score = METHODS.get(method, (method.split("+")[0].lower(), "-"))
+def make_row(
+    dataset: str,
+    seed: int,
+    method: str,
+    pattern: str,
+    sparsity: float,
+    spec: Method | None = None,
+    **values,
+) -> dict:
+    """A full CSV row: unset columns stay empty so every row has the same fields.
+
+    ``spec`` describes the method (default: ``METHODS[method]``; the dense and online rows
+    have none and name only their model).
+    """
+    if spec is None:
+        spec = METHODS.get(method, Method(method.split("+")[0].lower(), "-", "-"))
     row = {k: "" for k in CSV_FIELDS}
     row.update(
         dataset=dataset,
         seed=seed,
         method=method,
-        model=which,
-        score=score,
+        model=spec.model,
+        score=spec.score,
+        reconstruct=spec.reconstruct,
         pattern=pattern,
         sparsity=sparsity,
     )
@@ -232,7 +302,7 @@ def _measure_dense(trained: Trained, split, repeats: int) -> Dense:
     return Dense(params, flops, latency, chance)
 
 
-def _dense_rows(run: Run) -> list[dict]:
+def dense_rows(run: Run) -> list[dict]:
     """The unpruned MAP and SpaM models, each under the MAP and the GLM predictive."""
     rows = []
     x_test, y_test = run.split.test
@@ -260,21 +330,23 @@ def _dense_rows(run: Run) -> list[dict]:
     return rows
 
 
-def _pruned_row(run: Run, method: str, pattern: str, pct: float, scores: torch.Tensor) -> dict:
+def pruned_row(
+    run: Run, label: str, method: Method, pattern: str, pct: float, scores: torch.Tensor | None
+) -> dict:
     """Prune the method's model at ``pct`` %, fine-tune if asked, then measure and evaluate.
 
-    Unit-pruned models are compressed first, so their size, FLOPs and latency are real.
+    Unit-pruned models are compressed before they are measured, so their size, FLOPs and
+    latency are real (sparsify returns them compressed; the score-only path compresses
+    after fine-tuning).
     """
     args, cfg = run.args, run.cfg
-    which, _ = METHODS[method]
-    base = run.trained.spam_model if which == "spam" else run.trained.map_model
-    masks = prune(base, scores, pct / 100.0, pattern=pattern, scope=args.scope)
-    pruned = apply_masks(copy.deepcopy(base), masks)
+    pruned = prune_with(method, run, pattern, pct, scores)
+    model = pruned.model
     if args.finetune_epochs > 0:
         finetune(
-            pruned,
+            model,
             run.split.train,
-            masks,
+            None if pruned.compressed else pruned.masks,
             epochs=args.finetune_epochs,
             lr=args.finetune_lr,
             batch_size=cfg.batch_size,
@@ -283,40 +355,46 @@ def _pruned_row(run: Run, method: str, pattern: str, pct: float, scores: torch.T
         )
     params, flops, latency = run.dense.params, run.dense.flops, ""
     if pattern == "unit":
-        small = compress(pruned, masks)
+        small = model if pruned.compressed else compress(model, pruned.masks)
         params, flops = count_params(small), count_flops(small, run.shape)
         latency = measure_latency(small, run.shape, repeats=args.latency_repeats)
     return make_row(
         run.name,
         run.seed,
-        method,
+        label,
         pattern,
         pct,
-        achieved_sparsity=masks.sparsity(),
-        zero_fraction=zero_fraction(pruned),
+        spec=method._replace(score=pruned.score),
+        scope=args.scope,
+        achieved_sparsity=pruned.masks.sparsity(),
+        zero_fraction=zero_fraction(model),
         finetune_epochs=args.finetune_epochs,
         predictive="map",
         chance=run.dense.chance,
         params=params,
         flops=flops,
         latency_ms=latency,
-        **evaluate(pruned, run.split),
+        **evaluate(model, run.split),
     )
 
 
-def _pruned_rows(run: Run) -> list[dict]:
-    """Every method × pattern × level; each method is scored once, on first use."""
+def pruned_rows(run: Run, methods: dict[str, Method] | None = None) -> list[dict]:
+    """Every method × pattern × level (``methods``: label → method, default the
+    ``--methods`` of the main job); score-only methods are scored once, on first use."""
     args = run.args
-    jobs = [(m, p, s) for m in args.methods for p in args.patterns for s in args.sparsities]
+    if methods is None:
+        methods = {label: METHODS[label] for label in args.methods}
+    jobs = [(m, p, s) for m in methods for p in args.patterns for s in args.sparsities]
     scores: dict[str, torch.Tensor] = {}
     bar = progress_bar(
         jobs, desc=f"prune {run.name} seed {run.seed}", enabled=not args.no_progress, leave=False
     )
     rows = []
-    for method, pattern, pct in bar:
-        if method not in scores:
-            scores[method] = method_scores(method, run.trained, run.split, run.seed).detach()
-        rows.append(_pruned_row(run, method, pattern, pct, scores[method]))
+    for label, pattern, pct in bar:
+        method = methods[label]
+        if not uses_sparsify(method) and label not in scores:
+            scores[label] = method_scores(method, run.trained, run.split, run.seed).detach()
+        rows.append(pruned_row(run, label, method, pattern, pct, scores.get(label)))
     return rows
 
 
@@ -331,6 +409,7 @@ def _online_row(run: Run) -> dict:
         run.args.online_sparsity,
         model="spam",
         score="opd-online",
+        reconstruct="none",
         achieved_sparsity=masks.sparsity() if masks is not None else 0.0,
         zero_fraction=zero_fraction(model),
         finetune_epochs=0,
@@ -342,6 +421,18 @@ def _online_row(run: Run) -> dict:
     )
 
 
+def prepare_run(
+    name: str, root: str | None, seed: int, args: argparse.Namespace, device: torch.device
+) -> Run:
+    """Load the data set, train its MAP and SpaM models and measure the dense MAP model:
+    everything the pruned rows of one (data set, seed) share."""
+    split = _load_split(name, root or args.data_root, seed, device)
+    cfg = training_config(name, args)
+    trained = train_models(split, cfg, args, seed, device)
+    dense = _measure_dense(trained, split, args.latency_repeats)
+    return Run(name, seed, split, cfg, args, trained, dense)
+
+
 def run_one(
     name: str,
     root: str | None,
@@ -351,16 +442,12 @@ def run_one(
     log: Callable[[str], None],
 ) -> list[dict]:
     """All rows of one (data set, seed); logs the seconds each stage took."""
-    split = _load_split(name, root or args.data_root, seed, device)
-    cfg = training_config(name, args)
-    trained = train_models(split, cfg, args, seed, device)
-    dense = _measure_dense(trained, split, args.latency_repeats)
-    run = Run(name, seed, split, cfg, args, trained, dense)
-    rows = _dense_rows(run)
+    run = prepare_run(name, root, seed, args, device)
+    rows = dense_rows(run)
     tic = time.perf_counter()
-    rows.extend(_pruned_rows(run))
-    if trained.online_model is not None:
+    rows.extend(pruned_rows(run))
+    if run.trained.online_model is not None:
         rows.append(_online_row(run))
-    seconds = dict(trained.seconds, prune_and_evaluate=time.perf_counter() - tic)
+    seconds = dict(run.trained.seconds, prune_and_evaluate=time.perf_counter() - tic)
     log(f"{name} seed {seed}: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
     return rows

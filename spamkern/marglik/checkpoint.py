@@ -180,12 +180,20 @@ def read_checkpoint(
     return payload
 
 
-def load_checkpoint(path: str | os.PathLike, device: torch.device) -> dict[str, Any]:
-    """A verified training state to resume from on ``device`` in this process group."""
+def load_checkpoint(
+    path: str | os.PathLike, device: torch.device, n_epochs: int | None = None
+) -> dict[str, Any]:
+    """A verified training state to resume from on ``device`` in this process group, for a
+    run of ``n_epochs`` (a checkpoint beyond it is refused, not returned as if finished)."""
     path = Path(path)
     payload = read_checkpoint(path, device)
     if "epoch" not in payload:
         raise CheckpointError(path, "does not hold a training state (no 'epoch' entry)")
+    if n_epochs is not None and payload["epoch"] > n_epochs:
+        raise ValueError(
+            f"checkpoint {path} is at epoch {payload['epoch']}, beyond n_epochs={n_epochs}; "
+            f"pass n_epochs >= {payload['epoch']} to continue that run"
+        )
     ranks = payload.get("rng")
     if isinstance(ranks, list) and len(ranks) != world_size():
         raise CheckpointError(

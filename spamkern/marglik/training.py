@@ -220,7 +220,7 @@ def marglik_train(
         masks=masks,
     )
     if should_resume(resume, checkpoint_path):
-        state.restore(load_checkpoint(checkpoint_path, device))
+        state.restore(load_checkpoint(checkpoint_path, device, n_epochs))
         if online_pruning is not None:
             online_pruning.masks = state.masks
     loop = _EpochLoop(

@@ -28,7 +28,14 @@ def _check_stratified(y_train: torch.Tensor, y_test: torch.Tensor, y_all: np.nda
 
 def test_names():
     assert dataset_names() == DATASETS
-    assert set(DATASETS) == {"breast_cancer", "digits", "mnist", "fashion_mnist", "cifar10"}
+    assert set(DATASETS) == {
+        "breast_cancer",
+        "digits",
+        "digits28",
+        "mnist",
+        "fashion_mnist",
+        "cifar10",
+    }
 
 
 def test_unknown_name_lists_accepted_names():
@@ -107,3 +114,43 @@ def test_digits_images_in_unit_range(normalize):
     order = _row_index(pixels.round().reshape(len(pixels), -1).numpy(), flat)
     labels = torch.cat([y_tr, y_te]).numpy()
     np.testing.assert_array_equal(labels, bunch.target[order])
+
+
+def _bilinear_reference(images: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear upsampling with aligned corners, written out per output pixel (float64)."""
+    n, c, h, w = images.shape
+    out = np.empty((n, c, size, size))
+    for i in range(size):
+        yi = i * (h - 1) / (size - 1)
+        y0 = min(int(np.floor(yi)), h - 2)
+        fy = yi - y0
+        for j in range(size):
+            xj = j * (w - 1) / (size - 1)
+            x0 = min(int(np.floor(xj)), w - 2)
+            fx = xj - x0
+            out[:, :, i, j] = (
+                (1 - fy) * (1 - fx) * images[:, :, y0, x0]
+                + (1 - fy) * fx * images[:, :, y0, x0 + 1]
+                + fy * (1 - fx) * images[:, :, y0 + 1, x0]
+                + fy * fx * images[:, :, y0 + 1, x0 + 1]
+            )
+    return out
+
+
+def test_digits28_is_digits_upsampled_with_the_same_split():
+    seed = int(np.random.default_rng().integers(0, 2**31))
+    small = load_dataset("digits", seed=seed)
+    big = load_dataset("digits28", seed=seed)
+    assert (big.name, big.n_classes, big.input_shape) == ("digits28", 10, (1, 28, 28))
+    assert big.mean is None and big.std is None
+    for (xs, ys), (xb, yb) in ((small.train, big.train), (small.test, big.test)):
+        assert xb.shape == (len(xs), 1, 28, 28) and xb.dtype == torch.float32
+        torch.testing.assert_close(yb, ys, rtol=0, atol=0)  # same images, same order
+        expected = _bilinear_reference(xs.double().numpy(), 28)
+        torch.testing.assert_close(xb.double(), torch.from_numpy(expected), rtol=0, atol=1e-6)
+        # corners are the original corner pixels; values stay in [0, 1]
+        torch.testing.assert_close(xb[..., ::27, ::27], xs[..., ::7, ::7], rtol=0, atol=1e-7)
+        assert xb.min() >= 0 and xb.max() <= 1
+    # deterministic: a second load gives identical tensors
+    again = load_dataset("digits28", seed=seed)
+    torch.testing.assert_close(again.train[0], big.train[0], rtol=0, atol=0)

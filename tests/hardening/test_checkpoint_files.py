@@ -179,3 +179,14 @@ def test_state_dict_metadata_is_kept(tmp_path):
     save_checkpoint(tmp_path / "c.pt", {"epoch": 1, "model": model.state_dict()})
     loaded = load_checkpoint(tmp_path / "c.pt", CPU)["model"]
     assert loaded._metadata == model.state_dict()._metadata
+
+
+def test_resuming_with_fewer_epochs_than_the_checkpoint_holds_is_refused(tmp_path, checkpoint):
+    path = tmp_path / "run.pt"
+    path.write_bytes(checkpoint)  # written after epoch 2
+    with pytest.raises(ValueError, match="is at epoch 2, beyond n_epochs=1"):
+        sk.marglik_train(
+            _mlp(), _data(), **{**KWARGS, "n_epochs": 1}, checkpoint_path=path, resume=True
+        )
+    done = sk.marglik_train(_mlp(), _data(), **KWARGS, checkpoint_path=path, resume=True)
+    assert [h["epoch"] for h in done.history] == [1, 2]  # a finished run resumes as finished

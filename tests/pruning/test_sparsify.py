@@ -260,7 +260,9 @@ def test_kron_unit_selection_follows_heads_and_mlp_readers_of_a_vit():
         "blocks.0.attn.v": (torch.Size([16, 16]), 4),  # heads of width 4 → proj columns
         "blocks.0.mlp.0": (torch.Size([16, 32]), 1),
     }
-    result = sk.sparsify(model, post, 0.5, pattern="unit", example_inputs=X[:4], data=X)
+    result = sk.sparsify(
+        model, post, 0.5, pattern="unit", method="kron", example_inputs=X[:4], data=X
+    )
     assert result.method == "kron" and result.uncompensated == ()
     heads = result.masks["blocks.0.attn.q.weight"].all(dim=1).reshape(4, 4)
     assert bool((heads.all(dim=1) | ~heads.any(dim=1)).all())  # whole heads only
