@@ -39,7 +39,8 @@ from spamkern.curvature.likelihood import (
 )
 from spamkern.curvature.structure import CONVS, ParamBlock
 from spamkern.data.batches import TensorBatches, split_batch
-from spamkern.ops import conv_patch_gram, gram
+from spamkern.ops import conv_patch_gram
+from spamkern.ops.factors import gram_upper, mirror_upper_
 from spamkern.progress import progress_bar
 
 # per-sample gradient tensors are formed in chunks of at most this many elements
@@ -183,9 +184,9 @@ def _accumulate_linear(
     need_G, need_A = _needs(blocks)
     need_A = need_A and with_A
     if need_G:
-        G_sums[key] = gram(g.reshape(-1, d_out), G_sums.get(key))
+        G_sums[key] = gram_upper(g.reshape(-1, d_out), G_sums.get(key))
     if need_A:
-        raw_A[key] = gram(a.reshape(-1, d_in), raw_A.get(key), 1.0 / positions)
+        raw_A[key] = gram_upper(a.reshape(-1, d_in), raw_A.get(key), 1.0 / positions)
     for index, block in blocks:
         if block.kind != "diag":
             continue
@@ -258,7 +259,7 @@ def _accumulate_conv(
     if need_G:
         g_rows = g.permute(0, 1, 3, 2).reshape(-1, d_out)  # (K·B·S, out)
         if groups == 1:
-            G_sums[key] = gram(g_rows, G_sums.get(key))
+            G_sums[key] = gram_upper(g_rows, G_sums.get(key))
         else:
             g_groups = g_rows.reshape(-1, groups, rows).transpose(0, 1)
             G_sums[key] = _grouped_gram(g_groups, G_sums.get(key), 1.0)
@@ -444,6 +445,7 @@ def accumulate_curvature(
         model.train(was_training)
     if n_data == 0:
         raise ValueError("the training data yielded no batches (empty loader)")
+    mirror_sums(G_sums, raw_A)
     for index, block in enumerate(blocks):
         if block.kind == "kron":
             factors[index] = _kron_factors(block, G_sums, raw_A, n_data)
@@ -455,8 +457,15 @@ def accumulate_curvature(
             diags[index] = diags[index].reshape(block.shape)
     means = {index: total / n_data for index, total in raw_mean.items()}
     result = Curvature(blocks, loss, n_data, n_outputs, factors, diags, means)
-    check_finite(result)
+    check_finite(result, checked=input_factors.values())
     return result
+
+
+def mirror_sums(*stores: dict) -> None:
+    """Complete the Gram sums, accumulated on their upper triangle only, once per pass."""
+    for store in stores:
+        for value in store.values():
+            mirror_upper_(value)
 
 
 def _kron_factors(block: ParamBlock, G_sums: dict, raw_A: dict, n_data: int) -> list:
@@ -486,8 +495,10 @@ def _kron_factors(block: ParamBlock, G_sums: dict, raw_A: dict, n_data: int) -> 
     return [G, factor(raw_A, block.param[0].numel()) / n_data]
 
 
-def check_finite(result: Curvature) -> None:
-    """Non-finite loss or curvature is an error, never a silent result."""
+def check_finite(result: Curvature, checked: Iterable[torch.Tensor] = ()) -> None:
+    """Non-finite loss or curvature is an error, never a silent result. Factors in
+    ``checked`` (given from an earlier, checked pass) are not scanned again."""
+    seen = {id(factor) for factor in checked}
     if not torch.isfinite(result.loss):
         raise ValueError(
             f"the training loss is not finite ({float(result.loss)}); check the model's "
@@ -495,6 +506,7 @@ def check_finite(result: Curvature) -> None:
         )
     for index, block in enumerate(result.blocks):
         parts = result.factors.get(index) or [result.diags[index]]
+        parts = [p for p in parts if id(p) not in seen]
         if not all(bool(torch.isfinite(p).all()) for p in parts):
             raise ValueError(
                 f"the curvature of parameter {block.name!r} contains NaN or Inf; check the "

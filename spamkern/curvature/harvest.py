@@ -41,6 +41,7 @@ from spamkern.curvature.accumulate import (
     _per_call_blocks,
     _Recorder,
     check_finite,
+    mirror_sums,
 )
 from spamkern.curvature.likelihood import pseudo_gradients
 from spamkern.curvature.structure import CONVS, ParamBlock
@@ -166,6 +167,7 @@ class EpochHarvest:
         """The harvested blocks, laid out and scaled like :func:`accumulate_curvature`'s."""
         if self.n_data == 0:
             raise ValueError("the harvested epoch saw no samples")
+        mirror_sums(self._G, self._A)  # summed on the upper triangle only
         factors: dict[int, list[torch.Tensor]] = {}
         diags: dict[int, torch.Tensor] = {}
         for index, block in enumerate(self.blocks):
@@ -182,7 +184,7 @@ class EpochHarvest:
         result = Curvature(
             self.blocks, self.loss, self.n_data, self.n_outputs, factors, diags, means
         )
-        check_finite(result)
+        check_finite(result, checked=self.input_factors.values())
         return result
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from spamkern.dispatch import register_impl, select_impl
+from spamkern.dispatch import register_impl, select_backend, select_impl
 
 Pair = tuple[int, int]
 
@@ -23,10 +23,13 @@ def gram_reference(x: torch.Tensor, out: torch.Tensor | None, alpha: float) -> t
     """
     if x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()
-    prod = x.T @ x
     if out is None:
-        return prod.mul_(alpha)
-    return out.add_(prod, alpha=alpha)
+        prod = x.T @ x
+        return prod if alpha == 1.0 else prod.mul_(alpha)
+    if out.dtype != x.dtype:  # e.g. a float64 accumulator of float32 rows
+        return out.add_(x.T @ x, alpha=alpha)
+    # in place: no (d, d) temporary per call (a quarter of the product's time on the CPU)
+    return out.addmm_(x.T, x, alpha=alpha)
 
 
 def gram(x: torch.Tensor, out: torch.Tensor | None = None, alpha: float = 1.0) -> torch.Tensor:
@@ -34,6 +37,39 @@ def gram(x: torch.Tensor, out: torch.Tensor | None = None, alpha: float = 1.0) -
     if x.ndim != 2:
         raise ValueError(f"gram expects a 2-D (rows, features) tensor, got shape {tuple(x.shape)}")
     return select_impl("gram", x)(x, out, alpha)
+
+
+def _panel_width(d: int) -> int:
+    """About six column panels, at least 64 columns wide (narrower ones lose more to the
+    matmul's per-call cost than the skipped lower blocks save)."""
+    return max(64, -(-d // 6))
+
+
+def gram_upper(x: torch.Tensor, out: torch.Tensor | None = None, alpha: float = 1.0):
+    """``out += alpha · xᵀx`` on the upper triangle only (the strict lower triangle of
+    ``out`` is left undefined until :func:`mirror_upper_`): column panel ``i`` adds
+    ``x_iᵀ x[:, i:]`` in place, skipping the blocks below the diagonal — about 40 % fewer
+    FLOPs than the full product for d = 256. Only the CPU reference runs by panels; other
+    backends (Triton on a GPU) compute the whole product, which mirrors to itself."""
+    if x.ndim != 2:
+        raise ValueError(f"gram expects a 2-D (rows, features) tensor, got shape {tuple(x.shape)}")
+    d = x.shape[1]
+    width = _panel_width(d)
+    if x.device.type != "cpu" or d <= width or x.dtype in (torch.float16, torch.bfloat16):
+        return gram(x, out, alpha)
+    if select_backend("gram", x) != "torch" or (out is not None and out.dtype != x.dtype):
+        return gram(x, out, alpha)
+    if out is None:
+        out = x.new_zeros(d, d)
+    for start in range(0, d, width):
+        stop = start + width
+        out[start:stop, start:].addmm_(x[:, start:stop].T, x[:, start:], alpha=alpha)
+    return out
+
+
+def mirror_upper_(m: torch.Tensor) -> torch.Tensor:
+    """Copy the upper triangle of (a stack of) square matrices onto the lower, in place."""
+    return m.copy_(torch.triu(m).add_(torch.triu(m, 1).mT))
 
 
 def unfold_patches(
