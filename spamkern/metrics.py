@@ -1,4 +1,4 @@
-"""Classification metrics and the two predictives they are computed on (SPEC §8).
+"""Classification metrics and the two predictives they are computed on.
 
 Metrics take class probabilities ``probs`` (N, C) and integer labels ``y`` (N,):
 accuracy, NLL (mean negative log probability of the true class), ECE (top label, equal-

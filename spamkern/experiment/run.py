@@ -121,7 +121,7 @@ def train_models(
     }
     seconds = {}
     tic = time.perf_counter()
-    # MAP: burn-in beyond the last epoch, so δ stays fixed (SPEC §5); its posterior uses a
+    # MAP: burn-in beyond the last epoch, so δ stays fixed; its posterior uses a
     # scalar prior at that δ and serves MAP+OPD and the MAP model's Laplace predictive.
     map_res = sk.marglik_train(
         copy.deepcopy(init),
