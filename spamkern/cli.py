@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="PERCENT",
         help="also train a SpaM model pruned online by OPD during training, rising to "
-        "PERCENT unstructured sparsity at the marglik steps (a rising target, masks kept); off by default",
+        "PERCENT unstructured sparsity at the marglik steps (masks kept); off by default",
     )
     p.add_argument(
         "--latency-repeats",
