@@ -19,7 +19,6 @@ import copy
 import importlib.metadata
 import importlib.util
 import json
-import platform
 import re
 import subprocess
 import sys
@@ -122,15 +121,9 @@ def test_log_marglik_and_backward(benchmark, timed, problem, sizes):
 
 # ---------------------------------------------------------------------------- runner
 def _device_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return "CPU " + line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "CPU " + (platform.processor() or platform.machine())
+    from spamkern.sparse.tables import card_name
+
+    return card_name(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def _card() -> str:

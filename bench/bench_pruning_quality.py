@@ -72,15 +72,9 @@ def plan(quick: bool) -> list:
 
 def machine() -> str:
     """The CPU model (or GPU name) the numbers were measured on."""
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return "CPU " + line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "CPU " + (platform.processor() or platform.machine())
+    from spamkern.sparse.tables import card_name
+
+    return card_name(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def _version(name: str) -> str | None:

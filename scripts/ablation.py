@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from spamkern.experiment.config import CSV_FIELDS
+from spamkern.experiment.report import write_csv
 from spamkern.experiment.sweep import LENET5_LEVELS, accuracy_by_level, method_grid, sweep
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -167,15 +167,6 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.6)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
-
-
-def write_csv(rows: list[dict], path: Path) -> None:
-    """The main job's columns, floats to 6 significant digits."""
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
 
 
 def main(argv: list[str] | None = None) -> int:
