@@ -223,10 +223,6 @@ class LaplacePosterior:
         log_det_ratio = self.log_det_posterior_precision(lp, log_sigma) - log_delta.sum()
         return self.log_likelihood(log_sigma) - 0.5 * (log_det_ratio + scatter)
 
-    def _log_marglik(self, log_precision: torch.Tensor, log_sigma: torch.Tensor | None):
-        """Former private name of :meth:`log_evidence`, kept for existing callers."""
-        return self.log_evidence(log_precision, log_sigma)
-
     # -- predictive --------------------------------------------------------------------------
     def _block_eigen(self, index: int, tp: TensorPrecision, scale) -> BlockEigen | StackedEigen:
         block = self.curvature_blocks[index]
