@@ -58,9 +58,11 @@ def fit_posterior(
             input_factors=state.input_factors.given(),
         )
     state.input_factors.update(posterior.curvature)
-    # every fixed eigenbasis in one batched call (equal factors decomposed once)
+    # every fixed eigenbasis in one batched call (equal factors decomposed once); the
+    # scalar/layerwise evidence needs eigenvalues only (eigenvectors follow on demand)
     prior_kind = state.prior.kind
-    decompose_kron_blocks([b for b in posterior.curvature_blocks if b.uses_plan(prior_kind)])
+    planned = [b for b in posterior.curvature_blocks if b.uses_plan(prior_kind)]
+    decompose_kron_blocks(planned, vectors=prior_kind == "parameterwise")
     state.posterior, state.posterior_is_current = posterior, True
     return posterior
 

@@ -280,7 +280,9 @@ class DiagBlock:
 class KronBlock:
     """One Kronecker block: a weight's ``[G, A]`` (Π = s·G ⊗ A + D, vec row-major) or a
     bias's ``[G]``. Its factors' eigendecompositions are set once per fit by
-    :func:`decompose_kron_blocks` (shared by every prior except unitwise)."""
+    :func:`decompose_kron_blocks` (shared by every prior except unitwise): the eigenvalues
+    always, the eigenvectors only when asked for or first needed (:meth:`basis`) — the
+    scalar/layerwise evidence and its hyperparameter updates use eigenvalues alone."""
 
     def __init__(self, factors: list[torch.Tensor], shape: torch.Size, name: str):
         self.factors = list(factors)
@@ -310,9 +312,24 @@ class KronBlock:
         """Unitwise blocks are decomposed anew per (a, b); the others reuse one eigenbasis."""
         return prior_kind != "unitwise"
 
-    def set_decomposition(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        self.values = [values for values, _ in pairs]
-        self.vectors = [vectors for _, vectors in pairs]
+    def needs_decomposition(self, vectors: bool) -> bool:
+        return self.values is None or (vectors and self.vectors is None)
+
+    def set_decomposition(self, pairs: list[tuple[torch.Tensor, torch.Tensor | None]]) -> None:
+        """Eigenvalues and (when given) eigenvectors of the factors. Eigenvalues already
+        set are kept, so everything computed from them (a packed log det plan, the evidence
+        the hyperparameters were fitted to) stays consistent; the two decompositions agree
+        to round-off."""
+        if self.values is None:
+            self.values = [values for values, _ in pairs]
+        if pairs[0][1] is not None:
+            self.vectors = [vectors for _, vectors in pairs]
+
+    def basis(self) -> list[torch.Tensor]:
+        """The factors' eigenvectors, decomposed now if only the eigenvalues were."""
+        if self.vectors is None:
+            decompose_kron_blocks([self], vectors=True)
+        return self.vectors
 
     def eigenvalues(self) -> tuple[torch.Tensor, torch.Tensor]:
         values = self.values
@@ -324,9 +341,10 @@ class KronBlock:
 
     def projected_delta(self, delta: torch.Tensor) -> torch.Tensor:
         """δ̃ = (Q1∘Q1)ᵀ D (Q2∘Q2) for a (p, q) precision matrix D (parameterwise)."""
-        out = self.vectors[0].square().T @ delta
-        if len(self.vectors) == 2:
-            out = out @ self.vectors[1].square()
+        vectors = self.basis()
+        out = vectors[0].square().T @ delta
+        if len(vectors) == 2:
+            out = out @ vectors[1].square()
         return out
 
     def _delta(self, tp: TensorPrecision) -> torch.Tensor:
@@ -347,8 +365,9 @@ class KronBlock:
         if unitwise:
             return whitened_unit_eigen(self.factors, tp, self.shape, scale, self.unit_cache)
         l1, l2 = self.eigenvalues()
-        q2 = self.vectors[1] if len(self.vectors) == 2 else None
-        return BlockEigen(self.vectors[0], q2, scale * torch.outer(l1, l2) + self._delta(tp), None)
+        vectors = self.basis()
+        q2 = vectors[1] if len(vectors) == 2 else None
+        return BlockEigen(vectors[0], q2, scale * torch.outer(l1, l2) + self._delta(tp), None)
 
 
 class RowSlicedKronBlock:
@@ -369,7 +388,8 @@ class RowSlicedKronBlock:
         self.parts = [
             KronBlock([F[j] for F in factors], part_shape, f"{name}[{j}]") for j in range(n_slices)
         ]
-        self._basis: tuple | None = None
+        self._products: torch.Tensor | None = None
+        self._vectors: tuple | None = None
 
     def public_factors(self) -> tuple[torch.Tensor, ...]:
         return tuple(self.factors)
@@ -393,32 +413,34 @@ class RowSlicedKronBlock:
     def uses_plan(self, prior_kind: str) -> bool:
         return prior_kind != "unitwise"
 
-    def _stacked_basis(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(λ1 ⊗ λ2 per slice (g, r, d), Q1 (g, r, r), Q2 (g, d, d) or None) from the parts'
-        decompositions (set by :func:`decompose_kron_blocks`)."""
-        if self._basis is None:
+    def _stacked_products(self) -> torch.Tensor:
+        """λ1 ⊗ λ2 per slice, (g, r, d), from the parts' eigenvalues."""
+        if self._products is None:
             l1 = torch.stack([part.eigenvalues()[0] for part in self.parts])
             l2 = torch.stack([part.eigenvalues()[1] for part in self.parts])
-            q1 = torch.stack([part.vectors[0] for part in self.parts])
-            q2 = (
-                torch.stack([part.vectors[1] for part in self.parts])
-                if len(self.factors) == 2
-                else None
-            )
-            self._basis = (l1.unsqueeze(2) * l2.unsqueeze(1), q1, q2)
-        return self._basis
+            self._products = l1.unsqueeze(2) * l2.unsqueeze(1)
+        return self._products
+
+    def _stacked_vectors(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(Q1 (g, r, r), Q2 (g, d, d) or None) from the parts' eigenvectors."""
+        if self._vectors is None:
+            bases = [part.basis() for part in self.parts]
+            q1 = torch.stack([basis[0] for basis in bases])
+            q2 = torch.stack([basis[1] for basis in bases]) if len(self.factors) == 2 else None
+            self._vectors = (q1, q2)
+        return self._vectors
 
     def plan_eigenvalues(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The whole block as one plan entry: the products λ1_p λ2_q of every slice, with
         λ2 ≡ 1 (Σ log(s·λ + δ) is the same sum)."""
-        products = self._stacked_basis()[0].reshape(-1)
+        products = self._stacked_products().reshape(-1)
         return [(products, products.new_ones(1))]
 
     def _delta(self, tp: TensorPrecision) -> torch.Tensor:
         """0-d δ, or the per-slice projected δ̃ = (Q1∘Q1)ᵀ D (Q2∘Q2), (g, r, d)."""
         if tp.kind == "scalar":
             return tp.log_delta.exp()
-        _, q1, q2 = self._stacked_basis()
+        q1, q2 = self._stacked_vectors()
         D = tp.expand(self.shape).exp().reshape(len(self.parts), self.rows, -1)
         out = q1.square().mT @ D
         return out @ q2.square() if q2 is not None else out
@@ -435,8 +457,8 @@ class RowSlicedKronBlock:
             return StackedEigen.stack(
                 [part.eigen(t, scale, True) for part, t in zip(self.parts, self._split(tp))]
             )
-        products, q1, q2 = self._stacked_basis()
-        return StackedEigen(q1, q2, scale * products + self._delta(tp), None)
+        q1, q2 = self._stacked_vectors()
+        return StackedEigen(q1, q2, scale * self._stacked_products() + self._delta(tp), None)
 
 
 CurvatureBlock = DiagBlock | KronBlock | RowSlicedKronBlock
@@ -456,14 +478,20 @@ def curvature_blocks(factors: list, names: list[str], shapes: list) -> list[Curv
     return out
 
 
-def decompose_kron_blocks(blocks: list[CurvatureBlock]) -> None:
-    """Eigendecompose every Kronecker factor once, batched by size (sets each part's basis)."""
-    parts = [part for block in blocks for part in block.kron_parts() if part.values is None]
+def decompose_kron_blocks(blocks: list[CurvatureBlock], vectors: bool = True) -> None:
+    """Eigendecompose every Kronecker factor once, batched by size: eigenvalues, and with
+    ``vectors`` the eigenvectors too (parts that already have what is asked are skipped)."""
+    parts = [
+        part
+        for block in blocks
+        for part in block.kron_parts()
+        if part.needs_decomposition(vectors)
+    ]
     mats, labels = [], []
     for part in parts:
         for j, F in enumerate(part.factors):
             mats.append(F)
             labels.append(f"{part.name}[{'GA'[j]}]")
-    decomposed = iter(batched_eigh(mats, labels))
+    decomposed = iter(batched_eigh(mats, labels, vectors))
     for part in parts:
         part.set_decomposition([next(decomposed) for _ in part.factors])

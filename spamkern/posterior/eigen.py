@@ -1,6 +1,8 @@
 """Symmetric eigendecompositions of Kronecker factors, batched, with a recovery path.
 
-Factors of the same size are stacked and decomposed in one ``torch.linalg.eigh`` call. If
+Factors of the same size are stacked and decomposed in one ``torch.linalg.eigh`` call (or
+``eigvalsh`` when only the eigenvalues are asked for: the scalar/layerwise evidence needs no
+eigenvectors, and skipping them halves the cost of the decomposition). If
 LAPACK/cuSOLVER fails to converge (rank-deficient or badly scaled factors), the batch is
 retried in float64, then with a growing diagonal jitter; only then is it an error — with the
 factor's name and what to do, never a silent NaN.
@@ -18,9 +20,17 @@ import torch
 _JITTERS = (1e-10, 1e-8, 1e-6)
 
 
-def _eigh_with_recovery(stack: torch.Tensor, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    try:
+def _decompose(stack: torch.Tensor, vectors: bool):
+    if vectors:
         return torch.linalg.eigh(stack)
+    return torch.linalg.eigvalsh(stack), None
+
+
+def _eigh_with_recovery(
+    stack: torch.Tensor, names: list[str], vectors: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    try:
+        return _decompose(stack, vectors)
     except torch.linalg.LinAlgError:
         pass
     work = stack.to(torch.float64)
@@ -28,10 +38,10 @@ def _eigh_with_recovery(stack: torch.Tensor, names: list[str]) -> tuple[torch.Te
     eye = torch.eye(work.shape[-1], dtype=work.dtype, device=work.device)
     for jitter in (0.0, *_JITTERS):
         try:
-            values, vectors = torch.linalg.eigh(work + jitter * scale * eye)
+            values, basis = _decompose(work + jitter * scale * eye, vectors)
         except torch.linalg.LinAlgError:
             continue
-        return values.to(stack.dtype), vectors.to(stack.dtype)
+        return values.to(stack.dtype), None if basis is None else basis.to(stack.dtype)
     raise ValueError(
         f"the eigendecomposition of the curvature factors {names} failed even in float64 with "
         f"relative jitter up to {_JITTERS[-1]}; the curvature is degenerate — check the data "
@@ -48,23 +58,27 @@ def keep_eigh(factor: torch.Tensor) -> torch.Tensor:
     return factor
 
 
-def _remembered(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+Eigen = tuple[torch.Tensor, torch.Tensor | None]
+
+
+def _remembered(m: torch.Tensor, vectors: bool) -> Eigen | None:
     memo = getattr(m, _MEMO, None)
-    if memo is None or memo[0] != m._version:
+    if memo is None or memo[0] != m._version or (vectors and memo[1][1] is None):
         return None
     return memo[1]
 
 
 def batched_eigh(
-    mats: list[torch.Tensor], names: list[str] | None = None
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(eigenvalues clamped at 0, eigenvectors) of every symmetric matrix in ``mats``."""
+    mats: list[torch.Tensor], names: list[str] | None = None, vectors: bool = True
+) -> list[Eigen]:
+    """(eigenvalues clamped at 0, eigenvectors) of every symmetric matrix in ``mats``;
+    eigenvectors None when ``vectors`` is False (eigenvalues only, about half the cost)."""
     names = names or [str(i) for i in range(len(mats))]
-    out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(mats)
+    out: list[Eigen | None] = [None] * len(mats)
     by_size: dict[tuple[int, torch.dtype, torch.device], list[int]] = {}
     twins: dict[int, int] = {}  # equal factors (a bias shares its weight's G) decompose once
     for i, m in enumerate(mats):
-        out[i] = _remembered(m)
+        out[i] = _remembered(m, vectors)
         if out[i] is not None:
             continue
         if not bool(torch.isfinite(m).all()):
@@ -76,11 +90,11 @@ def batched_eigh(
         else:
             twins[i] = twin
     for indices in by_size.values():
-        values, vectors = _eigh_with_recovery(
-            torch.stack([mats[i] for i in indices]), [names[i] for i in indices]
+        values, basis = _eigh_with_recovery(
+            torch.stack([mats[i] for i in indices]), [names[i] for i in indices], vectors
         )
         for j, i in enumerate(indices):
-            out[i] = (values[j].clamp_min(0.0), vectors[j])
+            out[i] = (values[j].clamp_min(0.0), None if basis is None else basis[j])
             if hasattr(mats[i], _MEMO):
                 setattr(mats[i], _MEMO, (mats[i]._version, out[i]))
     for i, twin in twins.items():

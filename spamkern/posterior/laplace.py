@@ -136,9 +136,10 @@ class LaplacePosterior:
             )
         return value
 
-    def _decompose(self, indices) -> None:
-        """Eigendecompose the Kronecker factors of these blocks (once per fit, batched)."""
-        decompose_kron_blocks([self.curvature_blocks[i] for i in indices])
+    def _decompose(self, indices, vectors: bool = True) -> None:
+        """Eigendecompose the Kronecker factors of these blocks (once per fit, batched);
+        eigenvalues only unless ``vectors``."""
+        decompose_kron_blocks([self.curvature_blocks[i] for i in indices], vectors)
 
     def _uses_plan(self, index: int) -> bool:
         """Blocks whose log det goes through the packed eigenvalue plan (fixed eigenbasis)."""
@@ -147,7 +148,7 @@ class LaplacePosterior:
     def _logdet_plan(self) -> EigLogdetPlan:
         if self._plan is None:
             planned = [i for i in range(len(self.curvature_blocks)) if self._uses_plan(i)]
-            self._decompose(planned)
+            self._decompose(planned, vectors=False)
             pairs = [
                 pair
                 for index in planned
@@ -157,7 +158,7 @@ class LaplacePosterior:
         return self._plan
 
     def _plan_deltas(self, index: int, tp: TensorPrecision) -> list[torch.Tensor]:
-        self._decompose([index])
+        self._decompose([index], vectors=tp.kind != "scalar")  # δ̃ projects onto the basis
         return self.curvature_blocks[index].plan_deltas(tp)
 
     def log_det_posterior_precision(
