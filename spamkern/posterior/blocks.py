@@ -482,10 +482,7 @@ def decompose_kron_blocks(blocks: list[CurvatureBlock], vectors: bool = True) ->
     """Eigendecompose every Kronecker factor once, batched by size: eigenvalues, and with
     ``vectors`` the eigenvectors too (parts that already have what is asked are skipped)."""
     parts = [
-        part
-        for block in blocks
-        for part in block.kron_parts()
-        if part.needs_decomposition(vectors)
+        part for block in blocks for part in block.kron_parts() if part.needs_decomposition(vectors)
     ]
     mats, labels = [], []
     for part in parts:
