@@ -2,8 +2,10 @@
 
 Per batch the objective is  mean loss + (T / 2N) Σ_i δ_i θ_i²  with δ fixed. The prior
 term never enters the autograd graph: after the backward of the mean loss its exact
-gradient (T/N)·δ∘θ is added to every parameter's gradient in one fused foreach op, masks
-are enforced by one fused multiply, and the loss (and, for labels already on an
+gradient (T/N)·δ∘θ is added to every parameter's gradient in one fused foreach op — or,
+when every tensor has the same single δ (a scalar prior, or any prior before its first
+update), inside torch's fused Adam/SGD kernel as its L2 ``weight_decay``, with no pass of
+its own. Masks are enforced by one fused multiply, and the loss (and, for labels already on an
 accelerator, their range) are checked once per epoch on device accumulators — no host
 synchronisation per step.
 """
@@ -27,11 +29,21 @@ class PriorGradient:
 
     Tensors with one δ (scalar and layerwise priors) take a fused ``g += c·θ`` per
     distinct δ, which reads a third less memory than the general ``g += c·δ∘θ`` that
-    unitwise and parameterwise tensors take.
+    unitwise and parameterwise tensors take. When all of ``params`` share one δ and form
+    the single parameter group of ``optimizer``, c is that group's ``weight_decay`` (the
+    same L2 gradient, added inside the optimiser's step).
     """
 
-    def __init__(self, params: list[nn.Parameter], prior: Prior, temperature: float, n_data: int):
+    def __init__(
+        self,
+        params: list[nn.Parameter],
+        prior: Prior,
+        temperature: float,
+        n_data: int,
+        optimizer: torch.optim.Optimizer | None = None,
+    ):
         self.params = params
+        self.optimizer = optimizer  # its group is read at refresh (a restore replaces it)
         self.prior = prior
         self.scale = temperature / n_data
         # (T/N)·δ → the tensors with that single δ (their indices and themselves)
@@ -56,6 +68,18 @@ class PriorGradient:
         self.full = [i for i, tp in enumerate(tps) if tp.kind != "scalar"]
         self.full_params = [self.params[i] for i in self.full]
         self.deltas = [tps[i].expand(self.params[i].shape).exp().contiguous() for i in self.full]
+        self._to_weight_decay()
+
+    def _to_weight_decay(self) -> None:
+        """Hand one shared δ to the optimiser's single group as its weight decay."""
+        groups = self.optimizer.param_groups if self.optimizer is not None else []
+        whole = len(groups) == 1 and len(groups[0]["params"]) == len(self.params)
+        whole = whole and all(p is q for p, q in zip(groups[0]["params"], self.params))
+        if whole and len(self.uniform) == 1 and not self.full:
+            groups[0]["weight_decay"] = next(iter(self.uniform))
+            self.uniform = {}
+        elif whole:
+            groups[0]["weight_decay"] = 0.0
 
     @torch.no_grad()
     def __call__(self) -> None:
@@ -70,6 +94,19 @@ class PriorGradient:
         if self.full:
             full_grads = [grads[i] for i in self.full]
             torch._foreach_addcmul_(full_grads, self.deltas, self.full_params, value=self.scale)
+
+
+def make_optimizer(
+    params: list[nn.Parameter], name: str, lr: float, momentum: float
+) -> torch.optim.Optimizer:
+    """Adam or SGD on torch's fused kernels where the parameters' device and dtype have
+    them: one pass over each tensor per step instead of one per elementwise op."""
+    kind = torch.optim.Adam if name == "adam" else torch.optim.SGD
+    options = {"lr": lr} if name == "adam" else {"lr": lr, "momentum": momentum}
+    try:
+        return kind(params, fused=True, **options)
+    except RuntimeError:  # no fused kernel for this device or dtype
+        return kind(params, **options)
 
 
 class MaskEnforcer:

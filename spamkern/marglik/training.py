@@ -30,7 +30,13 @@ from spamkern.curvature.structure import parameter_blocks
 from spamkern.data.batches import TensorBatches, as_batches, epoch_size, split_batch
 from spamkern.distributed import all_reduce_sum, check_same_on_all_ranks, is_distributed, rank
 from spamkern.marglik.checkpoint import load_checkpoint, save_checkpoint, should_resume
-from spamkern.marglik.epoch import LabelRange, MaskEnforcer, PriorGradient, train_epoch
+from spamkern.marglik.epoch import (
+    LabelRange,
+    MaskEnforcer,
+    PriorGradient,
+    make_optimizer,
+    train_epoch,
+)
 from spamkern.marglik.hyper import HYPER_OPTIMIZERS, make_hyper_optimizer
 from spamkern.marglik.marglik_step import fit_posterior, marglik_step
 from spamkern.marglik.state import RunSettings, TrainingState
@@ -192,7 +198,7 @@ def marglik_train(
     log_sigma = torch.tensor(
         math.log(sigma_noise), dtype=blocks[0].param.dtype, device=device, requires_grad=True
     )
-    opt = _optimizer([b.param for b in blocks], optimizer, lr, momentum)
+    opt = make_optimizer([b.param for b in blocks], optimizer, lr, momentum)
     state = TrainingState(
         model=model,
         optimizer=opt,
@@ -251,12 +257,6 @@ def marglik_train(
     return _result(state, settings, loop.fit_batches, mc_gen, fit_final_posterior)
 
 
-def _optimizer(params, name: str, lr: float, momentum: float) -> torch.optim.Optimizer:
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr)
-    return torch.optim.SGD(params, lr=lr, momentum=momentum)
-
-
 class _EpochLoop:
     """The per-run machinery around the state: one call of :meth:`run` is one epoch —
     the training sweep (harvesting curvature when asked), then the marglik step if due."""
@@ -278,7 +278,7 @@ class _EpochLoop:
         self.marglik_due, self.online_pruning = marglik_due, online_pruning
         params = [b.param for b in blocks]
         T, N = settings.temperature, settings.n_data
-        self.prior_gradient = PriorGradient(params, state.prior, T, N)
+        self.prior_gradient = PriorGradient(params, state.prior, T, N, state.optimizer)
         self.enforce_masks = MaskEnforcer(state.model, state.masks)
         all_labels = batches.y if isinstance(batches, TensorBatches) else None
         self.labels = LabelRange(settings.likelihood, all_labels)

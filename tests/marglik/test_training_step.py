@@ -26,12 +26,16 @@ def _data(n: int = 53, seed: int = 1):
     return X, torch.randint(0, 3, (n,), generator=g)
 
 
-def test_prior_gradient_without_graph_matches_the_graph_built_objective():
+@pytest.mark.parametrize("shared", [False, True], ids=["per-tensor-delta", "one-delta"])
+def test_prior_gradient_without_graph_matches_the_graph_built_objective(shared):
     """mean CE + (T/2N) Σ δθ² by autograd (the objective as written) vs marglik_train's
-    fused (T/N)·δ∘θ after backward: same parameters after several steps, masks included."""
+    (T/N)·δ∘θ — added after backward, or as the fused optimiser's weight decay when every
+    tensor has one δ: same parameters after several steps, masks included."""
     X, y = _data()
     T, bs, seed, lr = 0.5, 16, 3, 0.02
     delta = torch.tensor([0.5, 2.0, 3.0, 0.25], dtype=torch.float64)  # one per tensor
+    if shared:
+        delta = torch.full((4,), 1.5, dtype=torch.float64)
     model = _mlp()
     masks = prune(model, random_scores(model), 0.3)
     reference = _mlp()
