@@ -49,6 +49,10 @@ from spamkern.posterior.eigen import keep_eigh
 
 CURVATURE_SOURCES = ("epoch", "refit")
 HARVESTABLE = ("ef", "ggn-mc")
+# rows of a plain Linear layer's inputs and output gradients kept before one Gram product:
+# fewer, larger products run nearer the CPU's matmul peak (measured: -30 % per factor for
+# 8 batches of 128 rows at width 256) and the per-batch call overhead goes
+_STASH_ROWS = 1024
 
 
 def check_curvature_source(curvature_source: str, curvature: str, blocks: list[ParamBlock]) -> None:
@@ -104,6 +108,7 @@ class EpochHarvest:
         self._diags: dict[int, torch.Tensor] = {}
         self._means: dict[int, torch.Tensor] = {}  # Σ_n E[a] per weight, as the refit
         self._recorder: _Recorder | None = None
+        self._stash = _RowStash(self._sum_rows)
 
     def __enter__(self) -> EpochHarvest:
         self._recorder = _Recorder(self.blocks)
@@ -153,9 +158,13 @@ class EpochHarvest:
                     f"module {rec.blocks[0][1].module_name!r} is called more than once; its "
                     "exact diagonal needs per-sample autograd: use curvature_source='refit'"
                 )
-            g = (g * scale if scale != 1.0 else g).unsqueeze(0)
+            g = g * scale if scale != 1.0 else g
             a, _, positions = rec.calls[i][site]
             own, key = _per_call_blocks(rec, site), (id(rec.module), site)
+            if _stashable(rec.module, a, positions, own):
+                self._stash.add(key, rec.module, own, a, g)
+                continue
+            g = g.unsqueeze(0)
             parts = (self._G, self._A, self._diags, key not in self._given_A)
             if isinstance(rec.module, CONVS):
                 _accumulate_conv(key, rec.module, a, g, own, *parts)
@@ -163,10 +172,17 @@ class EpochHarvest:
                 _accumulate_linear(key, a, g, positions, own, *parts)
             _accumulate_mean(rec.module, a, positions, own, self._means)
 
+    def _sum_rows(self, key, module: nn.Module, own, a: torch.Tensor, g: torch.Tensor) -> None:
+        """Add stacked rows of one plain Linear map to its G, A and input mean."""
+        parts = (self._G, self._A, self._diags, key not in self._given_A)
+        _accumulate_linear(key, a, g.unsqueeze(0), None, own, *parts)
+        _accumulate_mean(module, a, None, own, self._means)
+
     def curvature(self) -> Curvature:
         """The harvested blocks, laid out and scaled like :func:`accumulate_curvature`'s."""
         if self.n_data == 0:
             raise ValueError("the harvested epoch saw no samples")
+        self._stash.flush()
         mirror_sums(self._G, self._A)  # summed on the upper triangle only
         factors: dict[int, list[torch.Tensor]] = {}
         diags: dict[int, torch.Tensor] = {}
@@ -186,6 +202,47 @@ class EpochHarvest:
         )
         check_finite(result, checked=self.input_factors.values())
         return result
+
+
+def _stashable(module: nn.Module, a: torch.Tensor, positions, own) -> bool:
+    """A Linear layer on (batch, features) inputs with Kronecker blocks only: its sums over
+    rows can wait for more rows (diagonal blocks need per-sample products at once)."""
+    return (
+        type(module) is nn.Linear
+        and a.ndim == 2
+        and positions is None
+        and all(block.kind == "kron" for _, block in own)
+    )
+
+
+class _RowStash:
+    """Inputs and output gradients of plain Linear maps, stacked over batches and handed
+    to ``sum_rows(key, module, blocks, a, g)`` once ``_STASH_ROWS`` rows are in (and at
+    :meth:`flush`). Every sum taken of them is a sum over rows, so the result is the
+    per-batch one up to the order of floating-point additions."""
+
+    def __init__(self, sum_rows):
+        self.sum_rows = sum_rows
+        self.pending: dict = {}  # key -> (module, blocks, [a], [g], rows)
+
+    def add(self, key, module: nn.Module, own, a: torch.Tensor, g: torch.Tensor) -> None:
+        module_, own_, a_rows, g_rows, count = self.pending.get(key, (module, own, [], [], 0))
+        a_rows.append(a)
+        g_rows.append(g)
+        count += a.shape[0]
+        self.pending[key] = (module_, own_, a_rows, g_rows, count)
+        if count >= _STASH_ROWS:
+            self._flush_key(key)
+
+    def _flush_key(self, key) -> None:
+        module, own, a_rows, g_rows, _ = self.pending.pop(key)
+        a = a_rows[0] if len(a_rows) == 1 else torch.cat(a_rows)
+        g = g_rows[0] if len(g_rows) == 1 else torch.cat(g_rows)
+        self.sum_rows(key, module, own, a, g)
+
+    def flush(self) -> None:
+        for key in list(self.pending):
+            self._flush_key(key)
 
 
 class InputFactors:

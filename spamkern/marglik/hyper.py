@@ -132,18 +132,10 @@ class FixedPointHyper:
         self.n_iterations = 0
         self.history: list[tuple[int, float, float]] = []  # (evaluations, seconds, evidence)
         lp = prior.log_precision
-        self._count = self._group_sums(torch.ones(prior.n_params, dtype=lp.dtype, device=lp.device))
+        self._count = prior.group_sums(torch.ones(prior.n_params, dtype=lp.dtype, device=lp.device))
         self._share = self._shared_fraction()
 
     # -- group bookkeeping -----------------------------------------------------------------
-    def _group_sums(self, per_param: torch.Tensor) -> torch.Tensor:
-        """Σ_{i∈g} per_param_i for every hyperparameter g (the adjoint of the expansion)."""
-        with torch.enable_grad():
-            lp = self.prior.log_precision.detach().requires_grad_(True)
-            total = (self.prior.log_precision_diag(lp) * per_param.detach()).sum()
-            (grad,) = torch.autograd.grad(total, lp)
-        return grad
-
     def _shared_fraction(self) -> torch.Tensor:
         """1/2 for unitwise a and b (each entry's δ moves with both), 1 elsewhere."""
         share = torch.ones_like(self.prior.log_precision.detach())
@@ -164,7 +156,7 @@ class FixedPointHyper:
         value = posterior.log_evidence(lp, ls)
         (grad,) = torch.autograd.grad(value, x)
         with torch.no_grad():
-            scatter = self._group_sums(self.prior.precision_diag(lp) * posterior.mean.square())
+            scatter = self.prior.group_sums(self.prior.precision_diag(lp) * posterior.mean.square())
             gamma = 2.0 * grad[: lp.numel()] + scatter  # ∂E/∂log δ_g = ½ (γ_g − δ_g ‖θ_g‖²)
             step, scale = self._mackay(gamma, scatter)
             if self.learn_sigma:  # ∂E/∂log σ = 2sL − (N·C − γ_total)

@@ -26,13 +26,24 @@ def _decompose(stack: torch.Tensor, vectors: bool):
     return torch.linalg.eigvalsh(stack), None
 
 
+def _refuse_non_finite(stack: torch.Tensor, names: list[str]) -> None:
+    for name, m in zip(names, stack):
+        if not bool(torch.isfinite(m).all()):
+            raise ValueError(f"the curvature factor {name!r} contains NaN or Inf")
+
+
 def _eigh_with_recovery(
     stack: torch.Tensor, names: list[str], vectors: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The factors are scanned for NaN/Inf only when the decomposition fails or returns
+    non-finite eigenvalues (a clean pass costs no extra sweep over the matrices)."""
     try:
-        return _decompose(stack, vectors)
+        values, basis = _decompose(stack, vectors)
+        if bool(torch.isfinite(values).all()):
+            return values, basis
     except torch.linalg.LinAlgError:
         pass
+    _refuse_non_finite(stack, names)
     work = stack.to(torch.float64)
     scale = work.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp_min(1e-30)[:, None, None]
     eye = torch.eye(work.shape[-1], dtype=work.dtype, device=work.device)
@@ -81,8 +92,6 @@ def batched_eigh(
         out[i] = _remembered(m, vectors)
         if out[i] is not None:
             continue
-        if not bool(torch.isfinite(m).all()):
-            raise ValueError(f"the curvature factor {names[i]!r} contains NaN or Inf")
         group = by_size.setdefault((m.shape[-1], m.dtype, m.device), [])
         twin = next((j for j in group if torch.equal(mats[j], m)), None)
         if twin is None:

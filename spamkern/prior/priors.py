@@ -133,6 +133,27 @@ class Prior(nn.Module):
         """(P,) prior precision δ of every parameter, aligned with ``model.parameters()``."""
         return self.log_precision_diag(log_precision).exp()
 
+    @torch.no_grad()
+    def group_sums(self, per_param: torch.Tensor) -> torch.Tensor:
+        """Σ over the parameters each hyperparameter governs, for a (P,) ``per_param`` —
+        the adjoint of :meth:`log_precision_diag` (a unitwise entry counts in its row's a
+        and its column's b), in the layout of ``log_precision``."""
+        out = per_param.new_zeros(self.log_precision.shape)
+        offset = 0
+        for slot, tp in zip(self.slots, self.per_tensor(self.log_precision.detach())):
+            n = max(1, math.prod(slot.shape))
+            part = per_param[offset : offset + n]
+            offset += n
+            if tp.kind == "scalar":
+                out[slot.start] += part.sum()
+            elif tp.kind == "unit":
+                grid = part.reshape(slot.rows, slot.cols, -1)
+                out[slot.start : slot.start + slot.rows] += grid.sum((1, 2))
+                out[slot.start + slot.rows : slot.stop] += grid.sum((0, 2))
+            else:
+                out[slot.start : slot.stop] += part
+        return out
+
     def set_precision(self, value) -> None:
         """Overwrite the precisions in place (any shape :meth:`to_log_precision` accepts)."""
         with torch.no_grad():

@@ -219,3 +219,14 @@ def test_fixed_point_reaches_adams_evidence_in_float32(prior):
     fixed, *_ = _run(post, "fixed-point")
     assert fixed >= adam
     assert fixed > start
+
+
+@pytest.mark.parametrize("prior", PRIORS)
+def test_group_sums_are_the_adjoint_of_the_expansion(prior):
+    """Prior.group_sums(v) = ∂/∂lp Σ v ∘ log_precision_diag(lp), for every prior kind."""
+    post = _fit("cnn", prior)
+    gen = torch.Generator().manual_seed(4)
+    v = torch.randn(post.n_params, dtype=post.mean.dtype, generator=gen)
+    lp = post.prior.log_precision.detach().clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad((post.prior.log_precision_diag(lp) * v).sum(), lp)
+    torch.testing.assert_close(post.prior.group_sums(v), expected, rtol=1e-12, atol=1e-12)
