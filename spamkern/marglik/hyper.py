@@ -151,10 +151,16 @@ class FixedPointHyper:
 
     # -- one evaluation ----------------------------------------------------------------------
     def _evaluate(self, posterior: LaplacePosterior, x: torch.Tensor) -> _Point:
-        x = x.detach().requires_grad_(True)
+        x = x.detach()
         lp, ls = self._split(x)
-        value = posterior.log_evidence(lp, ls)
-        (grad,) = torch.autograd.grad(value, x)
+        closed = None if self.learn_sigma else posterior.scalar_evidence_and_gradient(lp)
+        if closed is not None:  # scalar/layerwise: value and gradient in one pass
+            value, grad = closed
+        else:
+            x.requires_grad_(True)
+            lp, ls = self._split(x)
+            value = posterior.log_evidence(lp, ls)
+            (grad,) = torch.autograd.grad(value, x)
         with torch.no_grad():
             scatter = self.prior.group_sums(self.prior.precision_diag(lp) * posterior.mean.square())
             gamma = 2.0 * grad[: lp.numel()] + scatter  # ∂E/∂log δ_g = ½ (γ_g − δ_g ‖θ_g‖²)

@@ -230,3 +230,27 @@ def test_group_sums_are_the_adjoint_of_the_expansion(prior):
     lp = post.prior.log_precision.detach().clone().requires_grad_(True)
     (expected,) = torch.autograd.grad((post.prior.log_precision_diag(lp) * v).sum(), lp)
     torch.testing.assert_close(post.prior.group_sums(v), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("prior", PRIORS)
+@pytest.mark.parametrize(
+    ("case", "structure"),
+    [("mlp", "kron"), ("mlp", "diag"), ("cnn", "kron"), ("reg-mlp", "kron")],
+)
+def test_closed_form_evidence_gradient_equals_autograd(case, structure, prior):
+    """scalar/layerwise: the one-pass value and gradient equal log_evidence and its autograd
+    gradient in float64; the other priors have no closed form (None)."""
+    post = _fit(case, prior, structure)
+    lp = post.prior.log_precision.detach() + 0.3 * torch.randn(
+        post.prior.log_precision.shape, dtype=post.mean.dtype,
+        generator=torch.Generator().manual_seed(2),
+    )  # fmt: skip
+    closed = post.scalar_evidence_and_gradient(lp)
+    if prior not in ("scalar", "layerwise"):
+        assert closed is None
+        return
+    x = lp.clone().requires_grad_(True)
+    value = post.log_evidence(x)
+    (grad,) = torch.autograd.grad(value, x)
+    torch.testing.assert_close(closed[0], value.detach(), rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(closed[1], grad, rtol=1e-10, atol=1e-10)
