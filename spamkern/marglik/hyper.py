@@ -153,7 +153,7 @@ class FixedPointHyper:
     def _evaluate(self, posterior: LaplacePosterior, x: torch.Tensor) -> _Point:
         x = x.detach()
         lp, ls = self._split(x)
-        closed = None if self.learn_sigma else posterior.scalar_evidence_and_gradient(lp)
+        closed = None if self.learn_sigma else posterior.closed_form_evidence_and_gradient(lp)
         if closed is not None:  # scalar/layerwise: value and gradient in one pass
             value, grad = closed
         else:

@@ -270,6 +270,11 @@ class DiagBlock:
     def unitwise_parts(self, tp: TensorPrecision) -> list:
         return []
 
+    def full_logdet_and_inverse(self, delta: torch.Tensor, scale) -> tuple:
+        """(log det, diag Π⁻¹ shaped like ``delta``) for per-entry precisions ``delta``."""
+        c = scale * self.h.reshape(delta.shape) + delta
+        return c.log().sum(), c.reciprocal()
+
     def eigen(self, tp: TensorPrecision, scale, unitwise: bool) -> BlockEigen:
         # laid out like the (p, q) view of the block that J and inverse_diag use
         h = self.h.reshape(weight_matrix_shape(self.shape))
@@ -290,6 +295,7 @@ class KronBlock:
         self.name = name
         self.values: list[torch.Tensor] | None = None
         self.vectors: list[torch.Tensor] | None = None
+        self._squared: tuple | None = None
         self.unit_cache = WhitenedEigenCache()
 
     def public_factors(self) -> tuple[torch.Tensor, ...]:
@@ -360,6 +366,30 @@ class KronBlock:
     def unitwise_parts(self, tp: TensorPrecision) -> list:
         """Arguments of :func:`unitwise_logdet` for this block."""
         return [(self.factors, tp, self.shape, self.unit_cache)]
+
+    def squared_basis(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(Q1∘Q1, Q2∘Q2 or None): the projection of a parameterwise δ onto the eigenbasis,
+        kept while the hyperparameters move."""
+        if self._squared is None:
+            vectors = self.basis()
+            second = vectors[1].square() if len(vectors) == 2 else None
+            self._squared = (vectors[0].square(), second)
+        return self._squared
+
+    def full_logdet_and_inverse(self, delta: torch.Tensor, scale) -> tuple:
+        """Parameterwise (p, q) ``delta``: (Σ log(s·λ1λ2ᵀ + δ̃), (Q1∘Q1)(1/c)(Q2∘Q2)ᵀ) — the
+        log det of :meth:`eigen` and the diagonal of its inverse, which is also
+        ∂ log det / ∂δ (δ̃ is linear in δ)."""
+        s1, s2 = self.squared_basis()
+        l1, l2 = self.eigenvalues()
+        projected = s1.T @ delta
+        if s2 is not None:
+            projected = projected @ s2
+        c = scale * torch.outer(l1, l2) + projected
+        inverse = s1 @ c.reciprocal()
+        if s2 is not None:
+            inverse = inverse @ s2.T
+        return c.log().sum(), inverse
 
     def eigen(self, tp: TensorPrecision, scale, unitwise: bool) -> BlockEigen:
         if unitwise:
@@ -451,6 +481,20 @@ class RowSlicedKronBlock:
 
     def unitwise_parts(self, tp: TensorPrecision) -> list:
         return [x for part, t in zip(self.parts, self._split(tp)) for x in part.unitwise_parts(t)]
+
+    def full_logdet_and_inverse(self, delta: torch.Tensor, scale) -> tuple:
+        """:meth:`KronBlock.full_logdet_and_inverse` slice by slice, ``delta`` (out, d)."""
+        q1, q2 = self._stacked_vectors()
+        s1, s2 = q1.square(), (q2.square() if q2 is not None else None)
+        D = delta.reshape(len(self.parts), self.rows, -1)
+        projected = s1.mT @ D
+        if s2 is not None:
+            projected = projected @ s2
+        c = scale * self._stacked_products() + projected
+        inverse = s1 @ c.reciprocal()
+        if s2 is not None:
+            inverse = inverse @ s2.mT
+        return c.log().sum(), inverse.reshape(delta.shape)
 
     def eigen(self, tp: TensorPrecision, scale, unitwise: bool) -> StackedEigen:
         if unitwise:  # whitened per slice (each slice has its own rows of a)

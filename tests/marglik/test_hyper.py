@@ -238,15 +238,15 @@ def test_group_sums_are_the_adjoint_of_the_expansion(prior):
     [("mlp", "kron"), ("mlp", "diag"), ("cnn", "kron"), ("reg-mlp", "kron")],
 )
 def test_closed_form_evidence_gradient_equals_autograd(case, structure, prior):
-    """scalar/layerwise: the one-pass value and gradient equal log_evidence and its autograd
-    gradient in float64; the other priors have no closed form (None)."""
+    """scalar/layerwise/parameterwise: the one-pass value and gradient equal log_evidence
+    and its autograd gradient in float64; unitwise has no closed form (None)."""
     post = _fit(case, prior, structure)
     lp = post.prior.log_precision.detach() + 0.3 * torch.randn(
         post.prior.log_precision.shape, dtype=post.mean.dtype,
         generator=torch.Generator().manual_seed(2),
     )  # fmt: skip
-    closed = post.scalar_evidence_and_gradient(lp)
-    if prior not in ("scalar", "layerwise"):
+    closed = post.closed_form_evidence_and_gradient(lp)
+    if prior == "unitwise":
         assert closed is None
         return
     x = lp.clone().requires_grad_(True)
