@@ -368,3 +368,17 @@ def test_fit_under_no_grad_equals_fit_with_grad():
     for a, b in zip(quiet.kron_factors, loud.kron_factors):
         for fa, fb in zip(a, b):
             torch.testing.assert_close(fa, fb, rtol=0, atol=0)
+
+
+def test_sampled_labels_follow_the_predictive():
+    """MC-GGN labels: P(label = k) = p_k per row, including classes of probability 0."""
+    from spamkern.curvature.likelihood import _sample_labels
+
+    p = torch.tensor([[0.1, 0.0, 0.6, 0.3], [0.0, 0.0, 0.0, 1.0]], dtype=torch.float64)
+    reps = 20000
+    labels = _sample_labels(p.repeat(reps, 1), torch.Generator().manual_seed(0))
+    counts = torch.stack([torch.bincount(labels[i::2], minlength=4) for i in range(2)])
+    freq = counts.double() / reps
+    sd = (p * (1 - p) / reps).sqrt()
+    assert bool(((freq - p).abs() <= 5 * sd + 1e-12).all())
+    assert int(labels.max()) <= 3 and int(counts[0, 1]) == 0 and int(counts[1, 3]) == reps
