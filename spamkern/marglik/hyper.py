@@ -294,68 +294,74 @@ class FixedPointHyper:
             return False
         return sum(gains[-_ROUNDOFF_WINDOW:]) <= sum(noise[-_ROUNDOFF_WINDOW:])
 
-    def step(self, posterior: LaplacePosterior) -> float:
-        x0 = self._x0(posterior)
+    def _bounds(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """log δ within ``log_bounds`` (or where it already is); σ unbounded."""
         lo, hi = x0.clone(), x0.clone()
         n = self.prior.log_precision.numel()
         lo[:n] = x0[:n].clamp_max(self.log_bounds[0])
         hi[:n] = x0[:n].clamp_min(self.log_bounds[1])
         lo[n:], hi[n:] = -math.inf, math.inf
-        tic = time.perf_counter()
-        point = self._evaluate(posterior, x0)
-        self.history = [(1, time.perf_counter() - tic, point.value)]
-        diagonal = not (self.prior.kind == "parameterwise" and posterior.structure == "kron")
-        pairs: list = []
-        cheap = self._cheap_side(posterior)
-        side = None  # None: move every hyperparameter; else the cheap side
-        cheap_steps = 0
-        evaluations = iterations = 0
-        gains: list[float] = []  # per iteration, and the round-off seen in each
-        noise: list[float] = []
-        while iterations < self.n_steps:
-            iterations += 1
-            direction = self._direction(point, pairs, diagonal, side)
-            accepted = None
-            # skip when the first-order gain of a full step is below the tolerance
-            if float(torch.dot(direction, point.grad)) > self.tol * posterior.n_data:
-                accepted, tried = self._guarded_step(posterior, point, direction, (lo, hi))
-                evaluations += tried
-            if accepted is None:  # no ascent left (at round-off level) along this direction
-                if side is None:
-                    break
-                side = None
-                continue
-            s, y = accepted.x - point.x, point.grad - accepted.grad  # y: change of ∇(−E)
-            sy = torch.dot(s, y)
-            if sy > 1e-12 * s.norm() * y.norm():
-                pairs.append((s, y, 1.0 / sy))
-                del pairs[: -self.memory]
-            # the gain, also by the trapezoid rule on the gradients: exact to second order
-            # and, unlike the difference of two evidences, free of their round-off in float32
-            trapezoid = 0.5 * float(torch.dot(s, point.grad + accepted.grad))
-            gains.append(max(accepted.value - point.value, trapezoid))
-            noise.append(abs(accepted.value - point.value - trapezoid))
-            point = accepted
-            self.history.append((evaluations + 1, time.perf_counter() - tic, point.value))
-            stalled = self._converged(gains, noise, posterior.n_data)
-            if stalled and side is None:
-                break
-            # after a full step up to _CHEAP_STEPS cheap ones, then a full step again
-            if side is None and not stalled:
-                side, cheap_steps = cheap, 1
-            elif side is not None and not stalled and cheap_steps < _CHEAP_STEPS:
-                cheap_steps += 1
-            else:
-                side = None
+        return lo, hi
+
+    def _learn(self, point: _Point, accepted: _Point, pairs: list, gains: list, noise: list):
+        """Keep the step's curvature pair and its gain (the larger of the evidence difference
+        and the trapezoid rule on the gradients — exact to second order and, unlike the
+        difference of two evidences, free of their round-off in float32), and the gap
+        between the two (the round-off)."""
+        s, y = accepted.x - point.x, point.grad - accepted.grad  # y: change of ∇(−E)
+        sy = torch.dot(s, y)
+        if sy > 1e-12 * s.norm() * y.norm():
+            pairs.append((s, y, 1.0 / sy))
+            del pairs[: -self.memory]
+        trapezoid = 0.5 * float(torch.dot(s, point.grad + accepted.grad))
+        gains.append(max(accepted.value - point.value, trapezoid))
+        noise.append(abs(accepted.value - point.value - trapezoid))
+
+    def _write_back(self, posterior: LaplacePosterior, point: _Point) -> None:
         lp, ls = self._split(point.x)
         with torch.no_grad():
             self.prior.log_precision.copy_(lp)
             if self.learn_sigma:
                 self.log_sigma.copy_(ls)
                 posterior.log_sigma = ls.clone()
+        _check_finite(
+            torch.tensor(point.value), self.prior, self.log_sigma if self.learn_sigma else None
+        )
+
+    def step(self, posterior: LaplacePosterior) -> float:
+        x0 = self._x0(posterior)
+        bounds = self._bounds(x0)
+        tic = time.perf_counter()
+        point = self._evaluate(posterior, x0)
+        self.history = [(1, time.perf_counter() - tic, point.value)]
+        diagonal = not (self.prior.kind == "parameterwise" and posterior.structure == "kron")
+        schedule = _CheapSchedule(self._cheap_side(posterior))
+        pairs: list = []
+        gains: list[float] = []  # per iteration, and the round-off seen in each
+        noise: list[float] = []
+        evaluations = iterations = 0
+        while iterations < self.n_steps:
+            iterations += 1
+            direction = self._direction(point, pairs, diagonal, schedule.side)
+            accepted = None
+            # skip when the first-order gain of a full step is below the tolerance
+            if float(torch.dot(direction, point.grad)) > self.tol * posterior.n_data:
+                accepted, tried = self._guarded_step(posterior, point, direction, bounds)
+                evaluations += tried
+            if accepted is None:  # no ascent left (at round-off level) along this direction
+                if schedule.side is None:
+                    break
+                schedule.side = None
+                continue
+            self._learn(point, accepted, pairs, gains, noise)
+            point = accepted
+            self.history.append((evaluations + 1, time.perf_counter() - tic, point.value))
+            stalled = self._converged(gains, noise, posterior.n_data)
+            if stalled and schedule.side is None:
+                break
+            schedule.advance(stalled)
+        self._write_back(posterior, point)
         self.n_evaluations, self.n_iterations = evaluations + 1, iterations
-        value = torch.tensor(point.value)
-        _check_finite(value, self.prior, self.log_sigma if self.learn_sigma else None)
         return point.value
 
     def state_dict(self) -> dict[str, Any]:
@@ -364,6 +370,26 @@ class FixedPointHyper:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         _check_method(state, self.method)
+
+
+class _CheapSchedule:
+    """Which hyperparameters the next step moves: all of them (``side`` None), or — after a
+    full step, for up to ``_CHEAP_STEPS`` steps — the cheap side (unitwise Kronecker
+    posteriors only, see :meth:`FixedPointHyper._cheap_side`); a stalled step ends the run
+    of cheap steps."""
+
+    def __init__(self, cheap):
+        self.cheap = cheap
+        self.side = None
+        self.count = 0
+
+    def advance(self, stalled: bool) -> None:
+        if self.side is None and not stalled:
+            self.side, self.count = self.cheap, 1
+        elif self.side is not None and not stalled and self.count < _CHEAP_STEPS:
+            self.count += 1
+        else:
+            self.side = None
 
 
 def effective_parameters(
