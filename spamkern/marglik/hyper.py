@@ -157,15 +157,15 @@ class FixedPointHyper:
         x = x.detach()
         lp, ls = self._split(x)
         closed = None if self.learn_sigma else posterior.closed_form_evidence_and_gradient(lp)
-        if closed is not None:  # scalar/layerwise: value and gradient in one pass
-            value, grad = closed
+        if closed is not None:  # scalar, layerwise, parameterwise: no autograd
+            value, grad, scatter = closed
         else:
             x.requires_grad_(True)
             lp, ls = self._split(x)
             value = posterior.log_evidence(lp, ls)
             (grad,) = torch.autograd.grad(value, x)
-        with torch.no_grad():
             scatter = self.prior.group_sums(self.prior.precision_diag(lp) * posterior.mean.square())
+        with torch.no_grad():
             gamma = 2.0 * grad[: lp.numel()] + scatter  # ∂E/∂log δ_g = ½ (γ_g − δ_g ‖θ_g‖²)
             step, scale = self._mackay(gamma, scatter)
             if self.learn_sigma:  # ∂E/∂log σ = 2sL − (N·C − γ_total)

@@ -69,7 +69,8 @@ def gram_upper(x: torch.Tensor, out: torch.Tensor | None = None, alpha: float = 
 
 def mirror_upper_(m: torch.Tensor) -> torch.Tensor:
     """Copy the upper triangle of (a stack of) square matrices onto the lower, in place."""
-    return m.copy_(torch.triu(m).add_(torch.triu(m, 1).mT))
+    strict = torch.triu(m, 1)  # the one copy: the lower triangle is read from it
+    return m.triu_().add_(strict.mT)
 
 
 def unfold_patches(

@@ -11,6 +11,7 @@ precisions and log σ.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -29,6 +30,15 @@ from spamkern.posterior.blocks import (
 )
 from spamkern.prior.priors import Prior, TensorPrecision
 from spamkern.validation import check_positive_finite
+
+
+class ClosedFormEvidence(NamedTuple):
+    """:meth:`LaplacePosterior.closed_form_evidence_and_gradient`'s result, in the prior's
+    flat hyperparameter layout."""
+
+    value: torch.Tensor  # the log evidence (0-d)
+    grad: torch.Tensor  # ∂E/∂log δ
+    scatter: torch.Tensor  # Σ_{i∈g} δ_i θ_i² per hyperparameter g
 
 
 class LaplacePosterior:
@@ -228,11 +238,12 @@ class LaplacePosterior:
     @torch.no_grad()
     def closed_form_evidence_and_gradient(
         self, log_precision: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(log evidence, its gradient w.r.t. ``log_precision``) in closed form, at the
-        posterior's σ, for scalar, layerwise and parameterwise priors; None for unitwise
-        (its whitened eigendecompositions have their own cached path). For one δ per
-        tensor, with c = s·λ1λ2ᵀ + δ_t over tensor t's eigenvalue products,
+    ) -> ClosedFormEvidence | None:
+        """The log evidence, its gradient w.r.t. ``log_precision`` and the prior's scatter
+        Σ_{i∈g} δ_i θ_i² per hyperparameter, in closed form at the posterior's σ, for
+        scalar, layerwise and parameterwise priors; None for unitwise (its whitened
+        eigendecompositions have their own cached path). For one δ per tensor, with
+        c = s·λ1λ2ᵀ + δ_t over tensor t's eigenvalue products,
 
             ∂E/∂log δ_t = −½ (δ_t Σ 1/c − n_t + δ_t ‖θ_t‖²),
 
@@ -253,15 +264,17 @@ class LaplacePosterior:
             inverse.append(c.reciprocal().sum())
         logdet_total = torch.stack(logdet).sum() - (counts * log_delta).sum()
         value = self.log_likelihood() - 0.5 * (logdet_total + (delta * squares).sum())
-        per_tensor = -0.5 * (delta * torch.stack(inverse) - counts + delta * squares)
-        grad = torch.zeros_like(log_precision)
-        for slot, g in zip(self.prior.slots, per_tensor):
+        scatter = delta * squares
+        per_tensor = -0.5 * (delta * torch.stack(inverse) - counts + scatter)
+        grad, scatter_g = torch.zeros_like(log_precision), torch.zeros_like(log_precision)
+        for slot, g, sc in zip(self.prior.slots, per_tensor, scatter):
             grad[slot.start] += g
-        return value, grad
+            scatter_g[slot.start] += sc
+        return ClosedFormEvidence(value, grad, scatter_g)
 
     def _parameterwise_evidence_and_gradient(
         self, log_precision: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> ClosedFormEvidence:
         """Parameterwise: ∂E/∂log δ_i = −½ (δ_i Σ_ii − 1 + δ_i θ_i²) with Σ_ii the diagonal
         of the block's inverse in its eigenbasis (exactly ∂ log det/∂δ_i of the projected
         δ̃), one projection and its adjoint per block and evaluation."""
@@ -279,7 +292,7 @@ class LaplacePosterior:
         log_det_ratio = torch.stack(logdet).sum() - log_precision.sum()
         value = self.log_likelihood() - 0.5 * (log_det_ratio + scatter.sum())
         grad = -0.5 * (delta * torch.cat(inverse) - 1.0 + scatter)
-        return value, grad
+        return ClosedFormEvidence(value, grad, scatter)
 
     def _scalar_plan_terms(self) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
         """Per tensor: s·λ1 ⊗ λ2 (flat), the entry count and ‖θ_t‖² (cached per posterior
