@@ -92,8 +92,9 @@ def _sample_labels(p: torch.Tensor, generator: torch.Generator | None) -> torch.
     ``torch.multinomial`` for small C (one uniform per row, a cumulative sum, a count)."""
     device = _draw_device(generator, p)
     u = torch.rand((p.shape[0], 1), generator=generator, dtype=p.dtype, device=device)
-    below = p.to(device).cumsum(-1) < u  # the cumulative sum may end a rounding below 1
-    return below.sum(-1).clamp_max(p.shape[-1] - 1).to(p.device)
+    labels = torch.searchsorted(p.to(device).cumsum(-1), u, right=True).squeeze(1)
+    # the cumulative sum may end a rounding below 1
+    return labels.clamp_max_(p.shape[-1] - 1).to(p.device)
 
 
 def pseudo_gradients(
@@ -113,11 +114,9 @@ def pseudo_gradients(
             # column k of L: √p_k (e_k − p)  ->  V[n, k, :] = √p_k (e_k − p)
             eye = torch.eye(c, dtype=f.dtype, device=f.device)
             return sqrt_p.unsqueeze(-1) * (eye.unsqueeze(0) - p.unsqueeze(1))
-        if curvature == "ggn-mc":
-            labels = _sample_labels(p, generator)
-        else:
-            labels = y
-        return (p - F.one_hot(labels, c).to(p.dtype)).unsqueeze(1)
+        labels = _sample_labels(p, generator) if curvature == "ggn-mc" else y
+        # p − e_label, in place on the fresh softmax (no one-hot tensor)
+        return p.scatter_add_(1, labels.reshape(n, 1), p.new_full((n, 1), -1.0)).unsqueeze(1)
     if curvature == "ggn":
         eye = torch.eye(c, dtype=f.dtype, device=f.device)
         return eye.expand(n, c, c)
