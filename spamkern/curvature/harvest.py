@@ -38,6 +38,7 @@ from spamkern.curvature.accumulate import (
     _accumulate_linear,
     _accumulate_mean,
     _kron_factors,
+    _needs,
     _per_call_blocks,
     _Recorder,
     check_finite,
@@ -45,6 +46,7 @@ from spamkern.curvature.accumulate import (
 )
 from spamkern.curvature.likelihood import pseudo_gradients
 from spamkern.curvature.structure import CONVS, ParamBlock
+from spamkern.ops.factors import gram_upper
 from spamkern.posterior.eigen import keep_eigh
 
 CURVATURE_SOURCES = ("epoch", "refit")
@@ -158,13 +160,12 @@ class EpochHarvest:
                     f"module {rec.blocks[0][1].module_name!r} is called more than once; its "
                     "exact diagonal needs per-sample autograd: use curvature_source='refit'"
                 )
-            g = g * scale if scale != 1.0 else g
             a, _, positions = rec.calls[i][site]
             own, key = _per_call_blocks(rec, site), (id(rec.module), site)
             if _stashable(rec.module, a, positions, own):
-                self._stash.add(key, rec.module, own, a, g)
+                self._stash.add(key, rec.module, own, a, g, scale)
                 continue
-            g = g.unsqueeze(0)
+            g = (g * scale if scale != 1.0 else g).unsqueeze(0)
             parts = (self._G, self._A, self._diags, key not in self._given_A)
             if isinstance(rec.module, CONVS):
                 _accumulate_conv(key, rec.module, a, g, own, *parts)
@@ -172,10 +173,14 @@ class EpochHarvest:
                 _accumulate_linear(key, a, g, positions, own, *parts)
             _accumulate_mean(rec.module, a, positions, own, self._means)
 
-    def _sum_rows(self, key, module: nn.Module, own, a: torch.Tensor, g: torch.Tensor) -> None:
-        """Add stacked rows of one plain Linear map to its G, A and input mean."""
-        parts = (self._G, self._A, self._diags, key not in self._given_A)
-        _accumulate_linear(key, a, g.unsqueeze(0), None, own, *parts)
+    def _sum_rows(self, key, module: nn.Module, own, a: torch.Tensor, g: torch.Tensor, alpha):
+        """Add stacked rows of one plain Linear map (Kronecker blocks only) to its G (scaled
+        by ``alpha``), A and input mean."""
+        need_G, need_A = _needs(own)
+        if need_G:
+            self._G[key] = gram_upper(g, self._G.get(key), alpha)
+        if need_A and key not in self._given_A:
+            self._A[key] = gram_upper(a, self._A.get(key))
         _accumulate_mean(module, a, None, own, self._means)
 
     def curvature(self) -> Curvature:
@@ -217,28 +222,34 @@ def _stashable(module: nn.Module, a: torch.Tensor, positions, own) -> bool:
 
 class _RowStash:
     """Inputs and output gradients of plain Linear maps, stacked over batches and handed
-    to ``sum_rows(key, module, blocks, a, g)`` once ``_STASH_ROWS`` rows are in (and at
-    :meth:`flush`). Every sum taken of them is a sum over rows, so the result is the
-    per-batch one up to the order of floating-point additions."""
+    to ``sum_rows(key, module, blocks, a, g, alpha)`` once ``_STASH_ROWS`` rows are in (and
+    at :meth:`flush`). Every sum taken of them is a sum over rows, so the result is the
+    per-batch one up to the order of floating-point additions. Each batch's gradients come
+    with their scale (EF: × B); equal scales become the Gram product's ``alpha`` = scale²
+    instead of a pass over the rows."""
 
     def __init__(self, sum_rows):
         self.sum_rows = sum_rows
-        self.pending: dict = {}  # key -> (module, blocks, [a], [g], rows)
+        self.pending: dict = {}  # key -> (module, blocks, [a], [g], [scale], rows)
 
-    def add(self, key, module: nn.Module, own, a: torch.Tensor, g: torch.Tensor) -> None:
-        module_, own_, a_rows, g_rows, count = self.pending.get(key, (module, own, [], [], 0))
-        a_rows.append(a)
-        g_rows.append(g)
-        count += a.shape[0]
-        self.pending[key] = (module_, own_, a_rows, g_rows, count)
-        if count >= _STASH_ROWS:
+    def add(self, key, module: nn.Module, own, a: torch.Tensor, g: torch.Tensor, scale) -> None:
+        entry = self.pending.setdefault(key, (module, own, [], [], [], [0]))
+        entry[2].append(a)
+        entry[3].append(g)
+        entry[4].append(scale)
+        entry[5][0] += a.shape[0]
+        if entry[5][0] >= _STASH_ROWS:
             self._flush_key(key)
 
     def _flush_key(self, key) -> None:
-        module, own, a_rows, g_rows, _ = self.pending.pop(key)
+        module, own, a_rows, g_rows, scales, _ = self.pending.pop(key)
+        alpha = scales[0] ** 2
+        if any(s != scales[0] for s in scales):  # e.g. a shorter last batch
+            g_rows = [g * s for g, s in zip(g_rows, scales)]
+            alpha = 1.0
         a = a_rows[0] if len(a_rows) == 1 else torch.cat(a_rows)
         g = g_rows[0] if len(g_rows) == 1 else torch.cat(g_rows)
-        self.sum_rows(key, module, own, a, g)
+        self.sum_rows(key, module, own, a, g, alpha)
 
     def flush(self) -> None:
         for key in list(self.pending):
