@@ -27,6 +27,7 @@ eigendecompositions are then computed once per run too.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -220,6 +221,18 @@ def _stashable(module: nn.Module, a: torch.Tensor, positions, own) -> bool:
     )
 
 
+@dataclass
+class _Pending:
+    """One Linear map's rows waiting for their Gram products."""
+
+    module: nn.Module
+    blocks: list
+    inputs: list = field(default_factory=list)
+    grads: list = field(default_factory=list)
+    scales: list = field(default_factory=list)
+    rows: int = 0
+
+
 class _RowStash:
     """Inputs and output gradients of plain Linear maps, stacked over batches and handed
     to ``sum_rows(key, module, blocks, a, g, alpha)`` once ``_STASH_ROWS`` rows are in (and
@@ -230,26 +243,25 @@ class _RowStash:
 
     def __init__(self, sum_rows):
         self.sum_rows = sum_rows
-        self.pending: dict = {}  # key -> (module, blocks, [a], [g], [scale], rows)
+        self.pending: dict = {}  # key -> _Pending
 
     def add(self, key, module: nn.Module, own, a: torch.Tensor, g: torch.Tensor, scale) -> None:
-        entry = self.pending.setdefault(key, (module, own, [], [], [], [0]))
-        entry[2].append(a)
-        entry[3].append(g)
-        entry[4].append(scale)
-        entry[5][0] += a.shape[0]
-        if entry[5][0] >= _STASH_ROWS:
+        entry = self.pending.setdefault(key, _Pending(module, own))
+        entry.inputs.append(a)
+        entry.grads.append(g)
+        entry.scales.append(scale)
+        entry.rows += a.shape[0]
+        if entry.rows >= _STASH_ROWS:
             self._flush_key(key)
 
     def _flush_key(self, key) -> None:
-        module, own, a_rows, g_rows, scales, _ = self.pending.pop(key)
-        alpha = scales[0] ** 2
-        if any(s != scales[0] for s in scales):  # e.g. a shorter last batch
-            g_rows = [g * s for g, s in zip(g_rows, scales)]
-            alpha = 1.0
-        a = a_rows[0] if len(a_rows) == 1 else torch.cat(a_rows)
-        g = g_rows[0] if len(g_rows) == 1 else torch.cat(g_rows)
-        self.sum_rows(key, module, own, a, g, alpha)
+        entry = self.pending.pop(key)
+        grads, alpha = entry.grads, entry.scales[0] ** 2
+        if any(s != entry.scales[0] for s in entry.scales):  # e.g. a shorter last batch
+            grads, alpha = [g * s for g, s in zip(grads, entry.scales)], 1.0
+        a = torch.cat(entry.inputs) if len(entry.inputs) > 1 else entry.inputs[0]
+        g = torch.cat(grads) if len(grads) > 1 else grads[0]
+        self.sum_rows(key, entry.module, entry.blocks, a, g, alpha)
 
     def flush(self) -> None:
         for key in list(self.pending):
