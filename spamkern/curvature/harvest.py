@@ -27,7 +27,7 @@ eigendecompositions are then computed once per run too.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -111,7 +111,7 @@ class EpochHarvest:
         self._diags: dict[int, torch.Tensor] = {}
         self._means: dict[int, torch.Tensor] = {}  # Σ_n E[a] per weight, as the refit
         self._recorder: _Recorder | None = None
-        self._stash = _RowStash(self._sum_rows)
+        self._stash = _RowStash(self._sum_rows, self._stash_needs, self._stash_mean)
 
     def __enter__(self) -> EpochHarvest:
         self._recorder = _Recorder(self.blocks)
@@ -174,15 +174,22 @@ class EpochHarvest:
                 _accumulate_linear(key, a, g, positions, own, *parts)
             _accumulate_mean(rec.module, a, positions, own, self._means)
 
-    def _sum_rows(self, key, module: nn.Module, own, a: torch.Tensor, g: torch.Tensor, alpha):
-        """Add stacked rows of one plain Linear map (Kronecker blocks only) to its G (scaled
-        by ``alpha``), A and input mean."""
+    def _stash_needs(self, key, own) -> tuple[bool, bool]:
+        """(G summed, A summed) for a plain Linear map: A not where it is given."""
         need_G, need_A = _needs(own)
-        if need_G:
-            self._G[key] = gram_upper(g, self._G.get(key), alpha)
-        if need_A and key not in self._given_A:
-            self._A[key] = gram_upper(a, self._A.get(key))
+        return need_G, need_A and key not in self._given_A
+
+    def _stash_mean(self, module: nn.Module, own, a: torch.Tensor) -> None:
         _accumulate_mean(module, a, None, own, self._means)
+
+    def _sum_rows(self, key, module: nn.Module, own, a, g, alpha) -> None:
+        """Add stacked rows of one plain Linear map (Kronecker blocks only): inputs to its A
+        and input mean, output gradients (scaled by ``alpha``) to its G."""
+        if g is not None:
+            self._G[key] = gram_upper(g, self._G.get(key), alpha)
+        if a is not None:
+            self._A[key] = gram_upper(a, self._A.get(key))
+            _accumulate_mean(module, a, None, own, self._means)
 
     def curvature(self) -> Curvature:
         """The harvested blocks, laid out and scaled like :func:`accumulate_curvature`'s."""
@@ -221,51 +228,92 @@ def _stashable(module: nn.Module, a: torch.Tensor, positions, own) -> bool:
     )
 
 
+class _RowBuffer:
+    """Rows of one matrix copied in batch by batch (the copy a concatenation would make,
+    into storage of its own, so a data loader that reuses its batch tensors cannot change
+    them), each batch with its scale."""
+
+    def __init__(self) -> None:
+        self.data: torch.Tensor | None = None
+        self.rows = 0
+        self.spans: list[tuple[int, int, float]] = []
+
+    def fits(self, n: int) -> bool:
+        return self.data is None or self.rows + n <= self.data.shape[0]
+
+    def append(self, x: torch.Tensor, scale: float = 1.0) -> None:
+        if self.data is None:
+            self.data = x.new_empty(max(_STASH_ROWS, x.shape[0]), x.shape[1])
+        stop = self.rows + x.shape[0]
+        self.data[self.rows : stop].copy_(x)
+        self.spans.append((self.rows, stop, scale))
+        self.rows = stop
+
+    def take(self) -> tuple[torch.Tensor, float]:
+        """The rows so far and the Gram product's alpha: scale² when every batch has the
+        same scale (EF: × B), else 1 with each batch's rows rescaled (a shorter last batch)."""
+        rows, scales = self.data[: self.rows], [scale for *_, scale in self.spans]
+        alpha = scales[0] ** 2
+        if any(scale != scales[0] for scale in scales):
+            for start, stop, scale in self.spans:
+                rows[start:stop].mul_(scale)
+            alpha = 1.0
+        self.rows, self.spans = 0, []
+        return rows, alpha
+
+
 @dataclass
 class _Pending:
-    """One Linear map's rows waiting for their Gram products."""
+    """One Linear map's rows waiting for their Gram products: inputs when its A is still
+    to be summed, output gradients when its G is."""
 
     module: nn.Module
     blocks: list
-    inputs: list = field(default_factory=list)
-    grads: list = field(default_factory=list)
-    scales: list = field(default_factory=list)
-    rows: int = 0
+    inputs: _RowBuffer | None
+    grads: _RowBuffer | None
 
 
 class _RowStash:
     """Inputs and output gradients of plain Linear maps, stacked over batches and handed
     to ``sum_rows(key, module, blocks, a, g, alpha)`` once ``_STASH_ROWS`` rows are in (and
-    at :meth:`flush`). Every sum taken of them is a sum over rows, so the result is the
-    per-batch one up to the order of floating-point additions. Each batch's gradients come
-    with their scale (EF: × B); equal scales become the Gram product's ``alpha`` = scale²
-    instead of a pass over the rows."""
+    at :meth:`flush`); ``a`` or ``g`` is None where that factor is not summed. Every sum
+    taken of them is a sum over rows, so the result is the per-batch one up to the order
+    of floating-point additions. ``needs(key, blocks)`` says which factors a map sums;
+    ``add_mean(module, blocks, a)`` takes the input mean of a batch whose inputs are not
+    kept."""
 
-    def __init__(self, sum_rows):
-        self.sum_rows = sum_rows
+    def __init__(self, sum_rows, needs, add_mean):
+        self.sum_rows, self.needs, self.add_mean = sum_rows, needs, add_mean
         self.pending: dict = {}  # key -> _Pending
 
     def add(self, key, module: nn.Module, own, a: torch.Tensor, g: torch.Tensor, scale) -> None:
-        entry = self.pending.setdefault(key, _Pending(module, own))
-        entry.inputs.append(a)
-        entry.grads.append(g)
-        entry.scales.append(scale)
-        entry.rows += a.shape[0]
-        if entry.rows >= _STASH_ROWS:
-            self._flush_key(key)
+        entry = self.pending.get(key)
+        if entry is None:
+            need_G, need_A = self.needs(key, own)
+            inputs, grads = (_RowBuffer() if need_A else None), (_RowBuffer() if need_G else None)
+            entry = self.pending[key] = _Pending(module, own, inputs, grads)
+        if entry.inputs is None:
+            self.add_mean(module, own, a)
+        buffers = [(buf, x) for buf, x in ((entry.inputs, a), (entry.grads, g)) if buf]
+        if not all(buf.fits(x.shape[0]) for buf, x in buffers):
+            self._flush(key)
+        for buf, x in buffers:
+            buf.append(x, scale if buf is entry.grads else 1.0)
+        if any(buf.rows >= _STASH_ROWS for buf, _ in buffers):
+            self._flush(key)
 
-    def _flush_key(self, key) -> None:
-        entry = self.pending.pop(key)
-        grads, alpha = entry.grads, entry.scales[0] ** 2
-        if any(s != entry.scales[0] for s in entry.scales):  # e.g. a shorter last batch
-            grads, alpha = [g * s for g, s in zip(grads, entry.scales)], 1.0
-        a = torch.cat(entry.inputs) if len(entry.inputs) > 1 else entry.inputs[0]
-        g = torch.cat(grads) if len(grads) > 1 else grads[0]
-        self.sum_rows(key, entry.module, entry.blocks, a, g, alpha)
+    def _flush(self, key) -> None:
+        entry = self.pending[key]
+        a = entry.inputs.take()[0] if entry.inputs is not None and entry.inputs.rows else None
+        g, alpha = (None, 1.0)
+        if entry.grads is not None and entry.grads.rows:
+            g, alpha = entry.grads.take()
+        if a is not None or g is not None:
+            self.sum_rows(key, entry.module, entry.blocks, a, g, alpha)
 
     def flush(self) -> None:
-        for key in list(self.pending):
-            self._flush_key(key)
+        for key in self.pending:
+            self._flush(key)
 
 
 class InputFactors:

@@ -165,3 +165,35 @@ def test_regression_ef_harvest_drops_the_noise_factor_like_a_refit():
     torch.testing.assert_close(
         res.posterior.log_marginal_likelihood(), refit.log_marginal_likelihood(), rtol=1e-12, atol=0
     )
+
+
+class _ReusedBuffer:
+    """A loader that writes every batch into the same two tensors, as streaming or
+    pinned-memory loaders may: rows kept across batches must be copies."""
+
+    def __init__(self, X: torch.Tensor, y: torch.Tensor, batch_size: int):
+        self.X, self.y, self.batch_size = X, y, batch_size
+
+    def __iter__(self):
+        xb, yb = self.X[: self.batch_size].clone(), self.y[: self.batch_size].clone()
+        for start in range(0, self.X.shape[0], self.batch_size):
+            xb.copy_(self.X[start : start + self.batch_size])
+            yb.copy_(self.y[start : start + self.batch_size])
+            yield xb, yb
+
+    def __len__(self) -> int:
+        return self.X.shape[0] // self.batch_size
+
+
+def test_ef_harvest_is_exact_when_the_loader_reuses_its_batch_tensors():
+    model, (X, y) = _model("mlp"), _data()
+    res = sk.marglik_train(
+        model, _ReusedBuffer(X, y, 8), n_epochs=1, lr=0.0, curvature="ef",
+        curvature_source="epoch", n_hypersteps=0, fit_final_posterior=False, progress=False,
+        prior_precision=0.7,
+    )  # fmt: skip
+    refit = sk.fit_laplace(
+        model, (X, y), curvature="ef", prior="layerwise", prior_precision=0.7, progress=False
+    )
+    _assert_same_factors(res.posterior, refit)
+    _assert_same_means(res.posterior.curvature.input_means, refit.curvature.input_means, 2)
