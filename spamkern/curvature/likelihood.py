@@ -89,7 +89,7 @@ def _draw_device(generator: torch.Generator | None, like: torch.Tensor) -> torch
 def _sample_labels(p: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One label per row of the probabilities ``p`` (B, C), by inverting the cumulative
     distribution at a uniform draw: P(label = k) = p_k, with a fraction of the cost of
-    ``torch.multinomial`` for small C (one uniform per row, a cumulative sum, a count)."""
+    ``torch.multinomial`` for small C (one uniform per row, a cumulative sum, a search)."""
     device = _draw_device(generator, p)
     u = torch.rand((p.shape[0], 1), generator=generator, dtype=p.dtype, device=device)
     labels = torch.searchsorted(p.to(device).cumsum(-1), u, right=True).squeeze(1)
