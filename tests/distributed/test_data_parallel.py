@@ -13,11 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 from distributed_workers import (
     FIT_CASES,
     N_FIT,
     N_LOADER,
     N_TRAIN,
+    abort_once_worker,
     fit_all,
     fit_and_train_worker,
     fit_summary,
@@ -56,6 +58,11 @@ def assert_fit_equal(got: dict, ref: dict, what: str) -> None:
             assert rel(x, z) < RTOL, what
 
 
+def _written(out: Path, prefix: str, world_size: int = 2) -> bool:
+    """Whether every rank saved its ``prefix`` results (the last thing a worker does)."""
+    return all((out / f"{prefix}{r}.pt").exists() for r in range(world_size))
+
+
 def load_ranks(out: Path, prefix: str, world_size: int = 2) -> list[dict]:
     return [torch.load(out / f"{prefix}{r}.pt", weights_only=False) for r in range(world_size)]
 
@@ -81,7 +88,7 @@ def test_single_process_helpers(monkeypatch):
 def two_ranks(tmp_path_factory) -> Path:
     """One 2-rank spawn: curvature fits, collectives, then an uninterrupted marglik run."""
     out = tmp_path_factory.mktemp("two_ranks")
-    spawn(fit_and_train_worker, 2, str(out))
+    spawn(fit_and_train_worker, 2, str(out), retries=2, done=lambda: _written(out, "unequal"))
     return out
 
 
@@ -166,10 +173,24 @@ def test_killed_and_resumed_run_matches_uninterrupted(tmp_path, two_ranks):
         spawn(marglik_worker, 2, str(tmp_path), "resume", ckpt, False, 3)
     assert not (tmp_path / "resume0.pt").exists()
     assert read_checkpoint(ckpt)["epoch"] == 2
-    spawn(marglik_worker, 2, str(tmp_path), "resume", ckpt, True, None)
+    spawn(
+        marglik_worker, 2, str(tmp_path), "resume", ckpt, True, None,
+        retries=1, done=lambda: _written(tmp_path, "resume"),
+    )  # fmt: skip
     uninterrupted = load_ranks(two_ranks, "resume")
     for r, got in enumerate(load_ranks(tmp_path, "resume")):
         assert got["epochs_run_here"] == [3, 4]  # it really continued from the checkpoint
         assert_marglik_equal(got, uninterrupted[r], f"resumed, rank {r}")
     # the two ranks' runs are one run: identical parameters and hyperparameters
     assert_marglik_equal(uninterrupted[1], uninterrupted[0], "rank 1 vs rank 0")
+
+
+def test_spawn_starts_again_after_an_abort_only_when_allowed(tmp_path):
+    """The harness's answer to a gloo abort: a new try when ``retries`` allows, else the
+    abort is raised (so a rank that always aborts fails its test)."""
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir(), second.mkdir()
+    with pytest.raises(mp.ProcessExitedException, match="SIGABRT"):
+        spawn(abort_once_worker, 2, str(first))
+    spawn(abort_once_worker, 2, str(second), retries=1)
+    assert _written(second, "ok")
