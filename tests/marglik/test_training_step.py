@@ -26,8 +26,9 @@ def _data(n: int = 53, seed: int = 1):
     return X, torch.randint(0, 3, (n,), generator=g)
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
 @pytest.mark.parametrize("shared", [False, True], ids=["per-tensor-delta", "one-delta"])
-def test_prior_gradient_without_graph_matches_the_graph_built_objective(shared):
+def test_prior_gradient_without_graph_matches_the_graph_built_objective(shared, optimizer):
     """mean CE + (T/2N) Σ δθ² by autograd (the objective as written) vs marglik_train's
     (T/N)·δ∘θ — added after backward, or as the fused optimiser's weight decay when every
     tensor has one δ: same parameters after several steps, masks included."""
@@ -40,7 +41,10 @@ def test_prior_gradient_without_graph_matches_the_graph_built_objective(shared):
     masks = prune(model, random_scores(model), 0.3)
     reference = _mlp()
     sk.apply_masks(reference, masks)
-    opt = torch.optim.Adam(reference.parameters(), lr=lr)
+    if optimizer == "adam":
+        opt = torch.optim.Adam(reference.parameters(), lr=lr)
+    else:
+        opt = torch.optim.SGD(reference.parameters(), lr=lr, momentum=0.9)
     batches = TensorBatches(X, y, bs, shuffle=True, generator=torch.Generator().manual_seed(seed))
     params = dict(reference.named_parameters())
     for _ in range(3):
@@ -56,6 +60,7 @@ def test_prior_gradient_without_graph_matches_the_graph_built_objective(shared):
     sk.marglik_train(
         model, (X, y), n_epochs=3, n_epochs_burnin=10, prior_precision=delta / T,
         temperature=T, lr=lr, batch_size=bs, seed=seed, scheduler=None, masks=masks,
+        optimizer=optimizer, momentum=0.9,
         fit_final_posterior=False, progress=False,
     )  # fmt: skip
     for (name, a), b in zip(model.named_parameters(), reference.parameters()):
