@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from spamkern.posterior.eigen import batched_eigh
+from spamkern.posterior.eigen import batched_eigh, is_kept
 from spamkern.prior.priors import TensorPrecision
 
 
@@ -108,6 +108,25 @@ class WhitenedEigenCache:
         self.n_decompositions[slot] += 1
 
 
+_WHITENED = "_spamkern_whitened"
+
+
+def _kept_whitened(F: torch.Tensor, u: torch.Tensor):
+    """The last whitened decomposition of a factor that outlives one fit (the data-only
+    input factor of a first layer, :func:`keep_eigh`), if it was for this whitening ``u``:
+    the next marglik step starts where the previous one ended, so its first evaluation
+    reuses the previous step's last decomposition of that (largest) factor."""
+    memo = getattr(F, _WHITENED, None)
+    if memo is None or memo[0] != F._version or memo[1].dtype != u.dtype:
+        return None
+    return (memo[2], memo[3]) if torch.equal(memo[1], u) else None
+
+
+def _keep_whitened(F: torch.Tensor, u: torch.Tensor, values, vectors) -> None:
+    if is_kept(F):
+        setattr(F, _WHITENED, (F._version, u.detach().clone(), values, vectors))
+
+
 def _whitening_vectors(factors, tp: TensorPrecision, shape: torch.Size) -> list[torch.Tensor]:
     """The log precisions each factor is whitened by: [a, b_rep] for a weight, [d] for a
     1-D tensor (one per entry)."""
@@ -134,6 +153,8 @@ def _whitened_eigen(
         row = []
         for j, (F, u) in enumerate(zip(factors, ws)):
             hit = cache.lookup(j, u.detach()) if cache is not None else None
+            if hit is None:
+                hit = _kept_whitened(F, u.detach())
             row.append(hit)
             if hit is None:
                 with torch.no_grad():
@@ -149,6 +170,7 @@ def _whitened_eigen(
             cache = parts[i][3]
             if cache is not None:
                 cache.store(j, logws[i][j], *pair)
+            _keep_whitened(parts[i][0][j], logws[i][j], *pair)
     out = []
     for row, ws in zip(found, logws):
         pairs = []

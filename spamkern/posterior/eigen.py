@@ -72,6 +72,11 @@ def keep_eigh(factor: torch.Tensor) -> torch.Tensor:
 Eigen = tuple[torch.Tensor, torch.Tensor | None]
 
 
+def is_kept(factor: torch.Tensor) -> bool:
+    """Whether ``factor`` was marked by :func:`keep_eigh` (it outlives one fit)."""
+    return hasattr(factor, _MEMO)
+
+
 def _remembered(m: torch.Tensor, vectors: bool) -> Eigen | None:
     memo = getattr(m, _MEMO, None)
     if memo is None or memo[0] != m._version or (vectors and memo[1][1] is None):

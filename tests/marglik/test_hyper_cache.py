@@ -129,3 +129,31 @@ def test_fixed_point_cheap_steps_reuse_the_largest_input_factor():
     (grad,) = torch.autograd.grad(post.log_evidence(lp), lp)
     gamma = effective_parameters(post, lp.detach())
     assert float((2 * grad).abs().max()) <= 1e-6 * max(1.0, float(gamma.abs().max()))
+
+
+def test_a_kept_input_factor_reuses_its_whitened_decomposition_across_posteriors():
+    """The data-only A of a first layer outlives one fit: the next posterior's first
+    evaluation at the same precisions takes its whitened decomposition from the previous
+    one — the same evidence and gradient as a fresh decomposition, to round-off."""
+    import spamkern as sk
+    from spamkern.curvature.harvest import InputFactors
+    from spamkern.curvature.structure import parameter_blocks
+
+    model, X, y = CASES["mlp"][0](seed=3)
+    cache = InputFactors(parameter_blocks(model, "kron"))
+    assert cache.detect(model, X[:4]) == [0]
+    first = sk.fit_laplace(model, (X, y), prior="unitwise", progress=False)
+    cache.update(first.curvature)
+    lp = first.prior.log_precision.detach() + 0.2
+    again = sk.fit_laplace(
+        model, (X, y), prior="unitwise", progress=False, input_factors=cache.given()
+    )
+    fresh = sk.fit_laplace(model, (X, y), prior="unitwise", progress=False)
+    with torch.no_grad():
+        for p in (first, again, fresh):
+            p.prior.log_precision.copy_(lp)
+    first.log_evidence(lp)  # decomposes the kept A at these precisions
+    reused = _evidence_and_grad(again, lp, None)
+    assert _parts(again)[0].unit_cache.n_decompositions == [1, 0]  # Ã came from the memo
+    expected = _evidence_and_grad(fresh, lp, None)
+    assert _close(reused[0], expected[0]) <= 1e-12 and _close(reused[1], expected[1]) <= 1e-12
