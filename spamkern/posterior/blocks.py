@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from spamkern.posterior.eigen import batched_eigh, is_kept
+from spamkern.posterior.projected import ProjectedTerms, projected_terms, side_costs
 from spamkern.prior.priors import TensorPrecision
 
 
@@ -292,10 +293,23 @@ class DiagBlock:
     def unitwise_parts(self, tp: TensorPrecision) -> list:
         return []
 
-    def full_logdet_and_inverse(self, delta: torch.Tensor, scale) -> tuple:
-        """(log det, diag Π⁻¹ shaped like ``delta``) for per-entry precisions ``delta``."""
+    def side_costs(self) -> tuple[int, int, int]:
+        """Multiply-adds of a parameterwise evaluation and of its row/column couplings."""
+        return self.h.numel(), 0, 0
+
+    def parameterwise_terms(self, delta: torch.Tensor, scale, rows=False, cols=False):
+        """:class:`ProjectedTerms` for per-entry precisions ``delta`` (a (p, q) matrix):
+        exact, the entries uncoupled."""
         c = scale * self.h.reshape(delta.shape) + delta
-        return c.log().sum(), c.reciprocal()
+        inverse = c.reciprocal()
+        own = (delta * inverse).square()
+        return ProjectedTerms(
+            c.log().sum(dtype=torch.float64),
+            inverse,
+            own.sum(),
+            own.sum(-1) if rows else None,
+            own.sum(-2) if cols else None,
+        )
 
     def eigen(self, tp: TensorPrecision, scale, unitwise: bool) -> BlockEigen:
         # laid out like the (p, q) view of the block that J and inverse_diag use
@@ -398,20 +412,18 @@ class KronBlock:
             self._squared = (vectors[0].square(), second)
         return self._squared
 
-    def full_logdet_and_inverse(self, delta: torch.Tensor, scale) -> tuple:
-        """Parameterwise (p, q) ``delta``: (Σ log(s·λ1λ2ᵀ + δ̃), (Q1∘Q1)(1/c)(Q2∘Q2)ᵀ) — the
-        log det of :meth:`eigen` and the diagonal of its inverse, which is also
-        ∂ log det / ∂δ (δ̃ is linear in δ)."""
+    def side_costs(self) -> tuple[int, int, int]:
+        """Multiply-adds of a parameterwise evaluation and of its row/column couplings."""
+        p, q = weight_matrix_shape(self.shape)
+        return side_costs(p, q if len(self.factors) == 2 else 1)
+
+    def parameterwise_terms(self, delta: torch.Tensor, scale, rows=False, cols=False):
+        """Parameterwise (p, q) ``delta``: :class:`ProjectedTerms` — Σ log(s·λ1λ2ᵀ + δ̃), the
+        log det of :meth:`eigen`, and (Q1∘Q1)(1/c)(Q2∘Q2)ᵀ, the diagonal of its inverse
+        and ∂ log det / ∂δ (δ̃ is linear in δ); row/column couplings when asked for."""
         s1, s2 = self.squared_basis()
         l1, l2 = self.eigenvalues()
-        projected = s1.T @ delta
-        if s2 is not None:
-            projected = projected @ s2
-        c = scale * torch.outer(l1, l2) + projected
-        inverse = s1 @ c.reciprocal()
-        if s2 is not None:
-            inverse = inverse @ s2.T
-        return c.log().sum(), inverse
+        return projected_terms(s1, s2, torch.outer(l1, l2), delta, scale, rows, cols)
 
     def eigen(self, tp: TensorPrecision, scale, unitwise: bool) -> BlockEigen:
         if unitwise:
@@ -504,19 +516,24 @@ class RowSlicedKronBlock:
     def unitwise_parts(self, tp: TensorPrecision) -> list:
         return [x for part, t in zip(self.parts, self._split(tp)) for x in part.unitwise_parts(t)]
 
-    def full_logdet_and_inverse(self, delta: torch.Tensor, scale) -> tuple:
-        """:meth:`KronBlock.full_logdet_and_inverse` slice by slice, ``delta`` (out, d)."""
+    def side_costs(self) -> tuple[int, int, int]:
+        """Multiply-adds of a parameterwise evaluation and of its row/column couplings."""
+        q = weight_matrix_shape(self.shape)[1] if len(self.factors) == 2 else 1
+        return side_costs(self.rows, q, len(self.parts))
+
+    def parameterwise_terms(self, delta: torch.Tensor, scale, rows=False, cols=False):
+        """:meth:`KronBlock.parameterwise_terms` slice by slice, ``delta`` (out, d); a
+        column's shift moves every slice, so its coupling sums over them."""
         q1, q2 = self._stacked_vectors()
         s1, s2 = q1.square(), (q2.square() if q2 is not None else None)
         D = delta.reshape(len(self.parts), self.rows, -1)
-        projected = s1.mT @ D
-        if s2 is not None:
-            projected = projected @ s2
-        c = scale * self._stacked_products() + projected
-        inverse = s1 @ c.reciprocal()
-        if s2 is not None:
-            inverse = inverse @ s2.mT
-        return c.log().sum(), inverse.reshape(delta.shape)
+        terms = projected_terms(s1, s2, self._stacked_products(), D, scale, rows, cols)
+        terms.inverse = terms.inverse.reshape(delta.shape)
+        if rows:
+            terms.row_coupling = terms.row_coupling.reshape(-1)
+        if cols:
+            terms.col_coupling = terms.col_coupling.sum(0)
+        return terms
 
     def eigen(self, tp: TensorPrecision, scale, unitwise: bool) -> StackedEigen:
         if unitwise:  # whitened per slice (each slice has its own rows of a)

@@ -1,0 +1,90 @@
+"""The starting inverse Hessian of the fixed-point update for parameterwise Kronecker posteriors.
+
+A parameterwise prior on a Kronecker block enters the evidence through the projected
+δ̃ = (Q1∘Q1)ᵀ D (Q2∘Q2): every entry's δ is averaged with many others. Each entry's own
+curvature −∂²E/∂(log δ_i)² is about ½δ_i(θ_i² + Σ_ii), but along a shift of log δ over a
+whole tensor, a row or a column the coupling cancels much of it (entirely, where the
+prior dominates δ̃), so a per-entry scaling oversteps those directions many times over —
+and the per-entry MacKay step, built on one θ_i² each, is worse still. Measured on an MLP
+784-256-256-10: with a per-entry or identity start the quasi-Newton iteration spent most
+of its evaluations on row means (first and second layer) and column means (last layer).
+
+So the gradient of each tensor's (p, q) weight matrix is split as a two-way analysis of
+variance — its mean, its row effects, its column effects and the rest, orthogonal parts —
+and each part gets its own curvature: the exact curvature of a whole-tensor shift for the
+mean, of each row's (column's) shift for the row (column) effects, and the per-entry one
+for the rest. The result is symmetric positive definite, so it can start L-BFGS. Row or
+column curvatures an evaluation did not compute (products too large to repeat every time)
+are the entries' own curvature less the fraction the coupling cancelled at the last
+evaluation that computed them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from spamkern.posterior.blocks import weight_matrix_shape
+from spamkern.posterior.laplace import ShiftCurvature
+from spamkern.prior.priors import Prior
+
+
+class ShiftPreconditioner:
+    """Apply the starting inverse Hessian for one point of the iteration."""
+
+    def __init__(self, prior: Prior):
+        self.slots = prior.slots
+        self.shapes = [weight_matrix_shape(slot.shape) for slot in prior.slots]
+        self._cancelled: dict[tuple[int, int], torch.Tensor] = {}  # (tensor, 0 rows/1 cols)
+
+    def complete(self, grad: torch.Tensor, computed: list[ShiftCurvature]) -> list:
+        """Every tensor's curvatures at a point with gradient ``grad``, the missing row or
+        column ones from the last fraction cancelled (none before any was computed)."""
+        out = []
+        for t, (slot, shape, curv) in enumerate(zip(self.slots, self.shapes, computed)):
+            own = self._own(grad, slot, shape)
+            sides = [curv.rows, curv.cols]
+            for side, axis in ((0, 1), (1, 0)):
+                total = own.sum(axis)
+                if sides[side] is not None:
+                    self._cancelled[t, side] = 1.0 - sides[side] / total
+                else:
+                    cancelled = self._cancelled.get((t, side))
+                    sides[side] = total if cancelled is None else total * (1.0 - cancelled)
+            out.append(ShiftCurvature(curv.tensor, sides[0], sides[1]))
+        return out
+
+    def apply(self, grad: torch.Tensor, curvatures: list, q: torch.Tensor) -> torch.Tensor:
+        """H0 q at the point with gradient ``grad`` and completed ``curvatures``."""
+        out = torch.empty_like(q)
+        for slot, shape, curv in zip(self.slots, self.shapes, curvatures):
+            part = q[slot.start : slot.stop].reshape(shape)
+            own = self._own(grad, slot, shape)
+            out[slot.start : slot.stop] = _apply_one(part, own, curv).reshape(-1)
+        if out.numel() > self.slots[-1].stop:  # log σ (never learned on this path)
+            out[self.slots[-1].stop :] = q[self.slots[-1].stop :]
+        return out
+
+    @staticmethod
+    def _own(grad: torch.Tensor, slot, shape) -> torch.Tensor:
+        """½δ_i(θ_i² + Σ_ii) = ½ − ∂E/∂log δ_i, the entries' own curvature."""
+        tiny = torch.finfo(grad.dtype).tiny
+        return (0.5 - grad[slot.start : slot.stop]).reshape(shape).clamp_min(tiny)
+
+
+def _apply_one(q: torch.Tensor, own: torch.Tensor, curv: ShiftCurvature) -> torch.Tensor:
+    """One tensor: mean, row effects, column effects and rest, each over its curvature."""
+    p, n = q.shape
+    tiny = torch.finfo(q.dtype).tiny
+    mean = q.mean()
+    row_effect = q.mean(1) - mean
+    col_effect = q.mean(0) - mean
+    rest = q - mean - row_effect[:, None] - col_effect[None, :]
+    rest = _double_centre(rest / own)
+    rows = n * row_effect / curv.rows.clamp_min(tiny)
+    cols = p * col_effect / curv.cols.clamp_min(tiny)
+    whole = q.sum() / curv.tensor.clamp_min(tiny)
+    return rest + (rows - rows.mean())[:, None] + (cols - cols.mean())[None, :] + whole
+
+
+def _double_centre(x: torch.Tensor) -> torch.Tensor:
+    return x - x.mean(1, keepdim=True) - x.mean(0, keepdim=True) + x.mean()
