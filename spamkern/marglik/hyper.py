@@ -109,8 +109,10 @@ class _Point:
     x: torch.Tensor  # flat: the prior's log precisions, then log σ if it is learned
     value: float
     grad: torch.Tensor  # ∂E/∂x
-    mackay: torch.Tensor  # the fixed-point step from x (see FixedPointHyper._mackay)
-    scale: torch.Tensor  # 1 / −∂²E/∂x² per group (approximate): the L-BFGS preconditioner
+    # the fixed-point step from x (see FixedPointHyper._mackay) and 1 / −∂²E/∂x² per group
+    # (approximate), the L-BFGS preconditioner; None where ``curvatures`` replace them
+    mackay: torch.Tensor | None
+    scale: torch.Tensor | None
     curvatures: list | None = None  # parameterwise Kronecker: see ShiftPreconditioner
 
 
@@ -165,7 +167,7 @@ class FixedPointHyper:
         """The evidence at ``x`` (the ``first`` of an update computes every coupling)."""
         x = x.detach()
         lp, ls = self._split(x)
-        closed, shifts = None, None
+        closed, shifts, computed = None, None, None
         if not self.learn_sigma:
             shifts = self._shifts if posterior.structure == "kron" else None
             couplings = "none" if shifts is None else ("all" if first else "cheap")
@@ -178,6 +180,9 @@ class FixedPointHyper:
             value = posterior.log_evidence(lp, ls)
             (grad,) = torch.autograd.grad(value, x)
             scatter = self.prior.group_sums(self.prior.precision_diag(lp) * posterior.mean.square())
+        if computed is not None:  # parameterwise Kronecker: the shift preconditioner steps
+            curvatures = shifts.complete(grad, computed)
+            return _Point(x, float(value), grad, None, None, curvatures)
         with torch.no_grad():
             gamma = 2.0 * grad[: lp.numel()] + scatter  # ∂E/∂log δ_g = ½ (γ_g − δ_g ‖θ_g‖²)
             step, scale = self._mackay(gamma, scatter)
@@ -187,8 +192,6 @@ class FixedPointHyper:
                 s_step, s_scale = _log_step(fit, dof)
                 step = torch.cat([step, (0.5 * s_step).reshape(1)])
                 scale = torch.cat([scale, (0.5 * s_scale).reshape(1)])
-        if shifts is not None and computed is not None:
-            return _Point(x, float(value), grad, step, scale, shifts.complete(grad, computed))
         return _Point(x.detach(), float(value.detach()), grad, step, scale)
 
     def _mackay(self, gamma: torch.Tensor, scatter: torch.Tensor):
