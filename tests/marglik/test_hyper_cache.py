@@ -1,7 +1,8 @@
 """The unitwise evidence reuses each whitened factor's eigendecomposition while its whitening
-is unchanged: moving only the rows a re-decomposes G̃ alone, only the columns b Ã alone. The
-evidence, its gradient (exact, first order, without autograd through eigh) and γ must equal a
-fresh computation and a dense float64 reference at every point of such a sequence."""
+is unchanged: moving only the rows a re-decomposes G̃ alone, only the columns b Ã alone (1-D
+tensors take a Cholesky factorisation instead). The evidence, its gradient (exact, first
+order, without autograd through eigh) and γ must equal a fresh computation and a dense
+float64 reference at every point of such a sequence."""
 
 from __future__ import annotations
 
@@ -82,10 +83,10 @@ def test_cached_row_and_column_moves_match_fresh_and_dense(case):
         before = _decompositions(post)
         cached = _evidence_and_grad(post, lp, ls)
         gamma_cached = effective_parameters(post, lp)
-        # one side moved: only that side's factors were decomposed again
-        n_rows = len(_parts(post))  # G̃ of every weight, the single factor of a 1-D tensor
-        n_cols = sum(len(p.factors) == 2 for p in _parts(post))
-        assert _decompositions(post) - before == (n_cols if moved is columns else n_rows)
+        # one side moved: only that side's factors were decomposed again (G̃ or Ã of every
+        # weight; a 1-D tensor's log det is a Cholesky factorisation, never decomposed)
+        n_weights = sum(len(p.factors) == 2 for p in _parts(post))
+        assert _decompositions(post) - before == n_weights
         for part in _parts(post):
             part.unit_cache = WhitenedEigenCache()  # a fresh computation
         fresh = _evidence_and_grad(post, lp, ls)
@@ -103,7 +104,10 @@ def test_covariance_diag_from_the_cache_matches_the_dense_inverse():
     post.log_evidence(lp)
     before = _decompositions(post)
     diag = post.covariance_diag(lp)
-    assert _decompositions(post) == before  # every factor came from the cache
+    # every weight's factors came from the cache; 1-D tensors (Cholesky in the evidence)
+    # are decomposed here, once each
+    n_vectors = sum(len(p.factors) == 1 for p in _parts(post))
+    assert n_vectors > 0 and _decompositions(post) - before == n_vectors
     log_delta = post.prior.log_precision_diag(lp)
     precision = post.curvature_scale * block_matrix(post.kron_factors) + torch.diag(log_delta.exp())
     assert _close(diag, torch.linalg.inv(precision).diagonal()) <= 1e-10
@@ -157,3 +161,39 @@ def test_a_kept_input_factor_reuses_its_whitened_decomposition_across_posteriors
     assert _parts(again)[0].unit_cache.n_decompositions == [1, 0]  # Ã came from the memo
     expected = _evidence_and_grad(fresh, lp, None)
     assert _close(reused[0], expected[0]) <= 1e-12 and _close(reused[1], expected[1]) <= 1e-12
+
+
+def test_a_failed_bias_cholesky_falls_back_to_the_eigendecomposition(monkeypatch):
+    """A 1-D tensor's log det by Cholesky, and — where the factorisation fails (a precision
+    singular to working precision) — by the whitened eigendecomposition: the same value and
+    gradient (w.r.t. the precisions and the curvature scale) in float64."""
+    from spamkern.posterior.blocks import unitwise_logdet
+    from spamkern.prior import make_prior
+
+    gen = torch.Generator().manual_seed(0)
+    root = torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    G = root.T @ root
+    prior = make_prior("unitwise", [("bias", torch.zeros(6, dtype=torch.float64))])
+    log_d = torch.randn(6, generator=gen, dtype=torch.float64)
+
+    def logdet():
+        x = log_d.clone().requires_grad_(True)
+        scale = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+        (tp,) = prior.per_tensor(x)
+        value = unitwise_logdet([([G], tp, torch.Size((6,)))], scale)
+        return value.detach(), torch.autograd.grad(value, (x, scale))
+
+    value, grads = logdet()
+    dense = torch.logdet(0.7 * G + torch.diag(log_d.exp()))
+    torch.testing.assert_close(value, dense, rtol=1e-12, atol=0)
+    failing = torch.linalg.cholesky_ex
+
+    def fail(matrix):
+        factor, info = failing(matrix)
+        return factor, torch.ones_like(info)
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", fail)
+    value_eig, grads_eig = logdet()
+    torch.testing.assert_close(value_eig, value, rtol=1e-12, atol=0)
+    for got, want in zip(grads_eig, grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
