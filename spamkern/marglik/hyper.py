@@ -130,7 +130,7 @@ class FixedPointHyper:
         tol: float,
         max_log_step: float = 3.0,
         log_bounds: tuple[float, float] = (-30.0, 30.0),
-        memory: int = 10,
+        memory: int = 5,
     ):
         self.prior = prior
         self.log_sigma = log_sigma
