@@ -158,9 +158,9 @@ def _whitened_eigen(
                 hit = _kept_whitened(F, u.detach())
             row.append(hit)
             if hit is None:
-                with torch.no_grad():
-                    mat = F * torch.exp(-0.5 * (u[:, None] + u[None, :]))
-                    mat = 0.5 * (mat + mat.T)
+                with torch.no_grad():  # D^{-½} F D^{-½}; eigh reads one triangle only
+                    w = torch.exp(-0.5 * u)
+                    mat = (F * w).mul_(w[:, None])
                 todo.setdefault((mat.shape[-1], mat.dtype, mat.device), []).append((i, j, mat))
         found.append(row)
     for items in todo.values():
