@@ -54,14 +54,13 @@ class ShiftPreconditioner:
         return out
 
     def apply(self, grad: torch.Tensor, curvatures: list, q: torch.Tensor) -> torch.Tensor:
-        """H0 q at the point with gradient ``grad`` and completed ``curvatures``."""
+        """H0 q at the point with gradient ``grad`` and completed ``curvatures`` (q over the
+        prior's log precisions only: σ is never learned on this path)."""
         out = torch.empty_like(q)
         for slot, shape, curv in zip(self.slots, self.shapes, curvatures):
             part = q[slot.start : slot.stop].reshape(shape)
             own = self._own(grad, slot, shape)
             out[slot.start : slot.stop] = _apply_one(part, own, curv).reshape(-1)
-        if out.numel() > self.slots[-1].stop:  # log σ (never learned on this path)
-            out[self.slots[-1].stop :] = q[self.slots[-1].stop :]
         return out
 
     @staticmethod
