@@ -117,3 +117,28 @@ def test_missing_sides_reuse_the_cancelled_fraction():
     for got, slot in zip(fresh, post.prior.slots):  # nothing cancelled known: own curvature
         own = (0.5 - closed.grad[slot.start : slot.stop]).reshape(weight_matrix_shape(slot.shape))
         torch.testing.assert_close(got.rows, own.sum(1))
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [M.mixed, L.grouped, L.self_attention],
+    ids=["norm-layers-diag-blocks", "grouped-conv", "attention"],
+)
+def test_fixed_point_passes_adam_with_every_block_type(factory):
+    """The preconditioned iteration on Kronecker posteriors that mix exact diagonal blocks
+    (norm layers), row-sliced blocks (grouped convolutions, packed q/k/v) and plain ones:
+    at least the evidence of 100 Adam steps from the same start, in fewer evaluations."""
+    from spamkern.marglik.hyper import make_hyper_optimizer
+
+    post, *_ = fit_perturbed(
+        (factory, "classification"), "parameterwise", "kron", 0, batch_size=4, perturb_offset=5
+    )
+    start = post.prior.log_precision.detach().clone()
+    results = {}
+    for method in ("adam", "fixed-point"):
+        opt = make_hyper_optimizer(method, post.prior)
+        results[method] = (opt.step(post), opt.n_evaluations)
+        with torch.no_grad():
+            post.prior.log_precision.copy_(start)
+    assert results["fixed-point"][0] >= results["adam"][0]
+    assert results["fixed-point"][1] < results["adam"][1]
