@@ -95,18 +95,33 @@ class WhitenedEigenCache:
     whitening vector, so any change at all decomposes anew."""
 
     def __init__(self) -> None:
-        self.entries: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None, None]
+        self.entries: list[tuple[torch.Tensor, _Whitened] | None] = [None, None]
         self.n_decompositions = [0, 0]  # per factor: how often it was decomposed
 
-    def lookup(self, slot: int, log_w: torch.Tensor):
+    def lookup(self, slot: int, log_w: torch.Tensor) -> _Whitened | None:
         entry = self.entries[slot]
         if entry is None or entry[0].dtype != log_w.dtype or not torch.equal(entry[0], log_w):
             return None
-        return entry[1], entry[2]
+        return entry[1]
 
-    def store(self, slot: int, log_w: torch.Tensor, values, vectors) -> None:
-        self.entries[slot] = (log_w.detach().clone(), values, vectors)
+    def store(self, slot: int, log_w: torch.Tensor, decomposition: _Whitened) -> None:
+        self.entries[slot] = (log_w.detach().clone(), decomposition)
         self.n_decompositions[slot] += 1
+
+
+class _Whitened:
+    """One whitened factor's eigendecomposition, with Q∘Q — what the first-order gradient
+    of its eigenvalues needs at every evaluation that reuses it — computed once."""
+
+    def __init__(self, values: torch.Tensor, vectors: torch.Tensor):
+        self.values, self.vectors = values, vectors
+        self._squared: torch.Tensor | None = None
+
+    @property
+    def squared(self) -> torch.Tensor:
+        if self._squared is None:
+            self._squared = self.vectors.square()
+        return self._squared
 
 
 _WHITENED = "_spamkern_whitened"
@@ -120,12 +135,12 @@ def _kept_whitened(F: torch.Tensor, u: torch.Tensor):
     memo = getattr(F, _WHITENED, None)
     if memo is None or memo[0] != F._version or memo[1].dtype != u.dtype:
         return None
-    return (memo[2], memo[3]) if torch.equal(memo[1], u) else None
+    return memo[2] if torch.equal(memo[1], u) else None
 
 
-def _keep_whitened(F: torch.Tensor, u: torch.Tensor, values, vectors) -> None:
+def _keep_whitened(F: torch.Tensor, u: torch.Tensor, decomposition: _Whitened) -> None:
     if is_kept(F):
-        setattr(F, _WHITENED, (F._version, u.detach().clone(), values, vectors))
+        setattr(F, _WHITENED, (F._version, u.detach().clone(), decomposition))
 
 
 def _whitening_vectors(factors, tp: TensorPrecision, shape: torch.Size) -> list[torch.Tensor]:
@@ -166,20 +181,19 @@ def _whitened_eigen(
     for items in todo.values():
         values, vectors = torch.linalg.eigh(torch.stack([mat for _, _, mat in items]))
         for k, (i, j, _) in enumerate(items):
-            pair = (values[k].clamp_min(0.0), vectors[k])
-            found[i][j] = pair
+            found[i][j] = _Whitened(values[k].clamp_min(0.0), vectors[k])
             cache = parts[i][3]
             if cache is not None:
-                cache.store(j, logws[i][j], *pair)
-            _keep_whitened(parts[i][0][j], logws[i][j], *pair)
+                cache.store(j, logws[i][j], found[i][j])
+            _keep_whitened(parts[i][0][j], logws[i][j], found[i][j])
     out = []
     for row, ws in zip(found, logws):
         pairs = []
-        for (values, vectors), u in zip(row, ws):
+        for whitened, u in zip(row, ws):
+            values = whitened.values
             if u.requires_grad:
-                moved = vectors.square().T @ (u - u.detach())
-                values = values * torch.exp(-moved)
-            pairs.append((values, vectors))
+                values = values * torch.exp(-(whitened.squared.T @ (u - u.detach())))
+            pairs.append((values, whitened.vectors))
         out.append(pairs)
     return out
 
