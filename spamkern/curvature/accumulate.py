@@ -448,9 +448,7 @@ def accumulate_curvature(
     mirror_sums(G_sums, raw_A)
     for index, block in enumerate(blocks):
         if block.kind == "kron":
-            factors[index] = _kron_factors(block, G_sums, raw_A, n_data)
-            if index in input_factors:
-                factors[index][1] = input_factors[index]
+            factors[index] = _kron_factors(block, G_sums, raw_A, n_data, input_factors.get(index))
         elif index not in diags:
             diags[index] = torch.zeros_like(block.param, memory_format=torch.contiguous_format)
         else:
@@ -468,9 +466,12 @@ def mirror_sums(*stores: dict) -> None:
             mirror_upper_(value)
 
 
-def _kron_factors(block: ParamBlock, G_sums: dict, raw_A: dict, n_data: int) -> list:
-    """``[G, A]`` (weight) or ``[G]`` (bias) of one block from the per-map sums; row-sliced
-    blocks (grouped convs, packed q/k/v) get stacked factors, one slice per leading index."""
+def _kron_factors(
+    block: ParamBlock, G_sums: dict, raw_A: dict, n_data: int, given_A: torch.Tensor | None
+) -> list:
+    """``[G, A]`` (weight) or ``[G]`` (bias) of one block from the per-map sums, A taken as
+    ``given_A`` when one is (already divided by N); row-sliced blocks (grouped convs, packed
+    q/k/v) get stacked factors, one slice per leading index."""
     slices = block.row_slices
     rows = block.shape[0] // slices
     like = block.param
@@ -492,7 +493,16 @@ def _kron_factors(block: ParamBlock, G_sums: dict, raw_A: dict, n_data: int) -> 
     G = factor(G_sums, rows)
     if not block.has_input_factor:
         return [G]
+    if given_A is not None:
+        return [G, given_A]
     return [G, factor(raw_A, block.param[0].numel()) / n_data]
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether every entry is finite. A finite sum proves it (any NaN or ±Inf makes the sum
+    non-finite) in one vectorised pass; only a non-finite sum — or one that overflowed —
+    needs the entry-wise check."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def check_finite(result: Curvature, checked: Iterable[torch.Tensor] = ()) -> None:
@@ -507,7 +517,7 @@ def check_finite(result: Curvature, checked: Iterable[torch.Tensor] = ()) -> Non
     for index, block in enumerate(result.blocks):
         parts = result.factors.get(index) or [result.diags[index]]
         parts = [p for p in parts if id(p) not in seen]
-        if not all(bool(torch.isfinite(p).all()) for p in parts):
+        if not all(_all_finite(p) for p in parts):
             raise ValueError(
                 f"the curvature of parameter {block.name!r} contains NaN or Inf; check the "
                 "model's outputs and the data"

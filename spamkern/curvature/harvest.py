@@ -201,9 +201,8 @@ class EpochHarvest:
         diags: dict[int, torch.Tensor] = {}
         for index, block in enumerate(self.blocks):
             if block.kind == "kron":
-                factors[index] = _kron_factors(block, self._G, self._A, self.n_data)
-                if index in self.input_factors:
-                    factors[index][1] = self.input_factors[index]
+                given = self.input_factors.get(index)
+                factors[index] = _kron_factors(block, self._G, self._A, self.n_data, given)
             else:
                 diag = self._diags.get(index)
                 diags[index] = (torch.zeros_like(block.param) if diag is None else diag).reshape(

@@ -89,6 +89,22 @@ def test_non_finite_loss_or_curvature(mlp_data, structure):
         sk.fit_laplace(_InfiniteGradient().to(F64), (X, y), structure=structure)
 
 
+@pytest.mark.parametrize(
+    ("entries", "finite"),
+    [
+        ([1.0, 2.0], True),
+        ([3e38, 3e38], True),  # finite entries whose float32 sum overflows
+        ([1.0, float("nan")], False),
+        ([float("inf"), -float("inf")], False),
+        ([float("inf"), 1.0], False),
+    ],
+)
+def test_the_finite_screen_of_curvature_factors(entries, finite):
+    from spamkern.curvature.accumulate import _all_finite
+
+    assert _all_finite(torch.tensor(entries, dtype=torch.float32)) is finite
+
+
 def test_prior_precision_that_does_not_fit(mlp_data):
     model, X, y = mlp_data
     n_tensors = len(list(model.parameters()))
