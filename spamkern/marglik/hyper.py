@@ -257,7 +257,7 @@ class FixedPointHyper:
         evidence's own), restarted from it alone whenever the result is not uphill."""
 
         def start(q: torch.Tensor) -> torch.Tensor:
-            return self._shifts.apply(point.grad, point.curvatures, q)
+            return self._shifts.apply(point.curvatures, q)
 
         r = _two_loop(point.grad, pairs, start).clamp(-self.max_log_step, self.max_log_step)
         if not pairs or not bool(torch.dot(r, point.grad) > 0):

@@ -21,11 +21,23 @@ evaluation that computed them.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from spamkern.posterior.blocks import weight_matrix_shape
 from spamkern.posterior.laplace import ShiftCurvature
 from spamkern.prior.priors import Prior
+
+
+class TensorCurvature(NamedTuple):
+    """One tensor's curvatures at a point: per entry (own, shaped like its weight matrix),
+    along its whole-tensor shift, and along each row's and column's shift."""
+
+    own: torch.Tensor
+    tensor: torch.Tensor
+    rows: torch.Tensor
+    cols: torch.Tensor
 
 
 class ShiftPreconditioner:
@@ -36,7 +48,7 @@ class ShiftPreconditioner:
         self.shapes = [weight_matrix_shape(slot.shape) for slot in prior.slots]
         self._cancelled: dict[tuple[int, int], torch.Tensor] = {}  # (tensor, 0 rows/1 cols)
 
-    def complete(self, grad: torch.Tensor, computed: list[ShiftCurvature]) -> list:
+    def complete(self, grad: torch.Tensor, computed: list[ShiftCurvature]) -> list[TensorCurvature]:
         """Every tensor's curvatures at a point with gradient ``grad``, the missing row or
         column ones from the last fraction cancelled (none before any was computed)."""
         out = []
@@ -50,17 +62,16 @@ class ShiftPreconditioner:
                 else:
                     cancelled = self._cancelled.get((t, side))
                     sides[side] = total if cancelled is None else total * (1.0 - cancelled)
-            out.append(ShiftCurvature(curv.tensor, sides[0], sides[1]))
+            out.append(TensorCurvature(own, curv.tensor, sides[0], sides[1]))
         return out
 
-    def apply(self, grad: torch.Tensor, curvatures: list, q: torch.Tensor) -> torch.Tensor:
-        """H0 q at the point with gradient ``grad`` and completed ``curvatures`` (q over the
-        prior's log precisions only: σ is never learned on this path)."""
+    def apply(self, curvatures: list[TensorCurvature], q: torch.Tensor) -> torch.Tensor:
+        """H0 q at the point whose :meth:`complete` curvatures are given (q over the prior's
+        log precisions only: σ is never learned on this path)."""
         out = torch.empty_like(q)
         for slot, shape, curv in zip(self.slots, self.shapes, curvatures):
             part = q[slot.start : slot.stop].reshape(shape)
-            own = self._own(grad, slot, shape)
-            out[slot.start : slot.stop] = _apply_one(part, own, curv).reshape(-1)
+            out[slot.start : slot.stop] = _apply_one(part, curv).reshape(-1)
         return out
 
     @staticmethod
@@ -70,7 +81,7 @@ class ShiftPreconditioner:
         return (0.5 - grad[slot.start : slot.stop]).reshape(shape).clamp_min(tiny)
 
 
-def _apply_one(q: torch.Tensor, own: torch.Tensor, curv: ShiftCurvature) -> torch.Tensor:
+def _apply_one(q: torch.Tensor, curv: TensorCurvature) -> torch.Tensor:
     """One tensor: mean, row effects, column effects and rest, each over its curvature."""
     p, n = q.shape
     tiny = torch.finfo(q.dtype).tiny
@@ -78,7 +89,7 @@ def _apply_one(q: torch.Tensor, own: torch.Tensor, curv: ShiftCurvature) -> torc
     row_effect = q.mean(1) - mean
     col_effect = q.mean(0) - mean
     rest = q - mean - row_effect[:, None] - col_effect[None, :]
-    rest = _double_centre(rest / own)
+    rest = _double_centre(rest / curv.own)
     rows = n * row_effect / curv.rows.clamp_min(tiny)
     cols = p * col_effect / curv.cols.clamp_min(tiny)
     whole = q.sum() / curv.tensor.clamp_min(tiny)

@@ -90,7 +90,7 @@ def _preconditioner_matrix(name: str):
     shifts = ShiftPreconditioner(post.prior)
     curvatures = shifts.complete(closed.grad, closed.shift_curvature)
     eye = torch.eye(lp.numel(), dtype=lp.dtype)
-    columns = [shifts.apply(closed.grad, curvatures, e) for e in eye]
+    columns = [shifts.apply(curvatures, e) for e in eye]
     return post, closed, shifts, curvatures, torch.stack(columns, 1)
 
 
