@@ -23,6 +23,7 @@ import torch
 
 from spamkern.curvature.likelihood import check_curvature, check_likelihood
 from spamkern.data.batches import TensorBatches
+from spamkern.ops.reductions import all_finite
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -141,16 +142,10 @@ def check_tensor_data(batches: Any, dtype: torch.dtype, likelihood: str) -> None
         return
     check_input_dtype(batches, dtype)
     X, y = batches.X, batches.y
-    if X.is_floating_point() and not _all_finite(X):
+    if X.is_floating_point() and not all_finite(X):
         rows = (~torch.isfinite(X.reshape(X.shape[0], -1))).any(1).nonzero().flatten()
         raise ValueError(
             f"X contains NaN or Inf in {rows.numel()} rows (first: {rows[:5].tolist()})"
         )
-    if likelihood == "regression" and y.is_floating_point() and not _all_finite(y):
+    if likelihood == "regression" and y.is_floating_point() and not all_finite(y):
         raise ValueError("the regression targets y contain NaN or Inf")
-
-
-def _all_finite(t: torch.Tensor) -> bool:
-    """Whether every entry is finite. A finite sum implies it, and one reduction is far
-    cheaper than an elementwise mask (a large sum can overflow: then check exactly)."""
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())

@@ -41,6 +41,7 @@ from spamkern.curvature.structure import CONVS, ParamBlock
 from spamkern.data.batches import TensorBatches, split_batch
 from spamkern.ops import conv_patch_gram
 from spamkern.ops.factors import gram_upper, mirror_upper_
+from spamkern.ops.reductions import all_finite
 from spamkern.progress import progress_bar
 
 # per-sample gradient tensors are formed in chunks of at most this many elements
@@ -498,13 +499,6 @@ def _kron_factors(
     return [G, factor(raw_A, block.param[0].numel()) / n_data]
 
 
-def _all_finite(t: torch.Tensor) -> bool:
-    """Whether every entry is finite. A finite sum proves it (any NaN or ±Inf makes the sum
-    non-finite) in one vectorised pass; only a non-finite sum — or one that overflowed —
-    needs the entry-wise check."""
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
-
-
 def check_finite(result: Curvature, checked: Iterable[torch.Tensor] = ()) -> None:
     """Non-finite loss or curvature is an error, never a silent result. Factors in
     ``checked`` (given from an earlier, checked pass) are not scanned again."""
@@ -517,7 +511,7 @@ def check_finite(result: Curvature, checked: Iterable[torch.Tensor] = ()) -> Non
     for index, block in enumerate(result.blocks):
         parts = result.factors.get(index) or [result.diags[index]]
         parts = [p for p in parts if id(p) not in seen]
-        if not all(_all_finite(p) for p in parts):
+        if not all(all_finite(p) for p in parts):
             raise ValueError(
                 f"the curvature of parameter {block.name!r} contains NaN or Inf; check the "
                 "model's outputs and the data"

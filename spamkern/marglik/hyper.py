@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from spamkern.marglik.shift_preconditioner import ShiftPreconditioner
+from spamkern.ops.reductions import all_finite
 from spamkern.posterior.laplace import LaplacePosterior
 from spamkern.prior.priors import Prior
 
@@ -48,7 +49,7 @@ _CHEAP_STEPS = 3
 
 
 def _check_finite(value: torch.Tensor, prior: Prior, log_sigma: torch.Tensor | None) -> None:
-    finite = bool(torch.isfinite(value)) and bool(torch.isfinite(prior.log_precision).all())
+    finite = bool(torch.isfinite(value)) and all_finite(prior.log_precision)
     if log_sigma is not None:
         finite = finite and bool(torch.isfinite(log_sigma))
     if not finite:
@@ -302,7 +303,7 @@ class FixedPointHyper:
         """(the first of x + d, x + d/2, … whose evidence is not lower, or None; evaluations)."""
         lo, hi = bounds
         for tried in range(1, 13):
-            x = torch.minimum(torch.maximum(point.x + direction, lo), hi)
+            x = torch.clamp(point.x + direction, lo, hi)
             candidate = self._evaluate(posterior, x)
             if _ascended(point, candidate):
                 return candidate, tried
@@ -340,7 +341,7 @@ class FixedPointHyper:
         if sy > 1e-12 * s.norm() * y.norm():
             pairs.append((s, y, 1.0 / sy))
             del pairs[: -self.memory]
-        trapezoid = 0.5 * float(torch.dot(s, point.grad + accepted.grad))
+        trapezoid = 0.5 * float(torch.dot(s, point.grad) + torch.dot(s, accepted.grad))
         gains.append(max(accepted.value - point.value, trapezoid))
         noise.append(abs(accepted.value - point.value - trapezoid))
 
@@ -441,13 +442,13 @@ def _two_loop(grad: torch.Tensor, pairs: list, start) -> torch.Tensor:
     (s, y, 1/sᵀy) update from ``start`` (a function applying the initial one)."""
     q = grad.clone()
     alphas = []
-    for s, y, rho in reversed(pairs):
+    for s, y, rho in reversed(pairs):  # in-place updates: one pass each, no temporaries
         alpha = rho * torch.dot(s, q)
-        q -= alpha * y
+        q.addcmul_(y, alpha, value=-1.0)
         alphas.append(alpha)
     r = start(q)
     for (s, y, rho), alpha in zip(pairs, reversed(alphas)):
-        r += s * (alpha - rho * torch.dot(y, r))
+        r.addcmul_(s, alpha - rho * torch.dot(y, r))
     return r
 
 

@@ -70,8 +70,8 @@ class ShiftPreconditioner:
         log precisions only: σ is never learned on this path)."""
         out = torch.empty_like(q)
         for slot, shape, curv in zip(self.slots, self.shapes, curvatures):
-            part = q[slot.start : slot.stop].reshape(shape)
-            out[slot.start : slot.stop] = _apply_one(part, curv).reshape(-1)
+            span = slice(slot.start, slot.stop)
+            _apply_one(q[span].view(shape), curv, out[span].view(shape))
         return out
 
     @staticmethod
@@ -81,20 +81,19 @@ class ShiftPreconditioner:
         return (0.5 - grad[slot.start : slot.stop]).reshape(shape).clamp_min(tiny)
 
 
-def _apply_one(q: torch.Tensor, curv: TensorCurvature) -> torch.Tensor:
-    """One tensor: mean, row effects, column effects and rest, each over its curvature."""
+def _apply_one(q: torch.Tensor, curv: TensorCurvature, out: torch.Tensor) -> None:
+    """One tensor, written into ``out``: mean, row effects, column effects and rest, each
+    over its curvature (in place, one pass per step: these are the size of the prior)."""
     p, n = q.shape
     tiny = torch.finfo(q.dtype).tiny
-    mean = q.mean()
-    row_effect = q.mean(1) - mean
-    col_effect = q.mean(0) - mean
-    rest = q - mean - row_effect[:, None] - col_effect[None, :]
-    rest = _double_centre(rest / curv.own)
+    row_mean, col_mean = q.mean(1), q.mean(0)
+    mean = row_mean.mean()
+    row_effect, col_effect = row_mean - mean, col_mean - mean
+    rest = torch.sub(q, row_mean[:, None], out=out)  # q − mean − row and column effects
+    rest.sub_(col_effect[None, :]).div_(curv.own)
+    rest_rows, rest_cols = rest.mean(1), rest.mean(0)  # double-centre rest / own
     rows = n * row_effect / curv.rows.clamp_min(tiny)
     cols = p * col_effect / curv.cols.clamp_min(tiny)
-    whole = q.sum() / curv.tensor.clamp_min(tiny)
-    return rest + (rows - rows.mean())[:, None] + (cols - cols.mean())[None, :] + whole
-
-
-def _double_centre(x: torch.Tensor) -> torch.Tensor:
-    return x - x.mean(1, keepdim=True) - x.mean(0, keepdim=True) + x.mean()
+    whole = mean * (p * n) / curv.tensor.clamp_min(tiny)
+    rest.add_((rows - rows.mean() - rest_rows + rest_rows.mean() + whole)[:, None])
+    rest.add_((cols - cols.mean() - rest_cols)[None, :])

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from spamkern.ops.reductions import float64_sum
 from spamkern.posterior.eigen import batched_eigh, is_kept
 from spamkern.posterior.projected import ProjectedTerms, projected_terms, side_costs
 from spamkern.prior.priors import TensorPrecision
@@ -337,7 +338,7 @@ class DiagBlock:
         inverse = c.reciprocal()
         own = (delta * inverse).square()
         return ProjectedTerms(
-            c.log().sum(dtype=torch.float64),
+            float64_sum(c.log()),
             inverse,
             own.sum(),
             own.sum(-1) if rows else None,

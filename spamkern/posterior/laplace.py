@@ -19,6 +19,7 @@ from torch import nn
 from spamkern.curvature.accumulate import Curvature
 from spamkern.ops.logdet import EigLogdetPlan
 from spamkern.ops.precision import kron_precision_and_opd
+from spamkern.ops.reductions import all_finite, float64_sum
 from spamkern.posterior.blocks import (
     BlockEigen,
     CurvatureBlock,
@@ -92,6 +93,7 @@ class LaplacePosterior:
         )
         self._plan: EigLogdetPlan | None = None
         self._scalar_terms: tuple | None = None  # see _scalar_plan_terms
+        self._mean_squares: tuple[int, torch.Tensor] | None = None  # see _squared_mean
 
     # -- sizes and simple quantities ------------------------------------------------------
     @property
@@ -280,8 +282,8 @@ class LaplacePosterior:
         logdet, inverse = [], []
         for prod, d in zip(products, delta):
             c = prod + d
-            logdet.append(c.log().sum(dtype=torch.float64))
             inverse.append(c.reciprocal().sum())
+            logdet.append(float64_sum(c.log_()))
         logdet_total = torch.stack(logdet).sum() - (counts * log_delta).sum(dtype=torch.float64)
         value = self._evidence(logdet_total, (delta * squares).sum(dtype=torch.float64))
         scatter = delta * squares
@@ -301,18 +303,20 @@ class LaplacePosterior:
         _check_finite_hyper(log_precision)
         scale = self._scale()
         self._logdet_plan()  # eigenvalues of every block (batched)
-        blocks, per_tensor = self.curvature_blocks, self.prior.per_tensor(log_precision)
+        blocks, slots = self.curvature_blocks, self.prior.slots
         sides = _coupling_sides(blocks, couplings)
-        terms = []
-        for block, tp, (rows, cols) in zip(blocks, per_tensor, sides):
-            delta = tp.log_delta.exp().reshape(weight_matrix_shape(tp.log_delta.shape))
-            terms.append(block.parameterwise_terms(delta, scale, rows, cols))
         delta = log_precision.exp()
-        scatter = delta * self.mean.square()
+        terms = []
+        for block, slot, (rows, cols) in zip(blocks, slots, sides):
+            tensor_delta = delta[slot.start : slot.stop].view(weight_matrix_shape(slot.shape))
+            terms.append(block.parameterwise_terms(tensor_delta, scale, rows, cols))
+        scatter = delta * self._squared_mean()
         logdet = torch.stack([t.logdet for t in terms]).sum()
-        log_det_ratio = logdet - log_precision.sum(dtype=torch.float64)
-        value = self._evidence(log_det_ratio, scatter.sum(dtype=torch.float64))
-        grad = -0.5 * (delta * torch.cat([t.inverse.reshape(-1) for t in terms]) - 1.0 + scatter)
+        log_det_ratio = logdet - float64_sum(log_precision)
+        value = self._evidence(log_det_ratio, float64_sum(scatter))
+        # −½ (δ Σ_ii − 1 + δθ²) = ½ − ½ δ (Σ_ii + θ²), in place on the gathered Σ_ii
+        grad = torch.cat([t.inverse.reshape(-1) for t in terms]).add_(self._squared_mean())
+        grad = grad.mul_(delta).mul_(-0.5).add_(0.5)
         curvature = None if couplings == "none" else self._shift_curvature(grad, terms)
         return ClosedFormEvidence(value, grad, scatter, curvature)
 
@@ -326,6 +330,14 @@ class LaplacePosterior:
             cols = None if t.col_coupling is None else own.sum(0) - 0.5 * t.col_coupling
             out.append(ShiftCurvature(own.sum() - 0.5 * t.shift_coupling, rows, cols))
         return out
+
+    def _squared_mean(self) -> torch.Tensor:
+        """θ² per entry, kept while the mean is not modified in place (every parameterwise
+        evaluation needs it)."""
+        cached = self._mean_squares
+        if cached is None or cached[0] != self.mean._version:
+            self._mean_squares = cached = (self.mean._version, self.mean.square())
+        return cached[1]
 
     def _evidence(self, log_det_ratio: torch.Tensor, scatter: torch.Tensor) -> torch.Tensor:
         """log p(D|θ) − ½ (log det ratio + Σ δθ²), from float64 sums: the log det of the
@@ -415,7 +427,7 @@ def _coupling_sides(blocks: list, couplings: str) -> list[tuple[bool, bool]]:
 
 def _check_finite_hyper(log_precision: torch.Tensor) -> None:
     """NaN/Inf hyperparameters are an error, not a silent NaN evidence."""
-    if not bool(torch.isfinite(log_precision).all()):
+    if not all_finite(log_precision):
         raise ValueError(
             "the prior's log precisions contain NaN or Inf (diverged hyperparameter "
             "optimisation?); lower lr_hyp or reset them with prior.set_precision(...)"

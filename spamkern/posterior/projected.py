@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from spamkern.ops.reductions import float64_sum
+
 
 @dataclass
 class ProjectedTerms:
@@ -46,15 +48,16 @@ def projected_terms(
     (…, p, q); leading dimensions are independent slices."""
     right = delta @ s2 if s2 is not None else delta  # D S2, reused by the row couplings
     projected = s1.mT @ right
-    c = scale * products + projected
+    scale = torch.as_tensor(scale, dtype=projected.dtype, device=projected.device)
+    c = torch.addcmul(projected, products, scale)
     reciprocal = c.reciprocal()
     inverse = s1 @ reciprocal
     if s2 is not None:
         inverse = inverse @ s2.mT
-    terms = ProjectedTerms(
-        c.log().sum(dtype=torch.float64), inverse, (projected * reciprocal).square().sum()
-    )
-    weight = reciprocal.square()
+    ratio = projected.mul_(reciprocal).reshape(-1)  # δ̃/c (``projected`` is not needed again)
+    terms = ProjectedTerms(float64_sum(c.log_()), inverse, torch.dot(ratio, ratio))
+    if rows or cols:
+        weight = reciprocal.square()
     if rows:
         terms.row_coupling = (right.square() * (s1.square() @ weight)).sum(-1)
     if cols:

@@ -100,9 +100,9 @@ def test_non_finite_loss_or_curvature(mlp_data, structure):
     ],
 )
 def test_the_finite_screen_of_curvature_factors(entries, finite):
-    from spamkern.curvature.accumulate import _all_finite
+    from spamkern.ops.reductions import all_finite
 
-    assert _all_finite(torch.tensor(entries, dtype=torch.float32)) is finite
+    assert all_finite(torch.tensor(entries, dtype=torch.float32)) is finite
 
 
 def test_prior_precision_that_does_not_fit(mlp_data):
