@@ -18,9 +18,10 @@ Two methods behind one interface (``make_hyper_optimizer(...).step(posterior)``)
   and the iteration stops once an iteration gains less than ``tol`` per data point
   (default 10⁻⁶: 0.004 nats at N = 4096, far below any difference between priors worth
   acting on) or the last three gains are no larger than the evidence's own round-off
-  (where the evidence is not summed in float64 — the unitwise path — a float32 sum of
-  ~10⁵ log terms scatters by ~10⁻⁵ of its value between nearby points; iterating below
-  that only wanders). For unitwise Kronecker posteriors each full step is followed by up
+  (every evidence the iteration evaluates sums its log terms in float64, but an
+  evidence whose log det comes in float32 — learned σ, through the packed log det of
+  the other priors — scatters by ~10⁻⁵ of its value between nearby points; iterating
+  below that only wanders). For unitwise Kronecker posteriors each full step is followed by up
   to three cheap ones that hold the columns of the blocks with the largest input-side
   factor, whose evaluations reuse the cached decomposition of that factor.
 

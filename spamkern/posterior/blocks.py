@@ -234,9 +234,10 @@ def unitwise_logdet(blocks: list[tuple], scale) -> torch.Tensor:
     ]
     for (factors, tp, shape, _), pairs in zip(kron, _whitened_eigen(kron)):
         a, b_rep = _whitening_vectors(factors, tp, shape)  # −2 Σ log w = Σ_mn (a_m + b_n)
-        term = a.sum() * b_rep.numel() + b_rep.sum() * a.numel()
+        f64 = torch.float64
+        term = a.sum(dtype=f64) * b_rep.numel() + b_rep.sum(dtype=f64) * a.numel()
         l1, l2 = pairs[0][0], pairs[1][0]
-        terms.append(term + torch.log(scale * torch.outer(l1, l2) + 1.0).sum())
+        terms.append(term + float64_sum(torch.log(scale * torch.outer(l1, l2) + 1.0)))
     return torch.stack(terms).sum()
 
 
@@ -252,9 +253,9 @@ def _vector_logdet(G: torch.Tensor, tp: TensorPrecision, shape: torch.Size, scal
         factor, info = torch.linalg.cholesky_ex(precision)
     if int(info) != 0:
         ((values, _),) = _whitened_eigen([([G], tp, shape, None)])[0]
-        return d.sum() + torch.log(scale * values + 1.0).sum()
+        return d.sum(dtype=torch.float64) + float64_sum(torch.log(scale * values + 1.0))
     with torch.no_grad():
-        value = 2.0 * factor.diagonal().log().sum()
+        value = 2.0 * factor.diagonal().log().sum(dtype=torch.float64)
         inverse = torch.cholesky_inverse(factor)
     value = value + (d.detach().exp() * inverse.diagonal() * (d - d.detach())).sum()
     if isinstance(scale, torch.Tensor) and scale.requires_grad:

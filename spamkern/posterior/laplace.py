@@ -194,6 +194,12 @@ class LaplacePosterior:
     ) -> torch.Tensor:
         """log det Π (exact for scalar/layerwise/unitwise/diag, the upper bound of
         :mod:`spamkern.posterior.blocks` for parameterwise Kronecker blocks)."""
+        return self._log_det_float64(log_precision, log_sigma).to(self.mean.dtype)
+
+    def _log_det_float64(
+        self, log_precision: torch.Tensor | None, log_sigma: torch.Tensor | None
+    ) -> torch.Tensor:
+        """log det Π as a float64 0-d tensor (unitwise blocks summed in float64)."""
         scale = self._scale(log_sigma)
         tps = self.prior.per_tensor(log_precision)
         deltas, unit_blocks = [], []
@@ -204,7 +210,7 @@ class LaplacePosterior:
                 unit_blocks.extend(self.curvature_blocks[index].unitwise_parts(tp))
         total = unitwise_logdet(unit_blocks, scale) if unit_blocks else None
         plan_value = self._logdet_plan()(deltas, scale) if deltas else None
-        parts = [t for t in (plan_value, total) if t is not None]
+        parts = [t.to(torch.float64) for t in (plan_value, total) if t is not None]
         return sum(parts[1:], parts[0])
 
     def log_marginal_likelihood(
@@ -248,9 +254,9 @@ class LaplacePosterior:
             raise ValueError("log_sigma can only be given for regression")
         _check_finite_hyper(lp)
         log_delta = self.prior.log_precision_diag(lp)
-        scatter = (log_delta.exp() * self.mean.square()).sum()
-        log_det_ratio = self.log_det_posterior_precision(lp, log_sigma) - log_delta.sum()
-        return self.log_likelihood(log_sigma) - 0.5 * (log_det_ratio + scatter)
+        scatter = float64_sum(log_delta.exp() * self._squared_mean())
+        log_det_ratio = self._log_det_float64(lp, log_sigma) - float64_sum(log_delta)
+        return self._evidence(log_det_ratio, scatter, log_sigma)
 
     @torch.no_grad()
     def closed_form_evidence_and_gradient(
@@ -339,11 +345,13 @@ class LaplacePosterior:
             self._mean_squares = cached = (self.mean._version, self.mean.square())
         return cached[1]
 
-    def _evidence(self, log_det_ratio: torch.Tensor, scatter: torch.Tensor) -> torch.Tensor:
+    def _evidence(
+        self, log_det_ratio: torch.Tensor, scatter: torch.Tensor, log_sigma=None
+    ) -> torch.Tensor:
         """log p(D|θ) − ½ (log det ratio + Σ δθ²), from float64 sums: the log det of the
         posterior and of the prior are each ~P·log δ and cancel to a far smaller number,
         which float32 sums over ~10⁵ entries would only know to ~0.1 nats."""
-        loglik = self.log_likelihood()
+        loglik = self.log_likelihood(log_sigma)
         value = loglik.to(torch.float64) - 0.5 * (log_det_ratio + scatter)
         return value.to(loglik.dtype)
 
