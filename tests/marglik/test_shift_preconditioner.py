@@ -62,7 +62,7 @@ def test_shift_curvature_equals_the_evidence_hessian(name):
 
 def test_cheap_couplings_skip_only_a_dominant_side():
     """An MLP with a 300-input first layer: its column couplings (a 300 × 300 product per
-    row) would cost more than an eighth of the evaluation, its row couplings and every
+    row) would cost more than a sixteenth of the evaluation, its row couplings and every
     other block's do not."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(
