@@ -174,7 +174,7 @@ class FixedPointHyper:
             shifts = self._shifts if posterior.structure == "kron" else None
             couplings = "none" if shifts is None else ("all" if first else "cheap")
             closed = posterior.closed_form_evidence_and_gradient(lp, couplings)
-        if closed is not None:  # scalar, layerwise, parameterwise: no autograd
+        if closed is not None:  # in closed form; autograd only where σ is learned too
             value, grad, scatter, computed = closed
         else:
             x.requires_grad_(True)

@@ -96,21 +96,21 @@ class WhitenedEigenCache:
     whitening vector, so any change at all decomposes anew."""
 
     def __init__(self) -> None:
-        self.entries: list[tuple[torch.Tensor, _Whitened] | None] = [None, None]
+        self.entries: list[tuple[torch.Tensor, WhitenedDecomposition] | None] = [None, None]
         self.n_decompositions = [0, 0]  # per factor: how often it was decomposed
 
-    def lookup(self, slot: int, log_w: torch.Tensor) -> _Whitened | None:
+    def lookup(self, slot: int, log_w: torch.Tensor) -> WhitenedDecomposition | None:
         entry = self.entries[slot]
         if entry is None or entry[0].dtype != log_w.dtype or not torch.equal(entry[0], log_w):
             return None
         return entry[1]
 
-    def store(self, slot: int, log_w: torch.Tensor, decomposition: _Whitened) -> None:
+    def store(self, slot: int, log_w: torch.Tensor, decomposition: WhitenedDecomposition) -> None:
         self.entries[slot] = (log_w.detach().clone(), decomposition)
         self.n_decompositions[slot] += 1
 
 
-class _Whitened:
+class WhitenedDecomposition:
     """One whitened factor's eigendecomposition, with Q∘Q — what the first-order gradient
     of its eigenvalues needs at every evaluation that reuses it — computed once."""
 
@@ -139,12 +139,12 @@ def _kept_whitened(F: torch.Tensor, u: torch.Tensor):
     return memo[2] if torch.equal(memo[1], u) else None
 
 
-def _keep_whitened(F: torch.Tensor, u: torch.Tensor, decomposition: _Whitened) -> None:
+def _keep_whitened(F: torch.Tensor, u: torch.Tensor, decomposition: WhitenedDecomposition) -> None:
     if is_kept(F):
         setattr(F, _WHITENED, (F._version, u.detach().clone(), decomposition))
 
 
-def _whitening_vectors(factors, tp: TensorPrecision, shape: torch.Size) -> list[torch.Tensor]:
+def whitening_vectors(factors, tp: TensorPrecision, shape: torch.Size) -> list[torch.Tensor]:
     """The log precisions each factor is whitened by: [a, b_rep] for a weight, [d] for a
     1-D tensor (one per entry)."""
     if len(factors) == 2:
@@ -152,18 +152,13 @@ def _whitening_vectors(factors, tp: TensorPrecision, shape: torch.Size) -> list[
     return [tp.expand(shape).reshape(-1)]
 
 
-def _whitened_eigen(
+def whitened_decompositions(
     parts: list[tuple[list[torch.Tensor], TensorPrecision, torch.Size, WhitenedEigenCache | None]],
-) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
-    """(λ, Q) of every whitened factor of every block, differentiable in λ w.r.t. the
-    whitening; eigendecompositions come from each block's cache when its whitening did not
-    change, the rest in one stacked ``eigh`` per size.
-
-    No autograd through ``eigh``: for F̃ = D^{-½} F D^{-½}, D = diag(e^u), first-order
-    perturbation gives ∂λ_i/∂u_m = −λ_i Q_mi² exactly (also for repeated eigenvalues, as
-    log det is a spectral function). λ is returned as λ·exp(−(Q∘Q)ᵀ(u − u₀)) with u₀ = u
-    detached: the same value, and this exact first derivative."""
-    logws = [_whitening_vectors(factors, tp, shape) for factors, tp, shape, _ in parts]
+    logws: list[list[torch.Tensor]],
+) -> list[list[WhitenedDecomposition]]:
+    """The eigendecomposition of every factor of every block whitened by its log precisions
+    ``logws`` (see :func:`whitening_vectors`): from the block's cache or the kept factor's
+    memo when the whitening did not change, the rest in one stacked ``eigh`` per size."""
     found: list[list] = []
     todo: dict[tuple, list[tuple[int, int, torch.Tensor]]] = {}
     for i, ((factors, _, _, cache), ws) in enumerate(zip(parts, logws)):
@@ -182,13 +177,27 @@ def _whitened_eigen(
     for items in todo.values():
         values, vectors = torch.linalg.eigh(torch.stack([mat for _, _, mat in items]))
         for k, (i, j, _) in enumerate(items):
-            found[i][j] = _Whitened(values[k].clamp_min(0.0), vectors[k])
+            found[i][j] = WhitenedDecomposition(values[k].clamp_min(0.0), vectors[k])
             cache = parts[i][3]
             if cache is not None:
                 cache.store(j, logws[i][j], found[i][j])
             _keep_whitened(parts[i][0][j], logws[i][j], found[i][j])
+    return found
+
+
+def _whitened_eigen(
+    parts: list[tuple[list[torch.Tensor], TensorPrecision, torch.Size, WhitenedEigenCache | None]],
+) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """(λ, Q) of every whitened factor of every block (:func:`whitened_decompositions`),
+    differentiable in λ w.r.t. the whitening.
+
+    No autograd through ``eigh``: for F̃ = D^{-½} F D^{-½}, D = diag(e^u), first-order
+    perturbation gives ∂λ_i/∂u_m = −λ_i Q_mi² exactly (also for repeated eigenvalues, as
+    log det is a spectral function). λ is returned as λ·exp(−(Q∘Q)ᵀ(u − u₀)) with u₀ = u
+    detached: the same value, and this exact first derivative."""
+    logws = [whitening_vectors(factors, tp, shape) for factors, tp, shape, _ in parts]
     out = []
-    for row, ws in zip(found, logws):
+    for row, ws in zip(whitened_decompositions(parts, logws), logws):
         pairs = []
         for whitened, u in zip(row, ws):
             values = whitened.values
@@ -233,7 +242,7 @@ def unitwise_logdet(blocks: list[tuple], scale) -> torch.Tensor:
         _vector_logdet(part[0][0], part[1], part[2], scale) for part in parts if len(part[0]) == 1
     ]
     for (factors, tp, shape, _), pairs in zip(kron, _whitened_eigen(kron)):
-        a, b_rep = _whitening_vectors(factors, tp, shape)  # −2 Σ log w = Σ_mn (a_m + b_n)
+        a, b_rep = whitening_vectors(factors, tp, shape)  # −2 Σ log w = Σ_mn (a_m + b_n)
         f64 = torch.float64
         term = a.sum(dtype=f64) * b_rep.numel() + b_rep.sum(dtype=f64) * a.numel()
         l1, l2 = pairs[0][0], pairs[1][0]

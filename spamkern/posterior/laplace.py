@@ -29,6 +29,11 @@ from spamkern.posterior.blocks import (
     unitwise_logdet,
     weight_matrix_shape,
 )
+from spamkern.posterior.unitwise_terms import (
+    scatter_squares,
+    unitwise_log_det_ratio,
+    unitwise_scatter,
+)
 from spamkern.prior.priors import Prior, TensorPrecision
 from spamkern.validation import check_positive_finite
 
@@ -94,6 +99,7 @@ class LaplacePosterior:
         self._plan: EigLogdetPlan | None = None
         self._scalar_terms: tuple | None = None  # see _scalar_plan_terms
         self._mean_squares: tuple[int, torch.Tensor] | None = None  # see _squared_mean
+        self._unit_squares: tuple[int, list] | None = None  # unitwise θ², see scatter_squares
 
     # -- sizes and simple quantities ------------------------------------------------------
     @property
@@ -261,12 +267,11 @@ class LaplacePosterior:
     @torch.no_grad()
     def closed_form_evidence_and_gradient(
         self, log_precision: torch.Tensor, couplings: str = "none"
-    ) -> ClosedFormEvidence | None:
+    ) -> ClosedFormEvidence:
         """The log evidence, its gradient w.r.t. ``log_precision`` and the prior's scatter
-        Σ_{i∈g} δ_i θ_i² per hyperparameter, in closed form at the posterior's σ, for
-        scalar, layerwise and parameterwise priors; None for unitwise (its whitened
-        eigendecompositions have their own cached path). For one δ per tensor, with
-        c = s·λ1λ2ᵀ + δ_t over tensor t's eigenvalue products,
+        Σ_{i∈g} δ_i θ_i² per hyperparameter, in closed form at the posterior's σ, for every
+        prior (unitwise: :mod:`spamkern.posterior.unitwise_terms`). For one δ per tensor,
+        with c = s·λ1λ2ᵀ + δ_t over tensor t's eigenvalue products,
 
             ∂E/∂log δ_t = −½ (δ_t Σ 1/c − n_t + δ_t ‖θ_t‖²),
 
@@ -279,8 +284,8 @@ class LaplacePosterior:
             raise ValueError(f"couplings must be one of {COUPLINGS}, got {couplings!r}")
         if self.prior.kind == "parameterwise":
             return self._parameterwise_evidence_and_gradient(log_precision, couplings)
-        if self.prior.kind not in ("scalar", "layerwise"):
-            return None
+        if self.prior.kind == "unitwise":
+            return self._unitwise_evidence_and_gradient(log_precision)
         _check_finite_hyper(log_precision)
         log_delta = torch.stack([tp.log_delta for tp in self.prior.per_tensor(log_precision)])
         delta = log_delta.exp()
@@ -325,6 +330,19 @@ class LaplacePosterior:
         grad = grad.mul_(delta).mul_(-0.5).add_(0.5)
         curvature = None if couplings == "none" else self._shift_curvature(grad, terms)
         return ClosedFormEvidence(value, grad, scatter, curvature)
+
+    def _unitwise_evidence_and_gradient(self, log_precision: torch.Tensor) -> ClosedFormEvidence:
+        """Unitwise: the log det ratio and its gradient from the whitened decompositions
+        (:mod:`spamkern.posterior.unitwise_terms`), the scatter as bilinear forms."""
+        _check_finite_hyper(log_precision)
+        ratio = unitwise_log_det_ratio(
+            self.curvature_blocks, self.prior, log_precision, self._scale()
+        )
+        if self._unit_squares is None or self._unit_squares[0] != self.mean._version:
+            self._unit_squares = (self.mean._version, scatter_squares(self.prior, self.mean))
+        total, scatter = unitwise_scatter(self.prior, log_precision, self._unit_squares[1])
+        value = self._evidence(ratio.value, total)
+        return ClosedFormEvidence(value, -0.5 * (ratio.grad + scatter), scatter)
 
     def _shift_curvature(self, grad: torch.Tensor, terms: list) -> list[ShiftCurvature]:
         """Per tensor, from the gradient (own curvature ½δ(θ² + Σ_ii) = ½ − ∂E/∂log δ per
