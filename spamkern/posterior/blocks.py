@@ -63,13 +63,20 @@ class BlockEigen:
 
     def quadratic(self, J: torch.Tensor) -> torch.Tensor:
         """(B, C, C) J Π⁻¹ Jᵀ for J of shape (B, C, p, q) (this block's Jacobian)."""
-        if self.log_w is not None:
-            J = J * self.log_w.exp()
-        if self.q1 is not None:
-            J = torch.einsum("mp,bcmq->bcpq", self.q1, J)
-        if self.q2 is not None:
-            J = torch.einsum("bcpn,nq->bcpq", J, self.q2)
-        return torch.einsum("bcpq,bdpq->bcd", J / self.denom, J)
+        one = [None if t is None else t.unsqueeze(0) for t in (self.q1, self.q2, self.log_w)]
+        return _sliced_quadratic(J.unsqueeze(2), one[0], one[1], self.denom.unsqueeze(0), one[2])
+
+
+def _sliced_quadratic(J, q1, q2, denom, log_w) -> torch.Tensor:
+    """Σ over slices g of J_g Π_g⁻¹ J_gᵀ for J (B, C, g, p, q): Π_g⁻¹ = W Q diag(1/denom) Qᵀ W
+    with a leading slice dimension on q1 (g, p, p), q2 (g, q, q), denom and log_w."""
+    if log_w is not None:
+        J = J * log_w.exp()
+    if q1 is not None:
+        J = torch.einsum("gmp,bcgmq->bcgpq", q1, J)
+    if q2 is not None:
+        J = torch.einsum("bcgpn,gnq->bcgpq", J, q2)
+    return torch.einsum("bcgpq,bdgpq->bcd", J / denom, J)
 
 
 def weight_matrix_shape(shape: torch.Size) -> tuple[int, int]:
@@ -295,13 +302,7 @@ class StackedEigen(BlockEigen):
         """(B, C, C) J Π⁻¹ Jᵀ for J of shape (B, C, out, q): a sum over the slices."""
         slices, rows = self.denom.shape[0], self.denom.shape[1]
         J = J.reshape(J.shape[0], J.shape[1], slices, rows, J.shape[-1])
-        if self.log_w is not None:
-            J = J * self.log_w.exp()
-        if self.q1 is not None:
-            J = torch.einsum("gmp,bcgmq->bcgpq", self.q1, J)
-        if self.q2 is not None:
-            J = torch.einsum("bcgpn,gnq->bcgpq", J, self.q2)
-        return torch.einsum("bcgpq,bdgpq->bcd", J / self.denom, J)
+        return _sliced_quadratic(J, self.q1, self.q2, self.denom, self.log_w)
 
 
 class DiagBlock:
