@@ -28,6 +28,7 @@ eigendecompositions are then computed once per run too.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -112,6 +113,7 @@ class EpochHarvest:
         self._means: dict[int, torch.Tensor] = {}  # Σ_n E[a] per weight, as the refit
         self._recorder: _Recorder | None = None
         self._stash = _RowStash(self._sum_rows, self._stash_needs, self._stash_mean)
+        self._output_grads: list[torch.Tensor | None] = []  # EF: this step's, by call
 
     def __enter__(self) -> EpochHarvest:
         self._recorder = _Recorder(self.blocks)
@@ -131,10 +133,11 @@ class EpochHarvest:
         """EF: keep the output gradients of the coming backward. MC: backpropagate sampled
         labels to the layer outputs now (the graph is kept for the training backward)."""
         outs = [rec.calls[i][site][1] for rec, i, site in self._calls()]
-        if self.curvature_type == "ef":
-            for out in outs:
+        if self.curvature_type == "ef":  # a hook keeps each gradient as it passes
+            self._output_grads = [None] * len(outs)  # (retain_grad would clone it)
+            for k, out in enumerate(outs):
                 if out.requires_grad:
-                    out.retain_grad()
+                    out.register_hook(partial(_keep, self._output_grads, k))
             return
         V = pseudo_gradients(self.likelihood, self.curvature_type, f, y, self.generator)
         grads = torch.autograd.grad(f, outs, V[:, 0].to(f.dtype), True, allow_unused=True)
@@ -145,8 +148,8 @@ class EpochHarvest:
         of the training loss times ``grad_scale`` (B for a mean loss, B·σ² for regression)."""
         calls = self._calls()
         if self.curvature_type == "ef":
-            grads = [rec.calls[i][site][1].grad for rec, i, site in calls]
-            self._accumulate(calls, grads, grad_scale)
+            self._accumulate(calls, self._output_grads, grad_scale)
+            self._output_grads = []
         self.loss += batch_loss.detach()
         self.n_data += f.shape[0]
         self.n_outputs = f.shape[1]
@@ -214,6 +217,11 @@ class EpochHarvest:
         )
         check_finite(result, checked=self.input_factors.values())
         return result
+
+
+def _keep(store: list, index: int, grad: torch.Tensor) -> None:
+    """Tensor hook: keep the gradient arriving at a layer output (read-only, not copied)."""
+    store[index] = grad
 
 
 def _stashable(module: nn.Module, a: torch.Tensor, positions, own) -> bool:
