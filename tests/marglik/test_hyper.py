@@ -310,16 +310,4 @@ def test_group_sums_are_the_adjoint_of_the_expansion(prior):
 def test_closed_form_evidence_gradient_equals_autograd(case, structure, prior):
     """Every prior: the closed-form value and gradient equal log_evidence and its autograd
     gradient in float64."""
-    post = _fit(case, prior, structure)
-    lp = post.prior.log_precision.detach() + 0.3 * torch.randn(
-        post.prior.log_precision.shape, dtype=post.mean.dtype,
-        generator=torch.Generator().manual_seed(2),
-    )  # fmt: skip
-    closed = post.closed_form_evidence_and_gradient(lp)
-    x = lp.clone().requires_grad_(True)
-    value = post.log_evidence(x)
-    (grad,) = torch.autograd.grad(value, x)
-    torch.testing.assert_close(closed.value, value.detach(), rtol=1e-12, atol=1e-10)
-    torch.testing.assert_close(closed.grad, grad, rtol=1e-10, atol=1e-10)
-    scatter = post.prior.group_sums(post.prior.precision_diag(lp) * post.mean.square())
-    torch.testing.assert_close(closed.scatter, scatter, rtol=1e-12, atol=1e-12)
+    _assert_closed_form_is_autograd(_fit(case, prior, structure))
