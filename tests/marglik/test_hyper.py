@@ -236,6 +236,18 @@ def test_unitwise_closed_form_equals_autograd_on_every_block_type(factory):
     _assert_closed_form_is_autograd(post)
 
 
+def test_unitwise_closed_form_on_a_two_dimensional_exact_diagonal_block():
+    """An embedding table: an exact diagonal block whose unitwise precision is a row and a
+    column vector (e^{a_m + b_n}), read from dict batches."""
+    import spamkern as sk
+
+    model, tokens, y = M.embedding(seed=2)
+    post = sk.fit_laplace(model, M.dict_loader(tokens, y, 4), prior="unitwise", progress=False)
+    assert type(post.curvature_blocks[0]).__name__ == "DiagBlock"
+    assert post.prior.per_tensor()[0].kind == "unit"
+    _assert_closed_form_is_autograd(post)
+
+
 def test_unitwise_closed_form_where_a_bias_cholesky_fails(monkeypatch):
     """A bias whose precision Cholesky refuses goes through its whitened decomposition, with
     the same value and gradient."""
