@@ -102,32 +102,35 @@ def unitwise_log_det_ratio(
                 kron.extend(block.unitwise_parts(tp))
         logws = [whitening_vectors(factors, tp, shape) for factors, tp, shape, _ in kron]
     with torch.no_grad():
-        pairs = [i for i, part in enumerate(kron) if len(part[0]) == 2]
-        decomposed = whitened_decompositions([kron[i] for i in pairs], [logws[i] for i in pairs])
-        outputs, grads, values = [], [], []
-        for i, (first, second) in zip(pairs, decomposed):
-            value, g1, g2 = kron_ratio(first, second, scale)
-            outputs += logws[i]
-            grads += [g1, g2]
-            values.append(value)
-        for i, part in enumerate(kron):
-            if len(part[0]) == 1:
-                (d,) = logws[i]
-
-                def whitened(part=part, d=d) -> WhitenedDecomposition:
-                    return whitened_decompositions([part], [[d]])[0][0]
-
-                value, g = vector_ratio(part[0][0], d.detach(), scale, whitened)
-                outputs.append(d)
-                grads.append(g)
-                values.append(value)
+        terms = _kron_terms(kron, logws, scale)
         for h, log_delta in diag:
-            value, g = diag_ratio(h, log_delta.detach(), scale)
-            outputs.append(log_delta)
-            grads.append(g)
-            values.append(value)
+            value, grad = diag_ratio(h, log_delta.detach(), scale)
+            terms.append((value, [log_delta], [grad]))
+    outputs = [vector for _, vectors, _ in terms for vector in vectors]
+    grads = [grad for _, _, part in terms for grad in part]
     (grad,) = torch.autograd.grad(outputs, x, grads)
-    return UnitwiseRatio(torch.stack(values).sum(), grad)
+    return UnitwiseRatio(torch.stack([value for value, _, _ in terms]).sum(), grad)
+
+
+def _kron_terms(kron: list, logws: list, scale: torch.Tensor) -> list[tuple]:
+    """(R, whitening vectors, ∂R per vector) of every Kronecker part: the two-factor ones
+    from one batched set of decompositions, the 1-D ones (biases) by Cholesky."""
+    pairs = [i for i, part in enumerate(kron) if len(part[0]) == 2]
+    decomposed = whitened_decompositions([kron[i] for i in pairs], [logws[i] for i in pairs])
+    terms = []
+    for i, (first, second) in zip(pairs, decomposed):
+        value, g1, g2 = kron_ratio(first, second, scale)
+        terms.append((value, logws[i], [g1, g2]))
+    for part, (d, *rest) in zip(kron, logws):
+        if rest:
+            continue
+
+        def whitened(part=part, d=d) -> WhitenedDecomposition:
+            return whitened_decompositions([part], [[d]])[0][0]
+
+        value, grad = vector_ratio(part[0][0], d.detach(), scale, whitened)
+        terms.append((value, [d], [grad]))
+    return terms
 
 
 def scatter_squares(prior: Prior, mean: torch.Tensor) -> list[torch.Tensor]:
