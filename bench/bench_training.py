@@ -1,6 +1,6 @@
 """SpaM training end to end, side by side, as multiples of a plain PyTorch MAP loop.
 
-    python bench/bench_training.py            # the full table (CPU: about 5 minutes)
+    python bench/bench_training.py            # the full table (CPU, 1 thread: about 40 s)
     python bench/bench_training.py --quick    # small sizes: checks that every case runs
     python -m pytest bench/bench_training.py [--full]      # the same cases, pytest-benchmark
     python bench/training_ratios.py RESULT.json            # ratios of a pytest-benchmark file
