@@ -323,3 +323,56 @@ def test_closed_form_evidence_gradient_equals_autograd(case, structure, prior):
     """Every prior: the closed-form value and gradient equal log_evidence and its autograd
     gradient in float64."""
     _assert_closed_form_is_autograd(_fit(case, prior, structure))
+
+
+def test_unitwise_schedule_moves_the_held_side_alone_once_the_cheap_side_converged():
+    """Full step, up to _CHEAP_STEPS cheap ones, full again; a converged cheap side hands
+    over to the held side alone; both sides converged in turn ends the iteration."""
+    from spamkern.marglik.hyper import _CHEAP_STEPS, _CheapSchedule
+
+    cheap, held = ("cheap",), ("held",)
+    schedule = _CheapSchedule((cheap, held))
+    assert schedule.side is None
+    for _ in range(_CHEAP_STEPS):
+        schedule.advance(False)
+        assert schedule.side is cheap
+    schedule.advance(False)
+    assert schedule.side is None and not schedule.done
+    schedule.advance(False)
+    schedule.advance(True)  # the cheap side stalled
+    assert schedule.side is held and not schedule.done
+    schedule.advance(False)  # the held side still gained: back to the cheap side
+    assert schedule.side is cheap and not schedule.done
+    schedule.skip()  # its direction promised less than the tolerance
+    assert schedule.side is held and not schedule.done
+    schedule.advance(True)
+    assert schedule.done
+    plain = _CheapSchedule(None)  # no sides (other priors): every step is full
+    plain.advance(False)
+    plain.skip()
+    assert plain.side is None and not plain.done
+
+
+def test_unitwise_held_side_steps_decompose_only_the_widest_input_factors():
+    post = _fit("mlp", "unitwise", seed=3)
+    parts = [part for block in post.curvature_blocks for part in block.kron_parts()]
+    kron = [i for i, part in enumerate(parts) if len(part.factors) == 2]
+    widest = max(parts[i].factors[1].shape[-1] for i in kron)
+    held = {(i, 1) for i in kron if parts[i].factors[1].shape[-1] == widest}
+    opt = make_hyper_optimizer("fixed-point", post.prior)
+    evaluate, moved = opt._evaluate, []
+
+    def counting(*args, **kwargs):
+        before = [list(part.unit_cache.n_decompositions) for part in parts]
+        point = evaluate(*args, **kwargs)
+        after = [part.unit_cache.n_decompositions for part in parts]
+        moved.append({(i, j) for i in kron for j in (0, 1) if after[i][j] > before[i][j]})
+        return point
+
+    opt._evaluate = counting
+    saved = post.prior.log_precision.detach().clone()
+    opt.step(post)
+    with torch.no_grad():
+        post.prior.log_precision.copy_(saved)
+    assert held in moved  # a step of the held side alone
+    assert any(m and not (m & held) for m in moved)  # and cheap steps without them
