@@ -1,6 +1,6 @@
 """SpaM training end to end, side by side, as multiples of a plain PyTorch MAP loop.
 
-    python bench/bench_training.py            # the full table (CPU, 1 thread: about 40 s)
+    python bench/bench_training.py            # the full table (CPU, 1 thread: about 90 s)
     python bench/bench_training.py --quick    # small sizes: checks that every case runs
     python -m pytest bench/bench_training.py [--full]      # the same cases, pytest-benchmark
     python bench/training_ratios.py RESULT.json            # ratios of a pytest-benchmark file
@@ -239,12 +239,13 @@ def harvest_gaps(work: Work) -> dict[str, dict[str, float]]:
     return out
 
 
-def run_table(setting: Setting, rounds: int, only: list[str] | None = None) -> dict:
+def run_table(setting: Setting, rounds: int, repeats: int, only: list[str] | None = None) -> dict:
     """Time every case in one process, each as a multiple of the plain loop timed right
     around it: the machine's load drifts (other jobs), so every case gets its own
-    denominator — the mean of the plain loop just before and just after it (MAP, as short
-    as the plain loop: ``rounds`` alternations, the best of each). Every other case runs
-    once."""
+    denominator. A case runs ``repeats`` times (``rounds`` for the short MAP cases, as
+    short as the plain loop itself), each run followed by a plain loop; its ratio is its
+    best run over the best plain loop among those and the one just before — the minimum
+    over repeats on both sides, which other jobs on the machine can only push up."""
     device = torch.device("cpu")
     work = Work(setting, device)
     warm = Work(Setting(n=256, epochs=1, hypersteps=2), device)
@@ -256,24 +257,28 @@ def run_table(setting: Setting, rounds: int, only: list[str] | None = None) -> d
     seconds: dict[str, float] = {}
     ratios: dict[str, float] = {"plain_loop": 1.0}
     before = plain()
+    plains = [before]
     for name in chosen:
-        if name in SHORT_CASES:  # two short runs alternating: the best of each
-            pairs = [(_time(table[name], work), plain()) for _ in range(rounds)]
-            best, after = min(t for t, _ in pairs), pairs[-1][1]
-            denominator = min([before] + [p for _, p in pairs])
-        else:
-            best, after = _time(table[name], work), plain()
-            denominator = 0.5 * (before + after)
+        count = rounds if name in SHORT_CASES else repeats
+        pairs = [(_time(table[name], work), plain()) for _ in range(count)]
+        plains += [p for _, p in pairs]
+        best = min(t for t, _ in pairs)
+        denominator = min([before] + [p for _, p in pairs])
         seconds[name] = best
         ratios[name] = best / denominator
         print(f"{name:34s} {best:8.2f} s  {ratios[name]:6.2f}x", flush=True)
-        before = after
-    seconds["plain_loop"] = before
+        before = pairs[-1][1]
+    seconds["plain_loop"] = min(plains)
     gaps = {} if only else harvest_gaps(work)
     return {
         "run": run_conditions(),  # card, versions, threads, date, load per core
         "load_average_1_5_15": list(os.getloadavg()),  # other work on the machine meanwhile
         "setting": setting.__dict__,
+        "timing": {  # how every ratio was formed (see run_table)
+            "repeats": repeats,
+            "rounds_short_cases": rounds,
+            "ratio": "best run of the case / best plain loop run around it",
+        },
         "seconds": seconds,
         "ratios": ratios,
         "targets": _targets(ratios),
@@ -316,12 +321,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (a check, not numbers)")
     parser.add_argument("--rounds", type=int, default=5, help="best of this many for short runs")
+    parser.add_argument("--repeats", type=int, default=3, help="best of this many for the rest")
     parser.add_argument("--only", nargs="*", help="cases to time (besides the plain loop)")
     parser.add_argument("--out", type=Path, help="JSON path (default bench/results/...)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     setting = Setting.quick() if args.quick else Setting()
-    result = run_table(setting, args.rounds, args.only)
+    result = run_table(setting, args.rounds, args.repeats, args.only)
     print(markdown(result))
     for name, target in result["targets"].items():
         verdict = "met" if target["met"] else "missed"
