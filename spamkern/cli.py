@@ -15,6 +15,7 @@ test split. Writes ``results.csv``, ``summary.md`` and ``accuracy_vs_sparsity.pn
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -120,6 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="override the optimiser steps on the prior precisions per marglik step",
     )
+    p.add_argument(
+        "--hyper-tol",
+        type=float,
+        default=None,
+        metavar="TOL",
+        help="stop each marglik step's fixed-point update once an iteration gains less than "
+        "TOL log evidence per data point (default 1e-6)",
+    )
     p.add_argument("--lr", type=float, default=None, help="override the learning rate")
     p.add_argument(
         "--sparsities",
@@ -197,6 +206,8 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         parser.error(f"--threads must be ≥ 1, got {args.threads}")
     if args.finetune_epochs < 0:
         parser.error(f"--finetune-epochs must be ≥ 0, got {args.finetune_epochs}")
+    if args.hyper_tol is not None and not 0 <= args.hyper_tol < math.inf:
+        parser.error(f"--hyper-tol must be finite and ≥ 0, got {args.hyper_tol}")
     try:
         for name, root in args.data:
             check_local_root(name, root or args.data_root)

@@ -79,6 +79,8 @@ def test_quick_run_writes_consistent_results(tmp_path, capsys):
         (["--sparsities", "100"], r"\[0, 100\)"),
         (["--patterns", "2:4"], "invalid choice"),
         (["--threads", "0"], "--threads"),
+        (["--hyper-tol=-1e-6"], "--hyper-tol must be finite"),
+        (["--hyper-tol", "nan"], "--hyper-tol must be finite"),
     ],
 )
 def test_bad_input_is_a_clear_error(argv, message, capsys, monkeypatch):
@@ -95,3 +97,26 @@ def test_module_entry_point():
         [sys.executable, "-m", "spamkern", "--help"], capture_output=True, text=True, check=False
     )
     assert res.returncode == 0 and "--finetune-epochs" in res.stdout
+
+
+def test_hyper_tol_reaches_every_spam_run(tmp_path, monkeypatch):
+    """--hyper-tol is passed to the SpaM trainings (offline and online), not the MAP one."""
+    import spamkern as sk
+
+    seen, train = [], sk.marglik_train
+
+    def recording(*args, **kwargs):
+        seen.append((kwargs.get("n_hypersteps"), kwargs.get("hyper_tol")))
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(sk, "marglik_train", recording)
+    argv = [
+        "--data", "breast_cancer", "--quick", "--sparsities", "50", "--methods", "SpaM+OPD",
+        "--online-sparsity", "50", "--hyper-tol", "1e-4", "--no-plot", "--no-progress",
+        "--out", str(tmp_path),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    map_runs = [tol for steps, tol in seen if steps == 0]
+    spam_runs = [tol for steps, tol in seen if steps != 0]
+    assert map_runs and set(map_runs) == {None}  # one per seed
+    assert spam_runs == [1e-4] * (2 * len(map_runs))  # offline and online, per seed

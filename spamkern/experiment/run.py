@@ -141,6 +141,7 @@ def train_models(
         n_epochs_burnin=cfg.burnin,
         marglik_frequency=cfg.marglik_frequency,
         n_hypersteps=cfg.hypersteps,
+        hyper_tol=args.hyper_tol,
         **common,
     )
     seconds["train_spam"] = time.perf_counter() - tic
@@ -159,6 +160,7 @@ def train_models(
             n_epochs_burnin=cfg.burnin,
             marglik_frequency=cfg.marglik_frequency,
             n_hypersteps=cfg.hypersteps,
+            hyper_tol=args.hyper_tol,
             online_pruning=schedule,
             fit_final_posterior=False,
             **common,

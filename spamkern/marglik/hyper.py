@@ -44,6 +44,8 @@ from spamkern.posterior.laplace import LaplacePosterior
 from spamkern.prior.priors import Prior
 
 HYPER_OPTIMIZERS = ("fixed-point", "adam")
+# the fixed-point update's default stopping tolerance: log evidence gained per data point
+DEFAULT_TOL = 1e-6
 # iterations over which gains are compared with the evaluations' round-off
 _ROUNDOFF_WINDOW = 3
 # unitwise: steps that hold the largest input-side factors after each full step
@@ -540,7 +542,7 @@ def make_hyper_optimizer(
     learn_sigma: bool = False,
     lr: float = 0.1,
     n_steps: int = 100,
-    tol: float = 1e-6,
+    tol: float = DEFAULT_TOL,
 ):
     """The hyperparameter optimiser of a marglik step.
 
@@ -561,8 +563,8 @@ def make_hyper_optimizer(
         raise ValueError(f"log_sigma must be a 0-d tensor, got shape {tuple(log_sigma.shape)}")
     if not isinstance(n_steps, int) or n_steps < 0:
         raise ValueError(f"n_steps must be an integer >= 0, got {n_steps!r}")
-    if not lr > 0 or not tol >= 0:
-        raise ValueError(f"lr must be > 0 and tol >= 0, got lr={lr}, tol={tol}")
+    if not lr > 0 or not 0 <= tol < math.inf:
+        raise ValueError(f"lr must be > 0 and tol finite and >= 0, got lr={lr}, tol={tol}")
     if method == "adam":
         return AdamHyper(prior, log_sigma, learn_sigma, lr, n_steps)
     return FixedPointHyper(prior, log_sigma, learn_sigma, n_steps, tol)

@@ -37,7 +37,7 @@ from spamkern.marglik.epoch import (
     make_optimizer,
     train_epoch,
 )
-from spamkern.marglik.hyper import HYPER_OPTIMIZERS, make_hyper_optimizer
+from spamkern.marglik.hyper import DEFAULT_TOL, HYPER_OPTIMIZERS, make_hyper_optimizer
 from spamkern.marglik.marglik_step import fit_posterior, marglik_step
 from spamkern.marglik.state import RunSettings, TrainingState
 from spamkern.posterior.laplace import LaplacePosterior
@@ -92,6 +92,22 @@ def _check_choices(optimizer, scheduler, hyper_optimizer, resume, checkpoint_pat
         raise ValueError("resume=True needs a checkpoint_path")
 
 
+def _check_hyper_tol(hyper_tol, hyper_optimizer: str) -> float:
+    """The fixed-point tolerance to use; refused where it would be ignored (Adam)."""
+    if hyper_tol is None:
+        return DEFAULT_TOL
+    if hyper_optimizer != "fixed-point":
+        raise ValueError(
+            f"hyper_tol applies to hyper_optimizer='fixed-point' only; {hyper_optimizer!r} "
+            "takes n_hypersteps steps at lr_hyp"
+        )
+    if isinstance(hyper_tol, bool) or not isinstance(hyper_tol, (int, float)):
+        raise TypeError(f"hyper_tol must be a number, got {type(hyper_tol).__name__}")
+    if not 0 <= hyper_tol < math.inf:
+        raise ValueError(f"hyper_tol must be finite and >= 0 (per data point), got {hyper_tol}")
+    return float(hyper_tol)
+
+
 def is_marglik_epoch(epoch: int, n_epochs_burnin: int, marglik_frequency: int) -> bool:
     """Epochs (1-based) at which the posterior is fitted and the prior updated."""
     return epoch >= n_epochs_burnin and epoch % marglik_frequency == 0
@@ -130,6 +146,7 @@ def marglik_train(
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
     curvature_source: str = "refit",
     hyper_optimizer: str = DEFAULT_HYPER_OPTIMIZER,
+    hyper_tol: float | None = None,
     cache_input_factors: bool = True,
 ) -> MarglikResult:
     """Train ``model`` with Laplace marginal-likelihood prior selection (SpaM).
@@ -146,7 +163,10 @@ def marglik_train(
     ``curvature_source="epoch"`` (EF and MC-GGN) harvests the marglik step's curvature from
     the training steps of the epoch before it instead of a refit pass (a running estimate
     while θ moves; see :mod:`spamkern.curvature.harvest`). ``hyper_optimizer`` picks the
-    hyperparameter update (``n_hypersteps`` steps at ``lr_hyp``). ``cache_input_factors``
+    hyperparameter update: Adam takes ``n_hypersteps`` steps at ``lr_hyp``; the fixed-point
+    update iterates at most ``n_hypersteps`` times and stops once an iteration gains less
+    than ``hyper_tol`` log evidence per data point (default 10⁻⁶; a larger one trades a
+    little evidence per marglik step for fewer evaluations). ``cache_input_factors``
     computes the Kronecker A of layers fed by the data alone (the first layer) once per run;
     turn it off when the data differ between passes (random augmentation, input dropout).
     The returned posterior is fitted at the final θ and masks when ``fit_final_posterior``
@@ -168,6 +188,7 @@ def marglik_train(
     )
     _check_schedule(n_epochs, n_epochs_burnin, marglik_frequency, n_hypersteps, lr, lr_hyp)
     _check_choices(optimizer, scheduler, hyper_optimizer, resume, checkpoint_path)
+    hyper_tol = _check_hyper_tol(hyper_tol, hyper_optimizer)
     blocks = parameter_blocks(model, structure)
     check_model_params([b.param for b in blocks], "marglik_train")
     check_curvature_source(curvature_source, curvature, blocks)
@@ -216,6 +237,7 @@ def marglik_train(
             learn_sigma=likelihood == "regression" and learn_sigma,
             lr=lr_hyp,
             n_steps=n_hypersteps,
+            tol=hyper_tol,
         ),
         generators={
             "batches": batch_gen,
@@ -302,11 +324,13 @@ class _EpochLoop:
             )
         state.epoch, state.posterior_is_current = epoch, False
         record: dict[str, Any] = {"epoch": epoch, "loss": loss, "marglik": None}
+        record["hyper_evaluations"] = 0  # evidence evaluations of the marglik step
         if due:
             self._detect_input_factors(state)
             fit_data, generator = self.fit_batches, self.generator
             posterior = fit_posterior(state, self.settings, fit_data, generator, harvest)
             record["marglik"] = marglik_step(state, self.settings, posterior, self.online_pruning)
+            record["hyper_evaluations"] = state.hyper.n_evaluations
             self.enforce_masks = MaskEnforcer(state.model, state.masks)
         _finish_record(record, state, self.settings.likelihood, tic)
         return record

@@ -187,6 +187,9 @@ def test_bad_arguments_are_refused():
         make_hyper_optimizer("adam", post.prior.log_precision)
     with pytest.raises(ValueError, match="n_steps"):
         make_hyper_optimizer("fixed-point", post.prior, n_steps=-1)
+    for tol in (-1e-6, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="tol finite and >= 0"):
+            make_hyper_optimizer("fixed-point", post.prior, tol=tol)
     adam = make_hyper_optimizer("adam", post.prior)
     with pytest.raises(ValueError, match="belongs to hyper optimizer 'adam'"):
         make_hyper_optimizer("fixed-point", post.prior).load_state_dict(adam.state_dict())

@@ -165,6 +165,40 @@ def test_bad_arguments_are_named(kwargs, message):
         sk.marglik_train(_mlp(0), _data(), **{"n_epochs": 1, "progress": False, **kwargs})
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"hyper_tol": -1e-6}, ValueError, "hyper_tol must be finite and >= 0"),
+        ({"hyper_tol": float("nan")}, ValueError, "hyper_tol must be finite and >= 0"),
+        ({"hyper_tol": float("inf")}, ValueError, "hyper_tol must be finite and >= 0"),
+        ({"hyper_tol": True}, TypeError, "hyper_tol must be a number"),
+        ({"hyper_tol": "1e-6"}, TypeError, "hyper_tol must be a number"),
+        ({"hyper_tol": 1e-4, "hyper_optimizer": "adam"}, ValueError, "'fixed-point' only"),
+    ],
+)
+def test_bad_hyper_tolerances_are_refused(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        sk.marglik_train(_mlp(0), _data(), **{"n_epochs": 1, "progress": False, **kwargs})
+
+
+def test_hyper_tol_trades_evaluations_for_evidence():
+    """The first marglik step sees the same posterior in both runs: the looser tolerance
+    stops sooner, at an evidence no higher than the default's; the history counts the
+    evaluations of every marglik step (none elsewhere)."""
+
+    def run(**kwargs):
+        return sk.marglik_train(
+            _mlp(0), _data(), n_epochs=3, n_epochs_burnin=2, prior="parameterwise",
+            batch_size=16, progress=False, **kwargs,
+        )  # fmt: skip
+
+    tight, loose = run(), run(hyper_tol=1e-2)
+    assert [h["hyper_evaluations"] for h in tight.history][:1] == [0]
+    first_tight, first_loose = tight.history[1], loose.history[1]
+    assert first_loose["hyper_evaluations"] < first_tight["hyper_evaluations"]
+    assert first_loose["marglik"] <= first_tight["marglik"]
+
+
 def test_labels_out_of_range_are_refused():
     X, y = _data()
     y[3] = 7
