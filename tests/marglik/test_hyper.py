@@ -44,6 +44,42 @@ def _run(post, method: str, **kwargs) -> tuple[float, torch.Tensor, torch.Tensor
     return value, lp, (log_sigma.detach() if learn else None)
 
 
+@pytest.fixture(scope="module")
+def lenet_digits():
+    """LeNet on the 8×8 digits after two MAP epochs, in float32: a conv net with units the
+    data barely use, whose evidence is flat in their precisions."""
+    import spamkern as sk
+    from spamkern.models import lenet
+
+    data = sk.load_dataset("digits")
+    torch.manual_seed(0)
+    model = lenet(data.input_shape, data.n_classes)
+    sk.marglik_train(
+        model, data.train, n_epochs=2, n_epochs_burnin=3, batch_size=64, progress=False,
+        scheduler=None,
+    )  # fmt: skip
+    return model, data
+
+
+@pytest.mark.parametrize(("prior", "max_evaluations"), [("unitwise", 25), ("parameterwise", 100)])
+def test_conv_net_update_passes_adam_in_few_evaluations(lenet_digits, prior, max_evaluations):
+    """Measured before the flat-curvature floor and the secant start: unitwise took 38
+    evaluations (15 now), parameterwise stopped 8.2 nats below Adam's evidence after 151
+    (0.5 above it after 78 now)."""
+    import spamkern as sk
+
+    model, data = lenet_digits
+    post = sk.fit_laplace(model, data.train, prior=prior, progress=False)
+    adam, *_ = _run(post, "adam", lr=0.1, n_steps=100)
+    saved = post.prior.log_precision.detach().clone()
+    opt = make_hyper_optimizer("fixed-point", post.prior)
+    fixed = opt.step(post)
+    with torch.no_grad():
+        post.prior.log_precision.copy_(saved)
+    assert fixed >= adam
+    assert opt.n_evaluations <= max_evaluations
+
+
 @pytest.mark.parametrize("prior", PRIORS)
 @pytest.mark.parametrize(
     ("case", "structure"),
