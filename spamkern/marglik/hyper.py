@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from spamkern.marglik.shift_preconditioner import ShiftPreconditioner
+from spamkern.marglik.shift_preconditioner import FLAT_CURVATURE, ShiftPreconditioner
 from spamkern.ops.reductions import all_finite
 from spamkern.posterior.laplace import LaplacePosterior
 from spamkern.prior.priors import Prior
@@ -51,8 +51,6 @@ DEFAULT_TOL = 1e-6
 _ROUNDOFF_WINDOW = 3
 # unitwise: steps that hold the largest input-side factors after each full step
 _CHEAP_STEPS = 3
-# the diagonal start's curvature floor, relative to the largest group's (see _mackay)
-_FLAT_CURVATURE = 1e-6
 # parameterwise Kronecker: a step that needed this many tries ends the shift start's use
 _OVERSHOT_TRIES = 3
 
@@ -212,7 +210,7 @@ class FixedPointHyper:
         approximates 1 − d log γ_g / d log δ_g: about 1 when the data determine the group
         (the plain MacKay step), about 2 when the prior does (where the plain step
         oscillates). Also returns 1 / −∂²E/∂(log δ_g)² (approximate), the diagonal from which
-        the quasi-Newton acceleration starts, its curvature floored at ``_FLAT_CURVATURE``
+        the quasi-Newton acceleration starts, its curvature floored at ``FLAT_CURVATURE``
         times the largest group's: a group the data do not use (the bias of a dead unit)
         has a flat evidence, curvature ~10⁻¹⁷ and a float32 gradient of pure round-off, and
         unfloored its 10¹⁷ scale drove the L-BFGS scaling and every direction with it
@@ -224,7 +222,7 @@ class FixedPointHyper:
         damp = self._share / (2.0 - fraction)
         # −∂²E/∂(log δ_g)² ≈ ½ (γ_g (1 − γ_g/n_g) + δ_g‖θ_g‖²) (entries' γ_i taken equal)
         curvature = 0.5 * (gamma * (1.0 - fraction) + scatter)
-        floor = _FLAT_CURVATURE * curvature.max().clamp_min(torch.finfo(gamma.dtype).tiny)
+        floor = FLAT_CURVATURE * curvature.max().clamp_min(torch.finfo(gamma.dtype).tiny)
         return step * damp, self._share / torch.maximum(curvature, floor)
 
     # -- the iteration -----------------------------------------------------------------------
@@ -401,6 +399,12 @@ class FixedPointHyper:
         while iterations < self.n_steps:
             iterations += 1
             direction = self._direction(point, pairs, diagonal, schedule.side)
+            if not all_finite(direction):  # never silently stop short on a broken step
+                raise RuntimeError(
+                    "the fixed-point hyperparameter update produced a non-finite direction "
+                    f"at a finite gradient (prior {self.prior.kind!r}); use "
+                    "hyper_optimizer='adam' and report this"
+                )
             accepted, tried = None, 0
             # skip when the first-order gain of a full step is below the tolerance
             if float(torch.dot(direction, point.grad)) > self.tol * posterior.n_data:

@@ -29,6 +29,9 @@ from spamkern.posterior.blocks import weight_matrix_shape
 from spamkern.posterior.laplace import ShiftCurvature
 from spamkern.prior.priors import Prior
 
+# curvatures below this fraction of the largest are flat to working precision
+FLAT_CURVATURE = 1e-6
+
 
 class TensorCurvature(NamedTuple):
     """One tensor's curvatures at a point: per entry (own, shaped like its weight matrix),
@@ -50,10 +53,16 @@ class ShiftPreconditioner:
 
     def complete(self, grad: torch.Tensor, computed: list[ShiftCurvature]) -> list[TensorCurvature]:
         """Every tensor's curvatures at a point with gradient ``grad``, the missing row or
-        column ones from the last fraction cancelled (none before any was computed)."""
+        column ones from the last fraction cancelled (none before any was computed).
+
+        Each is floored at ``FLAT_CURVATURE`` times the largest entry's own curvature (times
+        the number of entries the shift moves): the row of a dead unit can cancel to exactly
+        0 (measured on LeNet), and dividing by it turned the whole start into NaN."""
+        owns = [self._own(grad, slot, shape) for slot, shape in zip(self.slots, self.shapes)]
+        unit = FLAT_CURVATURE * torch.stack([own.max() for own in owns]).max()
         out = []
-        for t, (slot, shape, curv) in enumerate(zip(self.slots, self.shapes, computed)):
-            own = self._own(grad, slot, shape)
+        for t, (own, curv) in enumerate(zip(owns, computed)):
+            p, q = own.shape
             sides = [curv.rows, curv.cols]
             for side, axis in ((0, 1), (1, 0)):
                 total = own.sum(axis)
@@ -62,7 +71,14 @@ class ShiftPreconditioner:
                 else:
                     cancelled = self._cancelled.get((t, side))
                     sides[side] = total if cancelled is None else total * (1.0 - cancelled)
-            out.append(TensorCurvature(own, curv.tensor, sides[0], sides[1]))
+            out.append(
+                TensorCurvature(
+                    own.clamp_min(unit),
+                    curv.tensor.clamp_min(unit * p * q),
+                    sides[0].clamp_min(unit * q),
+                    sides[1].clamp_min(unit * p),
+                )
+            )
         return out
 
     def apply(self, curvatures: list[TensorCurvature], q: torch.Tensor) -> torch.Tensor:

@@ -106,6 +106,27 @@ def test_preconditioner_is_symmetric_positive_definite_and_exact_on_shifts(name)
         torch.testing.assert_close(H0 @ u, u * (slot.stop - slot.start) / curv.tensor)
 
 
+def test_zero_shift_curvatures_are_floored_not_divided_by():
+    """A dead unit's row can cancel to exactly zero curvature: the start stays finite and
+    positive definite, every curvature at least 10⁻⁶ of the largest entry's."""
+    post, lp = _posterior_and_point("mlp")
+    closed = post.closed_form_evidence_and_gradient(lp, "all")
+    zeroed = [
+        c._replace(rows=torch.zeros_like(c.rows), tensor=c.tensor * 0)
+        for c in closed.shift_curvature
+    ]
+    shifts = ShiftPreconditioner(post.prior)
+    curvatures = shifts.complete(closed.grad, zeroed)
+    unit = 1e-6 * max(float(c.own.max()) for c in curvatures)
+    for c in curvatures:
+        assert float(c.rows.min()) >= unit * c.own.shape[1] * (1 - 1e-12)
+        assert float(c.tensor) >= unit * c.own.numel() * (1 - 1e-12)
+    eye = torch.eye(lp.numel(), dtype=lp.dtype)
+    H0 = torch.stack([shifts.apply(curvatures, e) for e in eye], 1)
+    assert bool(torch.isfinite(H0).all())
+    assert float(torch.linalg.eigvalsh(0.5 * (H0 + H0.T)).min()) > 0
+
+
 def test_missing_sides_reuse_the_cancelled_fraction():
     post, closed, shifts, curvatures, _ = _preconditioner_matrix("mlp")
     partial_curv = [c._replace(rows=None, cols=None) for c in closed.shift_curvature]
