@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -118,23 +119,17 @@ def main(argv: list[str] | None = None) -> None:
 
 
 # ---------------------------------------------------------------------------- pytest-benchmark
-try:
-    import pytest
-except ImportError:  # the script runs without pytest
-    pytest = None
+@pytest.fixture(scope="module")
+def lenet_digits():
+    return trained("lenet-digits", EPOCHS[0])
 
-if pytest is not None:
 
-    @pytest.fixture(scope="module")
-    def lenet_digits():
-        return trained("lenet-digits", EPOCHS[0])
-
-    @pytest.mark.parametrize("prior", PRIORS)
-    def test_hyper_convnet(benchmark, timed, lenet_digits, prior):
-        benchmark.group = "hyper update lenet digits"
-        benchmark.extra_info.update(prior=prior)
-        result = timed(lambda: compare(*lenet_digits, prior), rounds=1)
-        assert result["fixed-point"]["evaluations"] >= 1
+@pytest.mark.parametrize("prior", PRIORS)
+def test_hyper_convnet(benchmark, timed, lenet_digits, prior):
+    benchmark.group = "hyper update lenet digits"
+    benchmark.extra_info.update(prior=prior)
+    result = timed(lambda: compare(*lenet_digits, prior), rounds=1)
+    assert result["fixed-point"]["evaluations"] >= 1
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -141,24 +142,20 @@ def main(argv: list[str] | None = None) -> None:
 
 
 # ---------------------------------------------------------------------------- pytest-benchmark
-try:
-    import pytest
-except ImportError:  # the script runs without pytest
-    pytest = None
+@pytest.fixture(scope="module")
+def setting_work(sizes, device) -> Work:
+    """bench_training's setting (small sizes unless --full)."""
+    return Work(Setting.quick() if sizes.quick else Setting(), device)
 
-if pytest is not None:
 
-    @pytest.fixture(scope="module")
-    def work(sizes, device) -> Work:
-        return Work(Setting.quick() if sizes.quick else Setting(), device)
-
-    @pytest.mark.parametrize("tol", TOLERANCES)
-    @pytest.mark.parametrize("prior", PRIORS)
-    def test_hyper_tol(benchmark, timed, work, prior, tol):
-        benchmark.group = f"hyper_tol {prior}"
-        benchmark.extra_info.update(prior=prior, hyper_tol=tol, epochs=work.setting.epochs)
-        steps = timed(lambda: timed_run(work, prior, tol)[1], rounds=1)
-        assert len(steps) == work.setting.epochs and all(s["evaluations"] >= 1 for s in steps)
+@pytest.mark.parametrize("tol", TOLERANCES)
+@pytest.mark.parametrize("prior", PRIORS)
+def test_hyper_tol(benchmark, timed, setting_work, prior, tol):
+    benchmark.group = f"hyper_tol {prior}"
+    epochs = setting_work.setting.epochs
+    benchmark.extra_info.update(prior=prior, hyper_tol=tol, epochs=epochs)
+    steps = timed(lambda: timed_run(setting_work, prior, tol)[1], rounds=1)
+    assert len(steps) == epochs and all(s["evaluations"] >= 1 for s in steps)
 
 
 if __name__ == "__main__":
