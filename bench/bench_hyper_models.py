@@ -1,16 +1,17 @@
-"""The hyperparameter update on conv nets: fixed-point against 100 Adam steps, same posterior.
+"""The hyperparameter update beyond MLPs: fixed-point against 100 Adam steps, same posterior.
 
-    python bench/bench_hyper_convnet.py            # the table (CPU, 1 thread: about 1 min)
-    python bench/bench_hyper_convnet.py --quick    # one model, one training length
-    python -m pytest bench/bench_hyper_convnet.py  # the same cases, pytest-benchmark
+    python bench/bench_hyper_models.py            # the table (CPU, 1 thread: about 1 min)
+    python bench/bench_hyper_models.py --quick    # one model, one training length
+    python -m pytest bench/bench_hyper_models.py  # the same cases, pytest-benchmark
 
 ``bench/bench_hyper.py`` times the update on an MLP; conv nets are where it used to go
 wrong (dead units with flat precisions, shift curvatures that misjudge conv blocks). Here
-LeNet on the 8×8 digits and LeNet-5 on the 28×28 digits (the main job's models) are
-trained as MAP for a few epochs (float32, Adam 1e-3, batch 64), a Kronecker exact-GGN
-posterior is fitted at the initial precision 1 for each prior, and both updates run from
-that start on the same posterior: evidence evaluations, seconds and the final log
-evidence. Writes ``bench/results/cpu-hyper-convnet.json``.
+LeNet on the 8×8 digits and LeNet-5 on the 28×28 digits (the main job's models), a
+ResNet-8 and a two-block vision transformer on the 8×8 digits are trained as MAP for a few
+epochs (float32, Adam 1e-3, batch 64), a Kronecker exact-GGN posterior is fitted at the
+initial precision 1 for each prior, and both updates run from that start on the same
+posterior: evidence evaluations, seconds and the final log evidence. Writes
+``bench/results/cpu-hyper-models.json``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -29,10 +31,15 @@ from conftest import run_conditions  # noqa: E402
 
 import spamkern as sk  # noqa: E402
 from spamkern.marglik.hyper import make_hyper_optimizer  # noqa: E402
-from spamkern.models import lenet, lenet5  # noqa: E402
+from spamkern.models import lenet, lenet5, resnet, vit  # noqa: E402
 
 GPU_MODE = False  # a CPU quality table; the GPU phase leaves it out
-MODELS = {"lenet-digits": ("digits", lenet), "lenet5-digits28": ("digits28", lenet5)}
+MODELS = {
+    "lenet-digits": ("digits", lenet),
+    "lenet5-digits28": ("digits28", lenet5),
+    "resnet8-digits": ("digits", partial(resnet, depth=8, widths=(8, 16, 32))),
+    "vit-digits": ("digits", partial(vit, dim=32, patch=2)),
+}
 PRIORS = ("scalar", "layerwise", "unitwise", "parameterwise")
 EPOCHS = (2, 8)
 RESULTS = Path(__file__).parent / "results"
@@ -113,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     models = ["lenet-digits"] if args.quick else list(MODELS)
     result = measure(models, EPOCHS[:1] if args.quick else EPOCHS)
     print(markdown(result))
-    out = args.out or RESULTS / f"cpu-hyper-convnet{'-quick' if args.quick else ''}.json"
+    out = args.out or RESULTS / f"cpu-hyper-models{'-quick' if args.quick else ''}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
 
@@ -125,7 +132,7 @@ def lenet_digits():
 
 
 @pytest.mark.parametrize("prior", PRIORS)
-def test_hyper_convnet(benchmark, timed, lenet_digits, prior):
+def test_hyper_models(benchmark, timed, lenet_digits, prior):
     benchmark.group = "hyper update lenet digits"
     benchmark.extra_info.update(prior=prior)
     result = timed(lambda: compare(*lenet_digits, prior), rounds=1)
