@@ -386,6 +386,8 @@ class FixedPointHyper:
     def step(self, posterior: LaplacePosterior) -> float:
         x0 = self._x0(posterior)
         self._secant_start = False
+        if self._shifts is not None:
+            self._shifts.new_posterior()
         bounds = self._bounds(x0)
         tic = time.perf_counter()
         point = self._evaluate(posterior, x0, first=True)

@@ -342,9 +342,17 @@ class DiagBlock:
         """Multiply-adds of a parameterwise evaluation and of its row/column couplings."""
         return self.h.numel(), 0, 0
 
-    def parameterwise_terms(self, delta: torch.Tensor, scale, rows=False, cols=False):
+    def shift_sides(self) -> tuple[int, int]:
+        """(0, 0): no two rows' or columns' shifts share a term of the log det."""
+        return 0, 0
+
+    def parameterwise_terms(
+        self, delta: torch.Tensor, scale, rows=False, cols=False, matrix: str | None = None
+    ):
         """:class:`ProjectedTerms` for per-entry precisions ``delta`` (a (p, q) matrix):
-        exact, the entries uncoupled."""
+        exact, the entries uncoupled (so there is no coupling ``matrix`` to ask for)."""
+        if matrix is not None:
+            raise ValueError("a diagonal block's rows and columns are uncoupled: matrix=None")
         c = scale * self.h.reshape(delta.shape) + delta
         inverse = c.reciprocal()
         own = (delta * inverse).square()
@@ -462,13 +470,22 @@ class KronBlock:
         p, q = weight_matrix_shape(self.shape)
         return side_costs(p, q if len(self.factors) == 2 else 1)
 
-    def parameterwise_terms(self, delta: torch.Tensor, scale, rows=False, cols=False):
+    def shift_sides(self) -> tuple[int, int]:
+        """How many rows and columns have shifts coupled through the projection (0 columns
+        for a bias: it has one)."""
+        p, q = weight_matrix_shape(self.shape)
+        return p, (q if len(self.factors) == 2 else 0)
+
+    def parameterwise_terms(
+        self, delta: torch.Tensor, scale, rows=False, cols=False, matrix: str | None = None
+    ):
         """Parameterwise (p, q) ``delta``: :class:`ProjectedTerms` — Σ log(s·λ1λ2ᵀ + δ̃), the
         log det of :meth:`eigen`, and (Q1∘Q1)(1/c)(Q2∘Q2)ᵀ, the diagonal of its inverse
-        and ∂ log det / ∂δ (δ̃ is linear in δ); row/column couplings when asked for."""
+        and ∂ log det / ∂δ (δ̃ is linear in δ); row/column couplings and one side's
+        coupling matrix when asked for."""
         s1, s2 = self.squared_basis()
         l1, l2 = self.eigenvalues()
-        return projected_terms(s1, s2, torch.outer(l1, l2), delta, scale, rows, cols)
+        return projected_terms(s1, s2, torch.outer(l1, l2), delta, scale, rows, cols, matrix)
 
     def eigen(self, tp: TensorPrecision, scale, unitwise: bool) -> BlockEigen:
         if unitwise:
@@ -566,13 +583,21 @@ class RowSlicedKronBlock:
         q = weight_matrix_shape(self.shape)[1] if len(self.factors) == 2 else 1
         return side_costs(self.rows, q, len(self.parts))
 
-    def parameterwise_terms(self, delta: torch.Tensor, scale, rows=False, cols=False):
+    def shift_sides(self) -> tuple[int, int]:
+        """:meth:`KronBlock.shift_sides` over all slices' rows."""
+        p, q = weight_matrix_shape(self.shape)
+        return p, (q if len(self.factors) == 2 else 0)
+
+    def parameterwise_terms(
+        self, delta: torch.Tensor, scale, rows=False, cols=False, matrix: str | None = None
+    ):
         """:meth:`KronBlock.parameterwise_terms` slice by slice, ``delta`` (out, d); a
-        column's shift moves every slice, so its coupling sums over them."""
+        column's shift moves every slice, so its couplings sum over them, and rows of
+        different slices are uncoupled (a block-diagonal row matrix)."""
         q1, q2 = self._stacked_vectors()
         s1, s2 = q1.square(), (q2.square() if q2 is not None else None)
         D = delta.reshape(len(self.parts), self.rows, -1)
-        terms = projected_terms(s1, s2, self._stacked_products(), D, scale, rows, cols)
+        terms = projected_terms(s1, s2, self._stacked_products(), D, scale, rows, cols, matrix)
         terms.inverse = terms.inverse.reshape(delta.shape)
         if rows:
             terms.row_coupling = terms.row_coupling.reshape(-1)

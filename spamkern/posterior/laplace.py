@@ -29,6 +29,7 @@ from spamkern.posterior.blocks import (
     unitwise_logdet,
     weight_matrix_shape,
 )
+from spamkern.posterior.projected import CouplingMatrix
 from spamkern.posterior.unitwise_terms import (
     scatter_squares,
     unitwise_log_det_ratio,
@@ -60,6 +61,10 @@ class ShiftCurvature(NamedTuple):
     tensor: torch.Tensor  # 0-d
     rows: torch.Tensor | None  # (p,)
     cols: torch.Tensor | None  # (q,)
+    # for at most one side: −∂²E/∂t_r∂t_s between different rows' (columns') shifts is
+    # −½ coupling.dense() (approximate for weights, exact for biases: see
+    # spamkern.posterior.projected); its diagonal is ``rows`` (``cols``), not the matrix's
+    coupling: CouplingMatrix | None = None
 
 
 class LaplacePosterior:
@@ -316,11 +321,12 @@ class LaplacePosterior:
         self._logdet_plan()  # eigenvalues of every block (batched)
         blocks, slots = self.curvature_blocks, self.prior.slots
         sides = _coupling_sides(blocks, couplings)
+        matrices = _matrix_sides(blocks) if couplings != "none" else [None] * len(blocks)
         delta = log_precision.exp()
         terms = []
-        for block, slot, (rows, cols) in zip(blocks, slots, sides):
+        for block, slot, (rows, cols), matrix in zip(blocks, slots, sides, matrices):
             tensor_delta = delta[slot.start : slot.stop].view(weight_matrix_shape(slot.shape))
-            terms.append(block.parameterwise_terms(tensor_delta, scale, rows, cols))
+            terms.append(block.parameterwise_terms(tensor_delta, scale, rows, cols, matrix))
         scatter = delta * self._squared_mean()
         logdet = torch.stack([t.logdet for t in terms]).sum()
         log_det_ratio = logdet - float64_sum(log_precision)
@@ -352,7 +358,8 @@ class LaplacePosterior:
             own = (0.5 - grad[slot.start : slot.stop]).reshape(weight_matrix_shape(slot.shape))
             rows = None if t.row_coupling is None else own.sum(1) - 0.5 * t.row_coupling
             cols = None if t.col_coupling is None else own.sum(0) - 0.5 * t.col_coupling
-            out.append(ShiftCurvature(own.sum() - 0.5 * t.shift_coupling, rows, cols))
+            tensor = own.sum() - 0.5 * t.shift_coupling
+            out.append(ShiftCurvature(tensor, rows, cols, t.coupling_matrix))
         return out
 
     def _squared_mean(self) -> torch.Tensor:
@@ -452,6 +459,25 @@ def _coupling_sides(blocks: list, couplings: str) -> list[tuple[bool, bool]]:
     costs = [block.side_costs() for block in blocks]
     budget = sum(c[0] for c in costs) / 16
     return [(rows <= budget, cols <= budget) for _, rows, cols in costs]
+
+
+def _matrix_sides(blocks: list) -> list[str | None]:
+    """Per block, the side ("rows", "cols" or None) whose shifts get a coupling matrix: the
+    larger of those whose matrix — built and factorised in ~m³ multiply-adds for m rows or
+    columns — costs at most 1/16 of the evaluation (rows on a tie).
+
+    Measured on an MLP 784-256-256-10 in 4-epoch SpaM training: the per-row (column)
+    curvature alone left the iteration 13 (12) slow directions in the 256 row shifts of
+    the second layer (column shifts of the third) and in the biases; one matrix per block
+    took 42 evaluations to 27. The smaller side instead took 37; both sides added
+    together 33, as both at once overstep along their shared directions; both solved as
+    one (p + q) system 27, for a 512 × 512 factorisation (~3 ms) per evaluation."""
+    budget = sum(block.side_costs()[0] for block in blocks) / 16
+    out = []
+    for block in blocks:
+        rows, cols = (m if m > 1 and m**3 <= budget else 0 for m in block.shift_sides())
+        out.append(None if not (rows or cols) else ("rows" if rows >= cols else "cols"))
+    return out
 
 
 def _check_finite_hyper(log_precision: torch.Tensor) -> None:

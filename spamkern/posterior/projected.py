@@ -14,6 +14,17 @@ columns. The hyperparameter update uses them to precondition (see
 :mod:`spamkern.marglik.shift_preconditioner`): the entries of a row or column are coupled
 through δ̃, and these are the directions where that coupling cancels most of their own
 curvature.
+
+Different rows' shifts are coupled as well, Σ_ab S1[r,a] S1[s,a] R[r,b] R[s,b] / c_ab² with
+R = D S2 — exactly for a bias (one column: (S1 diag(1/c²) S1ᵀ) ∘ ddᵀ, one product of the
+small side). For a weight the exact matrix costs p³q; replacing R[r,b] by δ̃_ab = Σ_r
+S1[r,a] R[r,b] (its S1-weighted mean over the rows: the columns of S1 sum to one) gives
+
+    rows ≈ S1 diag(Σ_b ρ_ab²) S1ᵀ,   cols ≈ S2 diag(Σ_a ρ_ab²) S2ᵀ,   ρ = δ̃/c,
+
+one p³ (q³) product, exact wherever D is constant along the rows (columns) and, measured on
+an MLP 784-256-256-10 at its optimum, as a preconditioner of the exact matrix within
+[0.89, 1.35] where the per-row diagonal alone spread over [0.035, 1.94].
 """
 
 from __future__ import annotations
@@ -25,6 +36,27 @@ import torch
 from spamkern.ops.reductions import float64_sum
 
 
+class CouplingMatrix:
+    """The coupling matrix between one side's shifts — Σ_ab (∂δ̃_ab/∂t_r)(∂δ̃_ab/∂t_s)/c_ab²
+    over rows r, s ("rows") or columns ("cols") — kept as (S diag(w) Sᵀ) ∘ uuᵀ factors and
+    built only on demand (:meth:`dense`): the hyperparameter update rebuilds it only when
+    its diagonal has moved. With leading slice dimensions, rows of different slices are
+    uncoupled (block diagonal) and a column's shift moves every slice (a sum)."""
+
+    def __init__(self, side: str, basis: torch.Tensor, weights: torch.Tensor, scale=None):
+        self.side, self.basis, self.weights, self.scale = side, basis, weights, scale
+
+    def dense(self) -> torch.Tensor:
+        gram = (self.basis * self.weights.unsqueeze(-2)) @ self.basis.mT
+        if self.scale is not None:
+            gram = gram * (self.scale.unsqueeze(-1) * self.scale.unsqueeze(-2))
+        if gram.ndim == 2:
+            return gram
+        if self.side == "rows":
+            return torch.block_diag(*gram.reshape(-1, *gram.shape[-2:]).unbind(0))
+        return gram.reshape(-1, *gram.shape[-2:]).sum(0)
+
+
 @dataclass
 class ProjectedTerms:
     logdet: torch.Tensor  # Σ log c, summed in float64
@@ -32,6 +64,8 @@ class ProjectedTerms:
     shift_coupling: torch.Tensor  # Σ (δ̃/c)²: the same for a shift of the whole block
     row_coupling: torch.Tensor | None = None  # per row, when asked for
     col_coupling: torch.Tensor | None = None  # per column, when asked for
+    # between the rows' or the columns' shifts, when asked for (see the module docstring)
+    coupling_matrix: CouplingMatrix | None = None
 
 
 def projected_terms(
@@ -42,10 +76,12 @@ def projected_terms(
     scale,
     rows: bool = False,
     cols: bool = False,
+    matrix: str | None = None,
 ) -> ProjectedTerms:
     """The terms for squared bases ``s1`` (…, p, p), ``s2`` (…, q, q) or None (a bias:
     λ2 ≡ 1, Q2 = [1]), eigenvalue products λ1λ2ᵀ (…, p, q) and precisions ``delta``
-    (…, p, q); leading dimensions are independent slices."""
+    (…, p, q); leading dimensions are independent slices. ``matrix`` ("rows", "cols" or
+    None) adds that side's coupling matrix."""
     right = delta @ s2 if s2 is not None else delta  # D S2, reused by the row couplings
     projected = s1.mT @ right
     scale = torch.as_tensor(scale, dtype=projected.dtype, device=projected.device)
@@ -54,8 +90,11 @@ def projected_terms(
     inverse = s1 @ reciprocal
     if s2 is not None:
         inverse = inverse @ s2.mT
-    ratio = projected.mul_(reciprocal).reshape(-1)  # δ̃/c (``projected`` is not needed again)
-    terms = ProjectedTerms(float64_sum(c.log_()), inverse, torch.dot(ratio, ratio))
+    ratio = projected.mul_(reciprocal)  # δ̃/c (``projected`` is not needed again)
+    flat = ratio.reshape(-1)
+    terms = ProjectedTerms(float64_sum(c.log_()), inverse, torch.dot(flat, flat))
+    if matrix is not None:
+        terms.coupling_matrix = _coupling_matrix(matrix, s1, s2, delta, reciprocal, ratio)
     if rows or cols:
         weight = reciprocal.square()
     if rows:
@@ -65,6 +104,20 @@ def projected_terms(
         spread = weight @ s2.square().mT if s2 is not None else weight
         terms.col_coupling = (left.square() * spread).sum(-2)
     return terms
+
+
+def _coupling_matrix(side, s1, s2, delta, reciprocal, ratio) -> CouplingMatrix:
+    """The coupling matrix between the shifts of ``side`` (see the module docstring)."""
+    if side not in ("rows", "cols"):
+        raise ValueError(f"matrix must be 'rows', 'cols' or None, got {side!r}")
+    if s2 is None:  # a bias: exact, and only rows (one column)
+        if side == "cols":
+            raise ValueError("a bias block has a single column: no column coupling matrix")
+        return CouplingMatrix("rows", s1, reciprocal[..., 0].square(), delta[..., 0])
+    squares = ratio.square()
+    if side == "rows":
+        return CouplingMatrix("rows", s1, squares.sum(-1))
+    return CouplingMatrix("cols", s2, squares.sum(-2))
 
 
 def side_costs(p: int, q: int, slices: int = 1) -> tuple[int, int, int]:
