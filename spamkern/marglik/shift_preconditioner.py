@@ -157,20 +157,26 @@ def _apply_one(q: torch.Tensor, curv: TensorCurvature, out: torch.Tensor) -> Non
     over its curvature (in place, one pass per step: these are the size of the prior); a
     side with a factor is solved with the mean as one system."""
     p, n = q.shape
+    if n == 1 and curv.side == "rows":  # a bias solved whole: no column effects, no rest
+        out[:, 0] = _solve(curv, q[:, 0])
+        return
     tiny = torch.finfo(q.dtype).tiny
     row_mean, col_mean = q.mean(1), q.mean(0)
     mean = row_mean.mean()
-    row_effect, col_effect = row_mean - mean, col_mean - mean
     rest = torch.sub(q, row_mean[:, None], out=out)  # q − mean − row and column effects
-    rest.sub_(col_effect[None, :]).div_(curv.own)
+    rest.sub_((col_mean - mean)[None, :]).div_(curv.own)
     rest_rows, rest_cols = rest.mean(1), rest.mean(0)  # double-centre rest / own
-    rows = n * row_effect / curv.rows.clamp_min(tiny)
-    cols = p * col_effect / curv.cols.clamp_min(tiny)
-    rows, cols = rows - rows.mean(), cols - cols.mean()
-    whole = mean * (p * n) / curv.tensor.clamp_min(tiny)
     if curv.side == "rows":  # row sums: the mean and the row effects solved together
-        rows, whole = _solve(curv, n * row_mean), 0.0
-    elif curv.side == "cols":
-        cols, whole = _solve(curv, p * col_mean), 0.0
-    rest.add_((rows - rest_rows + rest_rows.mean() + whole)[:, None])
+        rows = _solve(curv, n * row_mean)
+    else:
+        rows = n * (row_mean - mean) / curv.rows.clamp_min(tiny)
+        rows = rows - rows.mean()
+    if curv.side == "cols":
+        cols = _solve(curv, p * col_mean)
+    else:
+        cols = p * (col_mean - mean) / curv.cols.clamp_min(tiny)
+        cols = cols - cols.mean()
+    if curv.side is None:
+        rows = rows + mean * (p * n) / curv.tensor.clamp_min(tiny)
+    rest.add_((rows - rest_rows + rest_rows.mean())[:, None])
     rest.add_((cols - rest_cols)[None, :])
