@@ -65,7 +65,8 @@ def lenet_digits():
 def test_conv_net_update_passes_adam_in_few_evaluations(lenet_digits, prior, max_evaluations):
     """Measured before the flat-curvature floor and the secant start: unitwise took 38
     evaluations (15 now), parameterwise stopped 8.2 nats below Adam's evidence after 151
-    (0.5 above it after 78 now)."""
+    (0.5 above it after 76 now on two threads; 49 on one thread, where the float32 path
+    differs)."""
     import spamkern as sk
 
     model, data = lenet_digits
