@@ -258,3 +258,22 @@ def test_fixed_point_passes_adam_with_every_block_type(factory):
             post.prior.log_precision.copy_(start)
     assert results["fixed-point"][0] >= results["adam"][0]
     assert results["fixed-point"][1] < results["adam"][1]
+
+
+def test_coupling_matrix_requests_are_checked():
+    post, lp = _posterior_and_point("mlp")
+    weight, bias = post.curvature_blocks[0], post.curvature_blocks[1]
+    delta = lp.exp()
+    slots = post.prior.slots
+    d_weight = delta[slots[0].start : slots[0].stop].view(weight_matrix_shape(slots[0].shape))
+    d_bias = delta[slots[1].start : slots[1].stop].view(weight_matrix_shape(slots[1].shape))
+    with pytest.raises(ValueError, match="'rows', 'cols' or None"):
+        weight.parameterwise_terms(d_weight, post._scale(), matrix="both")
+    with pytest.raises(ValueError, match="single column"):
+        bias.parameterwise_terms(d_bias, post._scale(), matrix="cols")
+    diag_post, diag_lp = _posterior_and_point("mlp-diag")
+    block, slot = diag_post.curvature_blocks[0], diag_post.prior.slots[0]
+    d = diag_lp.exp()[slot.start : slot.stop].view(weight_matrix_shape(slot.shape))
+    assert block.shift_sides() == (0, 0)
+    with pytest.raises(ValueError, match="uncoupled"):
+        block.parameterwise_terms(d, diag_post._scale(), matrix="rows")
