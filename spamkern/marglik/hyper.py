@@ -10,6 +10,10 @@ Two methods behind one interface (``make_hyper_optimizer(...).step(posterior)``)
   log(γ_g / ‖θ_g‖²) — a Newton step on that equation, bounded — and σ² towards
   2·s·L·σ² / (N·C − γ_total) for regression; after the first step an L-BFGS direction,
   preconditioned by the per-group curvature, replaces it while it points uphill.
+  Scalar and layerwise evidences (at fixed σ) split into one term per tensor whose exact
+  curvature comes with each closed-form evaluation, so there every step is the exact
+  Newton step in log δ instead (quadratic convergence: measured on an MLP 784-256-256-10
+  in 4-epoch SpaM training, 20 layerwise evaluations per run → 13).
   Parameterwise Kronecker posteriors couple every entry of a block through the projected
   δ̃, so there the iteration starts from, and L-BFGS builds on, the curvature along
   shifts of whole tensors, rows and columns instead
@@ -122,6 +126,7 @@ class _Point:
     mackay: torch.Tensor | None
     scale: torch.Tensor | None
     curvatures: list | None = None  # parameterwise Kronecker: see ShiftPreconditioner
+    newton: bool = False  # ``mackay`` is the exact Newton step (scalar, layerwise)
 
 
 class FixedPointHyper:
@@ -176,13 +181,13 @@ class FixedPointHyper:
         """The evidence at ``x`` (the ``first`` of an update computes every coupling)."""
         x = x.detach()
         lp, ls = self._split(x)
-        closed, shifts, computed = None, None, None
+        closed, shifts, computed, exact = None, None, None, None
         if not self.learn_sigma:
             shifts = self._shifts if posterior.structure == "kron" else None
             couplings = "none" if shifts is None else ("all" if first else "cheap")
             closed = posterior.closed_form_evidence_and_gradient(lp, couplings)
         if closed is not None:  # in closed form; autograd only where σ is learned too
-            value, grad, scatter, computed = closed
+            value, grad, scatter, computed, exact = closed
         else:
             x.requires_grad_(True)
             lp, ls = self._split(x)
@@ -192,6 +197,10 @@ class FixedPointHyper:
         if computed is not None:  # parameterwise Kronecker: the shift preconditioner steps
             curvatures = shifts.complete(grad, computed)
             return _Point(x, float(value), grad, None, None, curvatures)
+        if exact is not None:  # scalar, layerwise: Newton on the exact curvature
+            tiny = torch.finfo(exact.dtype).tiny
+            curvature = torch.maximum(exact, FLAT_CURVATURE * exact.max().clamp_min(tiny))
+            return _Point(x, float(value), grad, grad / curvature, 1 / curvature, newton=True)
         with torch.no_grad():
             gamma = 2.0 * grad[: lp.numel()] + scatter  # ∂E/∂log δ_g = ½ (γ_g − δ_g ‖θ_g‖²)
             step, scale = self._mackay(gamma, scatter)
@@ -249,6 +258,8 @@ class FixedPointHyper:
         row and a column moving together each take)."""
         if point.curvatures is not None:
             return self._shift_direction(point, pairs)
+        if point.newton:
+            return point.mackay.clamp(-self.max_log_step, self.max_log_step)
 
         def start(q: torch.Tensor) -> torch.Tensor:
             if not pairs:

@@ -50,6 +50,8 @@ class ClosedFormEvidence(NamedTuple):
     scatter: torch.Tensor  # Σ_{i∈g} δ_i θ_i² per hyperparameter g
     # parameterwise: −∂²E/∂t² along shifts of log δ, per tensor (see ShiftCurvature)
     shift_curvature: list[ShiftCurvature] | None = None
+    # scalar and layerwise: −∂²E/∂(log δ)², exact (each tensor's δ enters its own terms only)
+    curvature: torch.Tensor | None = None
 
 
 class ShiftCurvature(NamedTuple):
@@ -279,6 +281,7 @@ class LaplacePosterior:
         with c = s·λ1λ2ᵀ + δ_t over tensor t's eigenvalue products,
 
             ∂E/∂log δ_t = −½ (δ_t Σ 1/c − n_t + δ_t ‖θ_t‖²),
+            −∂²E/∂(log δ_t)² = ½ (δ_t ‖θ_t‖² + δ_t Σ s·λ1λ2/c²),
 
         one pass over the products per evaluation instead of autograd's forward and
         backward — what the fixed-point hyperparameter update calls. ``couplings``
@@ -295,20 +298,25 @@ class LaplacePosterior:
         log_delta = torch.stack([tp.log_delta for tp in self.prior.per_tensor(log_precision)])
         delta = log_delta.exp()
         products, counts, squares = self._scalar_plan_terms()
-        logdet, inverse = [], []
+        logdet, inverse, data_share = [], [], []
         for prod, d in zip(products, delta):
             c = prod + d
-            inverse.append(c.reciprocal().sum())
+            reciprocal = c.reciprocal()
+            inverse.append(reciprocal.sum())
+            data_share.append(torch.dot(prod * reciprocal, reciprocal))  # Σ s·λ1λ2 / c²
             logdet.append(float64_sum(c.log_()))
         logdet_total = torch.stack(logdet).sum() - (counts * log_delta).sum(dtype=torch.float64)
         value = self._evidence(logdet_total, (delta * squares).sum(dtype=torch.float64))
         scatter = delta * squares
         per_tensor = -0.5 * (delta * torch.stack(inverse) - counts + scatter)
+        per_tensor_curvature = 0.5 * (scatter + delta * torch.stack(data_share))
         grad, scatter_g = torch.zeros_like(log_precision), torch.zeros_like(log_precision)
-        for slot, g, sc in zip(self.prior.slots, per_tensor, scatter):
+        curvature = torch.zeros_like(log_precision)
+        for slot, g, sc, h in zip(self.prior.slots, per_tensor, scatter, per_tensor_curvature):
             grad[slot.start] += g
             scatter_g[slot.start] += sc
-        return ClosedFormEvidence(value, grad, scatter_g)
+            curvature[slot.start] += h
+        return ClosedFormEvidence(value, grad, scatter_g, curvature=curvature)
 
     def _parameterwise_evidence_and_gradient(
         self, log_precision: torch.Tensor, couplings: str
