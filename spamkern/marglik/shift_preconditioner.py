@@ -35,6 +35,7 @@ import torch
 
 from spamkern.posterior.blocks import weight_matrix_shape
 from spamkern.posterior.laplace import ShiftCurvature
+from spamkern.posterior.projected import CouplingMatrix
 from spamkern.prior.priors import Prior
 
 # curvatures below this fraction of the largest are flat to working precision
@@ -105,7 +106,9 @@ class ShiftPreconditioner:
             )
         return out
 
-    def _factor(self, t: int, coupling, rows: torch.Tensor, cols: torch.Tensor) -> tuple:
+    def _factor(
+        self, t: int, coupling: CouplingMatrix | None, rows: torch.Tensor, cols: torch.Tensor
+    ) -> tuple:
         """(side, Cholesky factor, scale) of tensor ``t``'s shift Hessian on the coupled
         side, or Nones. The last factor is reused — rescaled to this point's diagonal —
         while every diagonal entry stays within ``REFACTOR_RATIO`` of the one it was built
