@@ -38,11 +38,12 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from spamkern.marglik.blockwise import BlockwiseShiftUpdate
+from spamkern.marglik.quasi_newton import Point, SecantMemory, ascended, two_loop
 from spamkern.marglik.shift_preconditioner import FLAT_CURVATURE, ShiftPreconditioner
 from spamkern.ops.reductions import all_finite
 from spamkern.posterior.laplace import LaplacePosterior
@@ -51,12 +52,8 @@ from spamkern.prior.priors import Prior
 HYPER_OPTIMIZERS = ("fixed-point", "adam")
 # the fixed-point update's default stopping tolerance: log evidence gained per data point
 DEFAULT_TOL = 1e-6
-# iterations over which gains are compared with the evaluations' round-off
-_ROUNDOFF_WINDOW = 3
 # unitwise: steps that hold the largest input-side factors after each full step
 _CHEAP_STEPS = 3
-# parameterwise Kronecker: a step that needed this many tries ends the shift start's use
-_OVERSHOT_TRIES = 3
 
 
 def _check_finite(value: torch.Tensor, prior: Prior, log_sigma: torch.Tensor | None) -> None:
@@ -114,21 +111,6 @@ class AdamHyper:
         self.optimizer.load_state_dict(state["optimizer"])
 
 
-@dataclass
-class _Point:
-    """The evidence at one point x = (log δ, [log σ]) and what the next update needs there."""
-
-    x: torch.Tensor  # flat: the prior's log precisions, then log σ if it is learned
-    value: float
-    grad: torch.Tensor  # ∂E/∂x
-    # the fixed-point step from x (see FixedPointHyper._mackay) and 1 / −∂²E/∂x² per group
-    # (approximate), the L-BFGS preconditioner; None where ``curvatures`` replace them
-    mackay: torch.Tensor | None
-    scale: torch.Tensor | None
-    curvatures: list | None = None  # parameterwise Kronecker: see ShiftPreconditioner
-    newton: bool = False  # ``mackay`` is the exact Newton step (scalar, layerwise)
-
-
 class FixedPointHyper:
     """MacKay fixed-point steps, accelerated and guarded (see the module docstring)."""
 
@@ -156,11 +138,11 @@ class FixedPointHyper:
         self.n_evaluations = 0
         self.n_iterations = 0
         self.history: list[tuple[int, float, float]] = []  # (evaluations, seconds, evidence)
+        self.block_evaluations: list[int] = []  # parameterwise Kronecker: per block
         lp = prior.log_precision
         self._count = prior.group_sums(torch.ones(prior.n_params, dtype=lp.dtype, device=lp.device))
         self._share = self._shared_fraction()
         self._shifts = ShiftPreconditioner(prior) if prior.kind == "parameterwise" else None
-        self._secant_start = False  # see _shift_direction; reset by every step
 
     # -- group bookkeeping -----------------------------------------------------------------
     def _shared_fraction(self) -> torch.Tensor:
@@ -177,30 +159,23 @@ class FixedPointHyper:
         return x[:n], (x[n] if self.learn_sigma else None)
 
     # -- one evaluation ----------------------------------------------------------------------
-    def _evaluate(self, posterior: LaplacePosterior, x: torch.Tensor, first=False) -> _Point:
-        """The evidence at ``x`` (the ``first`` of an update computes every coupling)."""
+    def _evaluate(self, posterior: LaplacePosterior, x: torch.Tensor) -> Point:
+        """The evidence at ``x`` and the step the iteration starts from there."""
         x = x.detach()
         lp, ls = self._split(x)
-        closed, shifts, computed, exact = None, None, None, None
-        if not self.learn_sigma:
-            shifts = self._shifts if posterior.structure == "kron" else None
-            couplings = "none" if shifts is None else ("all" if first else "cheap")
-            closed = posterior.closed_form_evidence_and_gradient(lp, couplings)
-        if closed is not None:  # in closed form; autograd only where σ is learned too
-            value, grad, scatter, computed, exact = closed
+        exact = None
+        if not self.learn_sigma:  # in closed form; autograd only where σ is learned too
+            value, grad, scatter, _, exact = posterior.closed_form_evidence_and_gradient(lp)
         else:
             x.requires_grad_(True)
             lp, ls = self._split(x)
             value = posterior.log_evidence(lp, ls)
             (grad,) = torch.autograd.grad(value, x)
             scatter = self.prior.group_sums(self.prior.precision_diag(lp) * posterior.mean.square())
-        if computed is not None:  # parameterwise Kronecker: the shift preconditioner steps
-            curvatures = shifts.complete(grad, computed)
-            return _Point(x, float(value), grad, None, None, curvatures)
         if exact is not None:  # scalar, layerwise: Newton on the exact curvature
             tiny = torch.finfo(exact.dtype).tiny
             curvature = torch.maximum(exact, FLAT_CURVATURE * exact.max().clamp_min(tiny))
-            return _Point(x, float(value), grad, grad / curvature, 1 / curvature, newton=True)
+            return Point(x, float(value), grad, grad / curvature, 1 / curvature, newton=True)
         with torch.no_grad():
             gamma = 2.0 * grad[: lp.numel()] + scatter  # ∂E/∂log δ_g = ½ (γ_g − δ_g ‖θ_g‖²)
             step, scale = self._mackay(gamma, scatter)
@@ -210,7 +185,7 @@ class FixedPointHyper:
                 s_step, s_scale = _log_step(fit, dof)
                 step = torch.cat([step, (0.5 * s_step).reshape(1)])
                 scale = torch.cat([scale, (0.5 * s_scale).reshape(1)])
-        return _Point(x.detach(), float(value.detach()), grad, step, scale)
+        return Point(x.detach(), float(value.detach()), grad, step, scale)
 
     def _mackay(self, gamma: torch.Tensor, scatter: torch.Tensor):
         """Newton step on log δ_g = log(γ_g / ‖θ_g‖²), and its ratio to ∂E/∂log δ_g.
@@ -242,22 +217,19 @@ class FixedPointHyper:
         return torch.cat([lp, self.log_sigma.detach().reshape(1).to(lp)])
 
     def _direction(
-        self, point: _Point, pairs: list, diagonal: bool, side: torch.Tensor | None = None
+        self, point: Point, pairs: list, diagonal: bool, side: torch.Tensor | None = None
     ) -> torch.Tensor:
         """L-BFGS direction; the MacKay step first and whenever that is not uphill.
 
-        Parameterwise Kronecker points carry their own start (:meth:`_shift_direction`).
-        Otherwise ``diagonal``: start from the per-group curvature of :meth:`_mackay`
-        (fastest where the groups are nearly independent), else from a multiple of the
-        identity (parameterwise Kronecker blocks whose shift curvatures are unknown: with σ
-        learned; the per-entry curvature misleads there)
+        ``diagonal``: start from the per-group curvature of :meth:`_mackay` (fastest where
+        the groups are nearly independent), else from a multiple of the identity
+        (parameterwise Kronecker blocks with σ learned, where the per-block update of
+        :mod:`spamkern.marglik.blockwise` does not apply: the per-entry curvature misleads)
 
         ``side`` (a 0/1 mask and a fallback scale, see :meth:`_cheap_side`) restricts the
         step to the mask's entries; its MacKay fallback is then the whole coordinate step of
         a row whose columns are held, or of a column whose rows are (not the half that a
         row and a column moving together each take)."""
-        if point.curvatures is not None:
-            return self._shift_direction(point, pairs)
         if point.newton:
             return point.mackay.clamp(-self.max_log_step, self.max_log_step)
 
@@ -268,36 +240,13 @@ class FixedPointHyper:
             scale = point.scale if diagonal else torch.ones_like(point.scale)
             return scale * q * (torch.dot(s_last, y_last) / torch.dot(y_last, scale * y_last))
 
-        r = _two_loop(point.grad, pairs, start).clamp(-self.max_log_step, self.max_log_step)
+        r = two_loop(point.grad, pairs, start).clamp(-self.max_log_step, self.max_log_step)
         if side is not None:
             r = r * side[0]
         if not pairs or not bool(torch.dot(r, point.grad) > 0):
             pairs.clear()
             r = point.mackay if side is None else point.mackay * side[0] * side[1]
             r = r.clamp(-self.max_log_step, self.max_log_step)
-        return r
-
-    def _shift_direction(self, point: _Point, pairs: list) -> torch.Tensor:
-        """L-BFGS from the :class:`ShiftPreconditioner` (unscaled: its curvatures are the
-        evidence's own), restarted from it alone whenever the result is not uphill.
-
-        Once a step needed ``_OVERSHOT_TRIES`` tries (two halvings: the model overshot by 4×
-        or more), the start is the identity scaled by the last pair's sᵀy/yᵀy for the rest
-        of the update — plain L-BFGS, whose scale the secant pairs set. On an MLP the shift
-        curvatures are accurate and this never triggers; on conv nets (LeNet on the 8×8
-        digits) they misjudged the evidence along every step, each step needed several
-        halvings and the iteration stalled 5–16 nats below the optimum, under Adam's."""
-
-        def start(q: torch.Tensor) -> torch.Tensor:
-            if self._secant_start and pairs:
-                s_last, y_last, _ = pairs[-1]
-                return q * (torch.dot(s_last, y_last) / torch.dot(y_last, y_last))
-            return self._shifts.apply(point.curvatures, q)
-
-        r = _two_loop(point.grad, pairs, start).clamp(-self.max_log_step, self.max_log_step)
-        if not pairs or not bool(torch.dot(r, point.grad) > 0):
-            pairs.clear()
-            r = start(point.grad).clamp(-self.max_log_step, self.max_log_step)
         return r
 
     def _x_share(self) -> torch.Tensor:
@@ -337,28 +286,16 @@ class FixedPointHyper:
         held_scale = torch.where(mask == 0.0, 2.0, 1.0)
         return (mask, scale), (1.0 - mask, held_scale)
 
-    def _guarded_step(self, posterior, point: _Point, direction: torch.Tensor, bounds):
+    def _guarded_step(self, posterior, point: Point, direction: torch.Tensor, bounds):
         """(the first of x + d, x + d/2, … whose evidence is not lower, or None; evaluations)."""
         lo, hi = bounds
         for tried in range(1, 13):
             x = torch.clamp(point.x + direction, lo, hi)
             candidate = self._evaluate(posterior, x)
-            if _ascended(point, candidate):
+            if ascended(point, candidate):
                 return candidate, tried
             direction = 0.5 * direction
         return None, tried
-
-    def _converged(self, gains: list[float], noise: list[float], n_data: int) -> bool:
-        """Whether the iteration has stalled: the last gain below ``tol`` per data point, or
-        the last few gains, on average, below the round-off of the evidence — measured as
-        the gap between each step's change of the evidence and its trapezoid estimate from
-        the gradients (exact to second order: in float32 the gap is the evaluations'
-        round-off once steps are small; in float64 it is negligible and ``tol`` decides)."""
-        if gains[-1] <= self.tol * n_data:
-            return True
-        if len(gains) < _ROUNDOFF_WINDOW:
-            return False
-        return sum(gains[-_ROUNDOFF_WINDOW:]) <= sum(noise[-_ROUNDOFF_WINDOW:])
 
     def _bounds(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """log δ within ``log_bounds`` (or where it already is); σ unbounded."""
@@ -369,45 +306,40 @@ class FixedPointHyper:
         lo[n:], hi[n:] = -math.inf, math.inf
         return lo, hi
 
-    def _learn(self, point: _Point, accepted: _Point, pairs: list, gains: list, noise: list):
-        """Keep the step's curvature pair and its gain (the larger of the evidence difference
-        and the trapezoid rule on the gradients — exact to second order and, unlike the
-        difference of two evidences, free of their round-off in float32), and the gap
-        between the two (the round-off)."""
-        s, y = accepted.x - point.x, point.grad - accepted.grad  # y: change of ∇(−E)
-        sy = torch.dot(s, y)
-        if sy > 1e-12 * s.norm() * y.norm():
-            pairs.append((s, y, 1.0 / sy))
-            del pairs[: -self.memory]
-        trapezoid = 0.5 * float(torch.dot(s, point.grad) + torch.dot(s, accepted.grad))
-        gains.append(max(accepted.value - point.value, trapezoid))
-        noise.append(abs(accepted.value - point.value - trapezoid))
-
-    def _write_back(self, posterior: LaplacePosterior, point: _Point) -> None:
-        lp, ls = self._split(point.x)
+    def _write_back(self, posterior: LaplacePosterior, x: torch.Tensor, value: float) -> None:
+        lp, ls = self._split(x)
         with torch.no_grad():
             self.prior.log_precision.copy_(lp)
             if self.learn_sigma:
                 self.log_sigma.copy_(ls)
                 posterior.log_sigma = ls.clone()
-        _check_finite(
-            torch.tensor(point.value), self.prior, self.log_sigma if self.learn_sigma else None
+        _check_finite(torch.tensor(value), self.prior, self.log_sigma if self.learn_sigma else None)
+
+    def _blockwise_step(self, posterior: LaplacePosterior, x0: torch.Tensor, bounds) -> float:
+        """Parameterwise Kronecker posteriors at fixed σ: one iteration per block (see
+        :mod:`spamkern.marglik.blockwise`)."""
+        self._shifts.new_posterior()
+        update = BlockwiseShiftUpdate(
+            self._shifts, self.n_steps, self.tol * posterior.n_data, self.max_log_step, self.memory
         )
+        x, value = update.run(posterior, x0, bounds)
+        self.history, self.block_evaluations = update.history, update.block_evaluations
+        self.n_evaluations, self.n_iterations = update.n_evaluations, update.n_iterations
+        self._write_back(posterior, x, value)
+        return value
 
     def step(self, posterior: LaplacePosterior) -> float:
         x0 = self._x0(posterior)
-        self._secant_start = False
-        if self._shifts is not None:
-            self._shifts.new_posterior()
         bounds = self._bounds(x0)
+        if self._shifts is not None and posterior.structure == "kron" and not self.learn_sigma:
+            return self._blockwise_step(posterior, x0, bounds)
         tic = time.perf_counter()
-        point = self._evaluate(posterior, x0, first=True)
+        point = self._evaluate(posterior, x0)
         self.history = [(1, time.perf_counter() - tic, point.value)]
         diagonal = not (self.prior.kind == "parameterwise" and posterior.structure == "kron")
         schedule = _CheapSchedule(self._cheap_side(posterior))
-        pairs: list = []
-        gains: list[float] = []  # per iteration, and the round-off seen in each
-        noise: list[float] = []
+        memory = SecantMemory(self.memory)
+        pairs = memory.pairs
         evaluations = iterations = 0
         while iterations < self.n_steps:
             iterations += 1
@@ -423,8 +355,6 @@ class FixedPointHyper:
             if float(torch.dot(direction, point.grad)) > self.tol * posterior.n_data:
                 accepted, tried = self._guarded_step(posterior, point, direction, bounds)
                 evaluations += tried
-            if accepted is not None and tried >= _OVERSHOT_TRIES and point.curvatures is not None:
-                self._secant_start = True
             if accepted is None:  # no ascent left (at round-off level) along this direction
                 if schedule.side is None:
                     break
@@ -432,16 +362,16 @@ class FixedPointHyper:
                 if schedule.done:
                     break
                 continue
-            self._learn(point, accepted, pairs, gains, noise)
+            memory.learn(point, accepted)
             point = accepted
             self.history.append((evaluations + 1, time.perf_counter() - tic, point.value))
-            stalled = self._converged(gains, noise, posterior.n_data)
+            stalled = memory.stalled(self.tol * posterior.n_data)
             if stalled and schedule.side is None:
                 break
             schedule.advance(stalled)
             if schedule.done:
                 break
-        self._write_back(posterior, point)
+        self._write_back(posterior, point.x, point.value)
         self.n_evaluations, self.n_iterations = evaluations + 1, iterations
         return point.value
 
@@ -517,40 +447,6 @@ def effective_parameters(
         log_delta = posterior.prior.log_precision_diag(lp)
         (count,) = torch.autograd.grad(log_delta.sum(), lp)
     return count - dlogdet
-
-
-def _two_loop(grad: torch.Tensor, pairs: list, start) -> torch.Tensor:
-    """The L-BFGS two-loop recursion: H grad for the inverse Hessian that ``pairs``
-    (s, y, 1/sᵀy) update from ``start`` (a function applying the initial one)."""
-    q = grad.clone()
-    alphas = []
-    for s, y, rho in reversed(pairs):  # in-place updates: one pass each, no temporaries
-        alpha = rho * torch.dot(s, q)
-        q.addcmul_(y, alpha, value=-1.0)
-        alphas.append(alpha)
-    r = start(q)
-    for (s, y, rho), alpha in zip(pairs, reversed(alphas)):
-        r.addcmul_(s, alpha - rho * torch.dot(y, r))
-    return r
-
-
-def _ascended(old: _Point, new: _Point) -> bool:
-    """The guard: did the evidence not decrease from ``old`` to ``new``?
-
-    Compared directly, or — since the evidence is concave in (log δ, log σ) — certified by a
-    non-negative directional derivative at ``new`` along the step, with the values then equal
-    within round-off (the sum over P log terms loses that much in float32; in float64
-    the values alone decide).
-    """
-    if not math.isfinite(new.value):
-        return False
-    if new.value >= old.value:
-        return True
-    eps = torch.finfo(new.x.dtype).eps
-    if eps < 1e-10:  # float64: the values themselves decide
-        return False
-    slope = float(torch.dot(new.grad, new.x - old.x))
-    return slope >= 0 and new.value >= old.value - 1e3 * eps * (abs(old.value) + 1.0)
 
 
 def _log_step(num: torch.Tensor, den: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -69,42 +69,54 @@ class ShiftPreconditioner:
         self._cancelled: dict[tuple[int, int], torch.Tensor] = {}  # (tensor, 0 rows/1 cols)
         # per tensor: the last factor built (side, Cholesky factor, the diagonal it holds)
         self._factors: dict[int, tuple[str, torch.Tensor, torch.Tensor]] = {}
+        self._own_max: dict[int, torch.Tensor] = {}  # per tensor, at its latest point
 
     def new_posterior(self) -> None:
         """Forget the factors: they belong to the last posterior's eigenbases."""
         self._factors.clear()
+        self._own_max.clear()
 
     def complete(self, grad: torch.Tensor, computed: list[ShiftCurvature]) -> list[TensorCurvature]:
-        """Every tensor's curvatures at a point with gradient ``grad``, the missing row or
-        column ones from the last fraction cancelled (none before any was computed).
-
-        Each is floored at ``FLAT_CURVATURE`` times the largest entry's own curvature (times
-        the number of entries the shift moves): the row of a dead unit can cancel to exactly
-        0 (measured on LeNet), and dividing by it turned the whole start into NaN."""
+        """Every tensor's curvatures at a point with gradient ``grad`` (see
+        :meth:`complete_tensor`)."""
         owns = [self._own(grad, slot, shape) for slot, shape in zip(self.slots, self.shapes)]
-        unit = FLAT_CURVATURE * torch.stack([own.max() for own in owns]).max()
-        out = []
-        for t, (own, curv) in enumerate(zip(owns, computed)):
-            p, q = own.shape
-            sides = [curv.rows, curv.cols]
-            for side, axis in ((0, 1), (1, 0)):
-                total = own.sum(axis)
-                if sides[side] is not None:
-                    self._cancelled[t, side] = 1.0 - sides[side] / total
-                else:
-                    cancelled = self._cancelled.get((t, side))
-                    sides[side] = total if cancelled is None else total * (1.0 - cancelled)
-            rows, cols = sides[0].clamp_min(unit * q), sides[1].clamp_min(unit * p)
-            out.append(
-                TensorCurvature(
-                    own.clamp_min(unit),
-                    curv.tensor.clamp_min(unit * p * q),
-                    rows,
-                    cols,
-                    *self._factor(t, curv.coupling, rows, cols),
-                )
-            )
-        return out
+        for t, own in enumerate(owns):
+            self._own_max[t] = own.max()
+        return [self._complete(t, own, curv) for t, (own, curv) in enumerate(zip(owns, computed))]
+
+    def complete_tensor(self, t: int, grad: torch.Tensor, computed: ShiftCurvature):
+        """Tensor ``t``'s curvatures at a point where its gradient (over its slot) is
+        ``grad``, the missing row or column ones from the last fraction cancelled (none
+        before any was computed).
+
+        Each is floored at ``FLAT_CURVATURE`` times the largest entry's own curvature of
+        any tensor at its latest point (times the number of entries the shift moves): the
+        row of a dead unit can cancel to exactly 0 (measured on LeNet), and dividing by it
+        turned the whole start into NaN."""
+        slot = self.slots[t]
+        own = self._own(grad, slice(0, slot.stop - slot.start), self.shapes[t])
+        self._own_max[t] = own.max()
+        return self._complete(t, own, computed)
+
+    def _complete(self, t: int, own: torch.Tensor, curv: ShiftCurvature) -> TensorCurvature:
+        unit = FLAT_CURVATURE * torch.stack(list(self._own_max.values())).max()
+        p, q = own.shape
+        sides = [curv.rows, curv.cols]
+        for side, axis in ((0, 1), (1, 0)):
+            total = own.sum(axis)
+            if sides[side] is not None:
+                self._cancelled[t, side] = 1.0 - sides[side] / total
+            else:
+                cancelled = self._cancelled.get((t, side))
+                sides[side] = total if cancelled is None else total * (1.0 - cancelled)
+        rows, cols = sides[0].clamp_min(unit * q), sides[1].clamp_min(unit * p)
+        return TensorCurvature(
+            own.clamp_min(unit),
+            curv.tensor.clamp_min(unit * p * q),
+            rows,
+            cols,
+            *self._factor(t, curv.coupling, rows, cols),
+        )
 
     def _factor(
         self, t: int, coupling: CouplingMatrix | None, rows: torch.Tensor, cols: torch.Tensor
@@ -139,11 +151,17 @@ class ShiftPreconditioner:
             _apply_one(q[span].view(shape), curv, out[span].view(shape))
         return out
 
+    def apply_tensor(self, t: int, curvature: TensorCurvature, q: torch.Tensor) -> torch.Tensor:
+        """H0 q for tensor ``t`` alone (``q`` over its slot, flat)."""
+        out = torch.empty_like(q)
+        _apply_one(q.view(self.shapes[t]), curvature, out.view(self.shapes[t]))
+        return out
+
     @staticmethod
-    def _own(grad: torch.Tensor, slot, shape) -> torch.Tensor:
+    def _own(grad: torch.Tensor, span, shape) -> torch.Tensor:
         """½δ_i(θ_i² + Σ_ii) = ½ − ∂E/∂log δ_i, the entries' own curvature."""
         tiny = torch.finfo(grad.dtype).tiny
-        return (0.5 - grad[slot.start : slot.stop]).reshape(shape).clamp_min(tiny)
+        return (0.5 - grad[span.start : span.stop]).reshape(shape).clamp_min(tiny)
 
 
 def _solve(curv: TensorCurvature, rhs: torch.Tensor) -> torch.Tensor:

@@ -69,6 +69,16 @@ class ShiftCurvature(NamedTuple):
     coupling: CouplingMatrix | None = None
 
 
+class BlockShare(NamedTuple):
+    """One block's share of a parameterwise evidence (see
+    :meth:`LaplacePosterior.parameterwise_shares`)."""
+
+    value: torch.Tensor  # −½ (log det_b − Σ log δ_b + Σ δ_b θ_b²), float64 (0-d)
+    grad: torch.Tensor  # ∂E/∂log δ over the block's slot (flat)
+    scatter: torch.Tensor  # δ_i θ_i² per entry of the slot
+    curvature: ShiftCurvature | None  # when couplings were asked for
+
+
 class LaplacePosterior:
     """Posterior of a fitted model; ``structure`` is "kron" or "diag"."""
 
@@ -321,29 +331,64 @@ class LaplacePosterior:
     def _parameterwise_evidence_and_gradient(
         self, log_precision: torch.Tensor, couplings: str
     ) -> ClosedFormEvidence:
-        """Parameterwise: ∂E/∂log δ_i = −½ (δ_i Σ_ii − 1 + δ_i θ_i²) with Σ_ii the diagonal
-        of the block's inverse in its eigenbasis (exactly ∂ log det/∂δ_i of the projected
-        δ̃), one projection and its adjoint per block and evaluation."""
+        """Parameterwise: the log likelihood plus every block's share (see
+        :meth:`parameterwise_shares`)."""
+        shares = self.parameterwise_shares(
+            log_precision, range(len(self.curvature_blocks)), couplings
+        )
+        value = self.evidence_from_shares([share.value for share in shares])
+        grad = torch.cat([share.grad for share in shares])
+        scatter = torch.cat([share.scatter for share in shares])
+        curvature = None if couplings == "none" else [share.curvature for share in shares]
+        return ClosedFormEvidence(value, grad, scatter, curvature)
+
+    @torch.no_grad()
+    def parameterwise_shares(
+        self, log_precision: torch.Tensor, indices, couplings: str = "none"
+    ) -> list[BlockShare]:
+        """Parameterwise: the evidence's share of each block in ``indices`` at the flat
+        ``log_precision`` (only those blocks' entries are read).
+
+        Each block's δ enters only its own terms — the log det of its projected precision,
+        its Σ log δ and its scatter — so the evidence is the log likelihood plus one share
+        per block, and a block's shares, gradient and curvatures can be evaluated alone. The
+        gradient ∂E/∂log δ_i = −½ (δ_i Σ_ii − 1 + δ_i θ_i²) takes Σ_ii, the diagonal of the
+        block's inverse in its eigenbasis (exactly ∂ log det/∂δ_i of the projected δ̃): one
+        projection and its adjoint per block and evaluation. ``couplings`` as in
+        :meth:`closed_form_evidence_and_gradient`, its "cheap" choice made over all blocks."""
+        if self.prior.kind != "parameterwise":
+            raise ValueError(
+                f"parameterwise_shares needs a parameterwise prior, not {self.prior.kind!r}"
+            )
+        if couplings not in COUPLINGS:
+            raise ValueError(f"couplings must be one of {COUPLINGS}, got {couplings!r}")
         _check_finite_hyper(log_precision)
         scale = self._scale()
         self._logdet_plan()  # eigenvalues of every block (batched)
-        blocks, slots = self.curvature_blocks, self.prior.slots
+        blocks, squares = self.curvature_blocks, self._squared_mean()
         sides = _coupling_sides(blocks, couplings)
         matrices = _matrix_sides(blocks) if couplings != "none" else [None] * len(blocks)
-        delta = log_precision.exp()
-        terms = []
-        for block, slot, (rows, cols), matrix in zip(blocks, slots, sides, matrices):
-            tensor_delta = delta[slot.start : slot.stop].view(weight_matrix_shape(slot.shape))
-            terms.append(block.parameterwise_terms(tensor_delta, scale, rows, cols, matrix))
-        scatter = delta * self._squared_mean()
-        logdet = torch.stack([t.logdet for t in terms]).sum()
-        log_det_ratio = logdet - float64_sum(log_precision)
-        value = self._evidence(log_det_ratio, float64_sum(scatter))
-        # −½ (δ Σ_ii − 1 + δθ²) = ½ − ½ δ (Σ_ii + θ²), in place on the gathered Σ_ii
-        grad = torch.cat([t.inverse.reshape(-1) for t in terms]).add_(self._squared_mean())
-        grad = grad.mul_(delta).mul_(-0.5).add_(0.5)
-        curvature = None if couplings == "none" else self._shift_curvature(grad, terms)
-        return ClosedFormEvidence(value, grad, scatter, curvature)
+        shares = []
+        for index in indices:
+            slot = self.prior.slots[index]
+            span, shape = slice(slot.start, slot.stop), weight_matrix_shape(slot.shape)
+            lp = log_precision[span]
+            delta = lp.exp()
+            terms = blocks[index].parameterwise_terms(
+                delta.view(shape), scale, *sides[index], matrices[index]
+            )
+            scatter = delta * squares[span]
+            value = -0.5 * (terms.logdet - float64_sum(lp) + float64_sum(scatter))
+            # −½ (δ Σ_ii − 1 + δθ²) = ½ − ½ δ (Σ_ii + θ²), in place on Σ_ii
+            grad = terms.inverse.reshape(-1).add(squares[span]).mul_(delta).mul_(-0.5).add_(0.5)
+            curvature = None if couplings == "none" else _shift_curvature(grad, terms, shape)
+            shares.append(BlockShare(value, grad, scatter, curvature))
+        return shares
+
+    def evidence_from_shares(self, shares: list[torch.Tensor]) -> torch.Tensor:
+        """The log evidence from every block's share (float64 sums), in the model's dtype."""
+        loglik = self.log_likelihood()
+        return (loglik.to(torch.float64) + torch.stack(shares).sum()).to(loglik.dtype)
 
     def _unitwise_evidence_and_gradient(self, log_precision: torch.Tensor) -> ClosedFormEvidence:
         """Unitwise: the log det ratio and its gradient from the whitened decompositions
@@ -357,18 +402,6 @@ class LaplacePosterior:
         total, scatter = unitwise_scatter(self.prior, log_precision, self._unit_squares[1])
         value = self._evidence(ratio.value, total)
         return ClosedFormEvidence(value, -0.5 * (ratio.grad + scatter), scatter)
-
-    def _shift_curvature(self, grad: torch.Tensor, terms: list) -> list[ShiftCurvature]:
-        """Per tensor, from the gradient (own curvature ½δ(θ² + Σ_ii) = ½ − ∂E/∂log δ per
-        entry) and each block's couplings."""
-        out = []
-        for slot, t in zip(self.prior.slots, terms):
-            own = (0.5 - grad[slot.start : slot.stop]).reshape(weight_matrix_shape(slot.shape))
-            rows = None if t.row_coupling is None else own.sum(1) - 0.5 * t.row_coupling
-            cols = None if t.col_coupling is None else own.sum(0) - 0.5 * t.col_coupling
-            tensor = own.sum() - 0.5 * t.shift_coupling
-            out.append(ShiftCurvature(tensor, rows, cols, t.coupling_matrix))
-        return out
 
     def _squared_mean(self) -> torch.Tensor:
         """θ² per entry, kept while the mean is not modified in place (every parameterwise
@@ -454,6 +487,16 @@ class LaplacePosterior:
             )
             out += self._block_eigen(index, tp, scale).quadratic(Jb)
         return out
+
+
+def _shift_curvature(grad: torch.Tensor, terms, shape) -> ShiftCurvature:
+    """One tensor's, from its gradient (own curvature ½δ(θ² + Σ_ii) = ½ − ∂E/∂log δ per
+    entry) and its block's couplings."""
+    own = (0.5 - grad).reshape(shape)
+    rows = None if terms.row_coupling is None else own.sum(1) - 0.5 * terms.row_coupling
+    cols = None if terms.col_coupling is None else own.sum(0) - 0.5 * terms.col_coupling
+    tensor = own.sum() - 0.5 * terms.shift_coupling
+    return ShiftCurvature(tensor, rows, cols, terms.coupling_matrix)
 
 
 def _coupling_sides(blocks: list, couplings: str) -> list[tuple[bool, bool]]:
