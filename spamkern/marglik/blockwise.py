@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from spamkern.marglik.quasi_newton import Point, SecantMemory, ascended, two_loop
+from spamkern.marglik.quasi_newton import Point, SecantMemory, ascended, roundoff, two_loop
 from spamkern.marglik.shift_preconditioner import ShiftPreconditioner
 from spamkern.ops.reductions import all_finite
 from spamkern.posterior.laplace import BlockShare, LaplacePosterior
@@ -138,7 +138,7 @@ class BlockwiseShiftUpdate:
             block.secant = True
         block.memory.learn(block.point, candidate)
         block.point = candidate
-        if block.memory.stalled(self.least_gain):
+        if block.memory.stalled(self.least_gain, roundoff(candidate.value, candidate.x.dtype)):
             block.done = True
         else:
             self._propose(block)

@@ -1,0 +1,115 @@
+"""The parameterwise Kronecker update runs one iteration per block: the evidence is the log
+likelihood plus one share per block (float64, against the full evidence and its autograd
+gradient), a share reads only its own block's precisions, a block whose precisions are
+already optimal is not iterated while another is, no block's share ever decreases, and the
+round-off stopping rule does not mistake a long step's model error for round-off."""
+
+from __future__ import annotations
+
+from collections import Counter
+from functools import partial
+
+import pytest
+import torch
+from core import layers as L
+from core import models as M
+from core.fitting import fit_perturbed
+
+import spamkern.marglik.blockwise as blockwise
+from spamkern.marglik.hyper import make_hyper_optimizer
+from spamkern.marglik.quasi_newton import SecantMemory
+from spamkern.posterior.blocks import KronBlock
+
+CASES = {"mlp": (partial(M.mlp, n=17), "classification"), "grouped": (L.grouped, "classification")}
+
+
+def _posterior(name: str):
+    case = CASES[name]
+    post, *_ = fit_perturbed(case, "parameterwise", "kron", 0, batch_size=5, perturb_offset=3)
+    return post
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_block_shares_sum_to_the_evidence_and_its_gradient(name):
+    post = _posterior(name)
+    lp = post.prior.log_precision.detach().clone().requires_grad_(True)
+    full = post.log_evidence(lp)
+    (grad,) = torch.autograd.grad(full, lp)
+    shares = post.parameterwise_shares(lp.detach(), range(len(post.prior.slots)))
+    total = post.evidence_from_shares([share.value for share in shares])
+    assert float(total) == pytest.approx(float(full.detach()), rel=1e-12)
+    torch.testing.assert_close(torch.cat([share.grad for share in shares]), grad)
+
+
+def test_a_share_reads_only_its_own_block():
+    post = _posterior("mlp")
+    lp = post.prior.log_precision.detach().clone()
+    moved = lp.clone()
+    for slot in post.prior.slots[1:]:
+        moved[slot.start : slot.stop] += 2.0
+    (before,) = post.parameterwise_shares(lp, [0], "all")
+    (after,) = post.parameterwise_shares(moved, [0], "all")
+    assert float(after.value) == float(before.value)
+    torch.testing.assert_close(after.grad, before.grad, rtol=0, atol=0)
+    (other,) = post.parameterwise_shares(moved, [1])
+    assert float(other.value) != float(post.parameterwise_shares(lp, [1])[0].value)
+
+
+def _evaluations_per_block(monkeypatch, post) -> Counter:
+    """Count each block's projected evaluations (shares call the block's terms)."""
+    calls: Counter = Counter()
+    index = {id(block): i for i, block in enumerate(post.curvature_blocks)}
+    original = KronBlock.parameterwise_terms
+
+    def counted(self, *args, **kwargs):
+        calls[index[id(self)]] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(KronBlock, "parameterwise_terms", counted)
+    return calls
+
+
+def test_only_the_block_away_from_its_optimum_is_iterated(monkeypatch):
+    post = _posterior("mlp")
+    make_hyper_optimizer("fixed-point", post.prior).step(post)  # every block at its optimum
+    moved = 2  # the second weight matrix
+    slot = post.prior.slots[moved]
+    with torch.no_grad():
+        post.prior.log_precision[slot.start : slot.stop] += 1.5
+    calls = _evaluations_per_block(monkeypatch, post)
+    opt = make_hyper_optimizer("fixed-point", post.prior)
+    opt.step(post)
+    assert calls[moved] >= 4
+    others = [calls[i] for i in range(len(post.prior.slots)) if i != moved]
+    assert max(others) <= 2  # the first evaluation, at most one trial step
+    assert opt.n_evaluations == calls[moved]  # the moved block ran longest
+    assert opt.block_evaluations == [calls[i] for i in range(len(post.prior.slots))]
+
+
+def test_no_block_share_ever_decreases(monkeypatch):
+    post = _posterior("grouped")
+    shares: dict[int, list[float]] = {}
+    original = blockwise.BlockwiseShiftUpdate._settle
+
+    def recorded(self, block, share):
+        accepted = original(self, block, share)
+        shares.setdefault(block.index, []).append(block.point.value)
+        return accepted
+
+    monkeypatch.setattr(blockwise.BlockwiseShiftUpdate, "_settle", recorded)
+    opt = make_hyper_optimizer("fixed-point", post.prior, tol=0.0, n_steps=30)
+    start = float(post.log_evidence().detach())
+    value = opt.step(post)
+    assert value > start
+    assert len(shares) == len(post.prior.slots)
+    for values in shares.values():  # float64: the guard compares the values themselves
+        assert all(b >= a for a, b in zip(values, values[1:]))
+
+
+def test_a_long_steps_model_error_is_not_round_off():
+    memory = SecantMemory(5)
+    memory.gains, memory.noise = [16.0, 32.0, 9.0], [20.0, 30.0, 20.0]
+    assert not memory.stalled(1e-3, roundoff=0.01)  # gains far above the round-off
+    assert memory.stalled(1e-3)  # the unbounded rule (float32 autograd path) stops
+    memory.gains, memory.noise = [0.004, 0.003, 0.005], [0.01, 0.01, 0.01]
+    assert memory.stalled(1e-3, roundoff=0.01)
