@@ -53,19 +53,21 @@ class SecantMemory:
         self.gains.append(max(accepted.value - point.value, trapezoid))
         self.noise.append(abs(accepted.value - point.value - trapezoid))
 
-    def stalled(self, least_gain: float, roundoff: float = math.inf) -> bool:
-        """Whether the iteration has stalled: the last gain below ``least_gain``, or the last
-        few gains, on average, below the round-off of the evidence — measured as the gap
-        between each step's change of the evidence and its trapezoid estimate from the
-        gradients (exact to second order: in float32 the gap is the evaluations' round-off
-        once steps are small; in float64 it is negligible and ``least_gain`` decides).
+    def stalled(self, least_gain: float) -> bool:
+        """Whether the iteration has stalled: the last gain below ``least_gain``, or the
+        last few gains :meth:`within_roundoff`."""
+        return self.gains[-1] <= least_gain or self.within_roundoff()
+
+    def within_roundoff(self, roundoff: float = math.inf) -> bool:
+        """Whether the last few gains, on average, are below the round-off of the evidence —
+        measured as the gap between each step's change of the evidence and its trapezoid
+        estimate from the gradients (exact to second order: in float32 the gap is the
+        evaluations' round-off once steps are small; in float64 it is negligible).
 
         ``roundoff`` (see :func:`roundoff`) also requires the last gain to lie within the
-        evidence's round-off for the second test: far from the optimum the gap is the third
-        order of a long step, not round-off (a ViT's patch embedding, iterated alone,
-        stopped 2.7 nats short after gains of 16, 32 and 9 nats)."""
-        if self.gains[-1] <= least_gain:
-            return True
+        evidence's round-off: far from the optimum the gap is the third order of a long
+        step, not round-off (a ViT's patch embedding, iterated alone, stopped 2.7 nats
+        short after gains of 16, 32 and 9 nats)."""
         if len(self.gains) < ROUNDOFF_WINDOW or self.gains[-1] > roundoff:
             return False
         return sum(self.gains[-ROUNDOFF_WINDOW:]) <= sum(self.noise[-ROUNDOFF_WINDOW:])

@@ -109,7 +109,7 @@ def test_no_block_share_ever_decreases(monkeypatch):
 def test_a_long_steps_model_error_is_not_round_off():
     memory = SecantMemory(5)
     memory.gains, memory.noise = [16.0, 32.0, 9.0], [20.0, 30.0, 20.0]
-    assert not memory.stalled(1e-3, roundoff=0.01)  # gains far above the round-off
-    assert memory.stalled(1e-3)  # the unbounded rule (float32 autograd path) stops
+    assert not memory.within_roundoff(0.01)  # gains far above the round-off
+    assert memory.stalled(1e-3)  # the joint iteration's unbounded rule stops
     memory.gains, memory.noise = [0.004, 0.003, 0.005], [0.01, 0.01, 0.01]
-    assert memory.stalled(1e-3, roundoff=0.01)
+    assert memory.within_roundoff(0.01)
