@@ -100,7 +100,7 @@ class BlockwiseShiftUpdate:
     def _first(self, posterior, index: int, x0: torch.Tensor, share: BlockShare) -> _Block:
         slot = posterior.prior.slots[index]
         span = slice(slot.start, slot.stop)
-        curvature = self.shifts.complete_tensor(index, share.grad, share.curvature)
+        curvature = self.shifts.complete_tensor(index, share.curvature)
         point = Point(x0[span].clone(), float(share.value), share.grad, curvature=curvature)
         return _Block(index, span, point, self.memory)
 
@@ -141,7 +141,7 @@ class BlockwiseShiftUpdate:
                 block.step = 0.5 * block.step
                 self._place(block)
             return False
-        candidate.curvature = self.shifts.complete_tensor(block.index, share.grad, share.curvature)
+        candidate.curvature = self.shifts.complete_tensor(block.index, share.curvature)
         if block.tries >= OVERSHOT_TRIES:
             block.secant = True
         block.memory.learn(block.point, candidate)

@@ -84,17 +84,16 @@ class ShiftPreconditioner:
             self._own_max[t] = own.max()
         return [self._complete(t, own, curv) for t, (own, curv) in enumerate(zip(owns, computed))]
 
-    def complete_tensor(self, t: int, grad: torch.Tensor, computed: ShiftCurvature):
-        """Tensor ``t``'s curvatures at a point where its gradient (over its slot) is
-        ``grad``, the missing row or column ones from the last fraction cancelled (none
-        before any was computed).
+    def complete_tensor(self, t: int, computed: ShiftCurvature) -> TensorCurvature:
+        """Tensor ``t``'s curvatures at a point from those its evaluation ``computed`` (its
+        entries' own curvature included), the missing row or column ones from the last
+        fraction cancelled (none before any was computed).
 
         Each is floored at ``FLAT_CURVATURE`` times the largest entry's own curvature of
         any tensor at its latest point (times the number of entries the shift moves): the
         row of a dead unit can cancel to exactly 0 (measured on LeNet), and dividing by it
         turned the whole start into NaN."""
-        slot = self.slots[t]
-        own = self._own(grad, slice(0, slot.stop - slot.start), self.shapes[t])
+        own = computed.own.clamp_min(torch.finfo(computed.own.dtype).tiny)
         self._own_max[t] = own.max()
         return self._complete(t, own, computed)
 

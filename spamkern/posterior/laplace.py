@@ -67,6 +67,8 @@ class ShiftCurvature(NamedTuple):
     # −½ coupling.dense() (approximate for weights, exact for biases: see
     # spamkern.posterior.projected); its diagonal is ``rows`` (``cols``), not the matrix's
     coupling: CouplingMatrix | None = None
+    # the entries' own curvature ½δ_i(θ_i² + Σ_ii) = ½ − ∂E/∂log δ_i, shaped (p, q)
+    own: torch.Tensor | None = None
 
 
 class BlockShare(NamedTuple):
@@ -496,7 +498,7 @@ def _shift_curvature(grad: torch.Tensor, terms, shape) -> ShiftCurvature:
     rows = None if terms.row_coupling is None else own.sum(1) - 0.5 * terms.row_coupling
     cols = None if terms.col_coupling is None else own.sum(0) - 0.5 * terms.col_coupling
     tensor = own.sum() - 0.5 * terms.shift_coupling
-    return ShiftCurvature(tensor, rows, cols, terms.coupling_matrix)
+    return ShiftCurvature(tensor, rows, cols, terms.coupling_matrix, own)
 
 
 def _coupling_sides(blocks: list, couplings: str) -> list[tuple[bool, bool]]:
