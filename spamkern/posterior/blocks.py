@@ -371,6 +371,13 @@ class DiagBlock:
         return BlockEigen(None, None, scale * h + delta, None)
 
 
+def kron_shift_sides(shape: torch.Size, n_factors: int) -> tuple[int, int]:
+    """(rows, columns) of a Kronecker block's (p, q) weight matrix whose shifts of log δ
+    are coupled through its projection: no columns for a bias (one factor, one column)."""
+    p, q = weight_matrix_shape(shape)
+    return p, (q if n_factors == 2 else 0)
+
+
 class KronBlock:
     """One Kronecker block: a weight's ``[G, A]`` (Π = s·G ⊗ A + D, vec row-major) or a
     bias's ``[G]``. Its factors' eigendecompositions are set once per fit by
@@ -473,8 +480,7 @@ class KronBlock:
     def shift_sides(self) -> tuple[int, int]:
         """How many rows and columns have shifts coupled through the projection (0 columns
         for a bias: it has one)."""
-        p, q = weight_matrix_shape(self.shape)
-        return p, (q if len(self.factors) == 2 else 0)
+        return kron_shift_sides(self.shape, len(self.factors))
 
     def parameterwise_terms(
         self, delta: torch.Tensor, scale, rows=False, cols=False, matrix: str | None = None
@@ -585,8 +591,7 @@ class RowSlicedKronBlock:
 
     def shift_sides(self) -> tuple[int, int]:
         """:meth:`KronBlock.shift_sides` over all slices' rows."""
-        p, q = weight_matrix_shape(self.shape)
-        return p, (q if len(self.factors) == 2 else 0)
+        return kron_shift_sides(self.shape, len(self.factors))
 
     def parameterwise_terms(
         self, delta: torch.Tensor, scale, rows=False, cols=False, matrix: str | None = None
