@@ -364,6 +364,12 @@ class LaplacePosterior:
             )
         if couplings not in COUPLINGS:
             raise ValueError(f"couplings must be one of {COUPLINGS}, got {couplings!r}")
+        indices = _block_indices(indices, len(self.curvature_blocks))
+        if log_precision.shape != self.prior.log_precision.shape:
+            raise ValueError(
+                f"log_precision must have the prior's shape {tuple(self.prior.log_precision.shape)}"
+                f" (its flat hyperparameter vector), got {tuple(log_precision.shape)}"
+            )
         _check_finite_hyper(log_precision)
         scale = self._scale()
         self._logdet_plan()  # eigenvalues of every block (batched)
@@ -489,6 +495,18 @@ class LaplacePosterior:
             )
             out += self._block_eigen(index, tp, scale).quadratic(Jb)
         return out
+
+
+def _block_indices(indices, n_blocks: int) -> list[int]:
+    """``indices`` as a list of distinct block indices in [0, n_blocks), or a clear error."""
+    out = list(indices)
+    bad = [i for i in out if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n_blocks]
+    if bad or len(set(out)) != len(out):
+        raise ValueError(
+            f"block indices must be distinct integers in [0, {n_blocks}) — one per curvature "
+            f"block of the posterior; got {out}"
+        )
+    return out
 
 
 def _shift_curvature(grad: torch.Tensor, terms, shape) -> ShiftCurvature:

@@ -2,7 +2,8 @@
 likelihood plus one share per block (float64, against the full evidence and its autograd
 gradient), a share reads only its own block's precisions, a block whose precisions are
 already optimal is not iterated while another is, no block's share ever decreases, and the
-round-off stopping rule does not mistake a long step's model error for round-off."""
+round-off stopping rule does not mistake a long step's model error for round-off; bad
+requests are refused."""
 
 from __future__ import annotations
 
@@ -23,9 +24,8 @@ from spamkern.posterior.blocks import KronBlock
 CASES = {"mlp": (partial(M.mlp, n=17), "classification"), "grouped": (L.grouped, "classification")}
 
 
-def _posterior(name: str):
-    case = CASES[name]
-    post, *_ = fit_perturbed(case, "parameterwise", "kron", 0, batch_size=5, perturb_offset=3)
+def _posterior(name: str, prior: str = "parameterwise"):
+    post, *_ = fit_perturbed(CASES[name], prior, "kron", 0, batch_size=5, perturb_offset=3)
     return post
 
 
@@ -113,3 +113,19 @@ def test_a_long_steps_model_error_is_not_round_off():
     assert memory.stalled(1e-3)  # the joint iteration's unbounded rule stops
     memory.gains, memory.noise = [0.004, 0.003, 0.005], [0.01, 0.01, 0.01]
     assert memory.within_roundoff(0.01)
+
+
+def test_bad_share_requests_are_refused():
+    post = _posterior("mlp")
+    lp = post.prior.log_precision.detach()
+    n = len(post.prior.slots)
+    for indices in ([n], [-1], [0, 0], [1.0], [True]):
+        with pytest.raises(ValueError, match="block indices"):
+            post.parameterwise_shares(lp, indices)
+    with pytest.raises(ValueError, match="prior's shape"):
+        post.parameterwise_shares(lp[:-1], [0])
+    with pytest.raises(ValueError, match="couplings"):
+        post.parameterwise_shares(lp, [0], "some")
+    scalar = _posterior("mlp", "layerwise")
+    with pytest.raises(ValueError, match="parameterwise prior"):
+        scalar.parameterwise_shares(scalar.prior.log_precision.detach(), [0])
