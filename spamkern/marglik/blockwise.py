@@ -73,7 +73,11 @@ class BlockwiseShiftUpdate:
         self.bounds = bounds
         indices = range(len(posterior.curvature_blocks))
         shares = posterior.parameterwise_shares(x0, indices, "all")
-        blocks = [self._first(posterior, i, x0, share) for i, share in zip(indices, shares)]
+        curvatures = self.shifts.complete([share.curvature for share in shares])
+        blocks = [
+            self._first(posterior, i, x0, share, curvature)
+            for i, share, curvature in zip(indices, shares, curvatures)
+        ]
         values = [share.value for share in shares]
         self.history = [
             (1, time.perf_counter() - tic, float(posterior.evidence_from_shares(values)))
@@ -97,10 +101,9 @@ class BlockwiseShiftUpdate:
         self.block_evaluations = [block.evaluations for block in blocks]
         return x, float(posterior.evidence_from_shares(values))
 
-    def _first(self, posterior, index: int, x0: torch.Tensor, share: BlockShare) -> _Block:
+    def _first(self, posterior, index: int, x0, share: BlockShare, curvature) -> _Block:
         slot = posterior.prior.slots[index]
         span = slice(slot.start, slot.stop)
-        curvature = self.shifts.complete_tensor(index, share.curvature)
         point = Point(x0[span].clone(), float(share.value), share.grad, curvature=curvature)
         return _Block(index, span, point, self.memory)
 

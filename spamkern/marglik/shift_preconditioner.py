@@ -76,10 +76,10 @@ class ShiftPreconditioner:
         self._factors.clear()
         self._own_max.clear()
 
-    def complete(self, grad: torch.Tensor, computed: list[ShiftCurvature]) -> list[TensorCurvature]:
-        """Every tensor's curvatures at a point with gradient ``grad`` (see
-        :meth:`complete_tensor`)."""
-        owns = [self._own(grad, slot, shape) for slot, shape in zip(self.slots, self.shapes)]
+    def complete(self, computed: list[ShiftCurvature]) -> list[TensorCurvature]:
+        """Every tensor's curvatures at one point (see :meth:`complete_tensor`), each floored
+        against the largest own curvature of all of them."""
+        owns = [_own(curv) for curv in computed]
         for t, own in enumerate(owns):
             self._own_max[t] = own.max()
         return [self._complete(t, own, curv) for t, (own, curv) in enumerate(zip(owns, computed))]
@@ -93,7 +93,7 @@ class ShiftPreconditioner:
         any tensor at its latest point (times the number of entries the shift moves): the
         row of a dead unit can cancel to exactly 0 (measured on LeNet), and dividing by it
         turned the whole start into NaN."""
-        own = computed.own.clamp_min(torch.finfo(computed.own.dtype).tiny)
+        own = _own(computed)
         self._own_max[t] = own.max()
         return self._complete(t, own, computed)
 
@@ -141,26 +141,16 @@ class ShiftPreconditioner:
         self._factors[t] = (coupling.side, factor, diagonal)
         return coupling.side, factor, None
 
-    def apply(self, curvatures: list[TensorCurvature], q: torch.Tensor) -> torch.Tensor:
-        """H0 q at the point whose :meth:`complete` curvatures are given (q over the prior's
-        log precisions only: σ is never learned on this path)."""
-        out = torch.empty_like(q)
-        for slot, shape, curv in zip(self.slots, self.shapes, curvatures):
-            span = slice(slot.start, slot.stop)
-            _apply_one(q[span].view(shape), curv, out[span].view(shape))
-        return out
-
     def apply_tensor(self, t: int, curvature: TensorCurvature, q: torch.Tensor) -> torch.Tensor:
         """H0 q for tensor ``t`` alone (``q`` over its slot, flat)."""
         out = torch.empty_like(q)
         _apply_one(q.view(self.shapes[t]), curvature, out.view(self.shapes[t]))
         return out
 
-    @staticmethod
-    def _own(grad: torch.Tensor, span, shape) -> torch.Tensor:
-        """½δ_i(θ_i² + Σ_ii) = ½ − ∂E/∂log δ_i, the entries' own curvature."""
-        tiny = torch.finfo(grad.dtype).tiny
-        return (0.5 - grad[span.start : span.stop]).reshape(shape).clamp_min(tiny)
+
+def _own(computed: ShiftCurvature) -> torch.Tensor:
+    """½δ_i(θ_i² + Σ_ii) = ½ − ∂E/∂log δ_i, the entries' own curvature, above 0."""
+    return computed.own.clamp_min(torch.finfo(computed.own.dtype).tiny)
 
 
 def _solve(curv: TensorCurvature, rhs: torch.Tensor) -> torch.Tensor:
