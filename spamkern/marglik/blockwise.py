@@ -63,6 +63,7 @@ class BlockwiseShiftUpdate:
     ):  # fmt: skip
         self.shifts, self.n_steps, self.least_gain = shifts, n_steps, least_gain
         self.max_log_step, self.memory = max_log_step, memory
+        self.bounds: tuple[torch.Tensor, torch.Tensor] | None = None  # (lo, hi) of this run
         self.history: list[tuple[int, float, float]] = []  # (evaluations, seconds, evidence)
         self.block_evaluations: list[int] = []
         self.n_evaluations = self.n_iterations = 0
