@@ -27,7 +27,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import run_conditions  # noqa: E402
+from conftest import markdown_table, run_conditions  # noqa: E402
 
 import spamkern as sk  # noqa: E402
 from spamkern.marglik.hyper import make_hyper_optimizer  # noqa: E402
@@ -97,18 +97,22 @@ def measure(models, epochs_list) -> dict:
 
 
 def markdown(result: dict) -> str:
+    header = [
+        "model", "MAP epochs", "prior", "fixed-point evaluations (s)", "Adam 100 steps (s)",
+        "evidence: fixed-point − Adam",
+    ]  # fmt: skip
     rows = [
-        "| model | MAP epochs | prior | fixed-point evaluations (s) | Adam 100 steps (s) "
-        "| evidence: fixed-point − Adam |",
-        "|---|---|---|---|---|---|",
+        [
+            c["model"],
+            str(c["epochs"]),
+            c["prior"],
+            f"{c['fixed-point']['evaluations']} ({c['fixed-point']['seconds']:.3f})",
+            f"{c['adam']['seconds']:.3f}",
+            f"{c['fixed_point_minus_adam']:+.3f}",
+        ]  # fmt: skip
+        for c in result["cases"]
     ]
-    for c in result["cases"]:
-        fp, adam = c["fixed-point"], c["adam"]
-        rows.append(
-            f"| {c['model']} | {c['epochs']} | {c['prior']} | {fp['evaluations']} "
-            f"({fp['seconds']:.3f}) | {adam['seconds']:.3f} | {c['fixed_point_minus_adam']:+.3f} |"
-        )
-    return "\n".join(rows)
+    return markdown_table(header, rows)
 
 
 def main(argv: list[str] | None = None) -> None:

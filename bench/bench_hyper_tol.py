@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_training import Setting, Work, plain_loop, spamkern_run  # noqa: E402
-from conftest import run_conditions  # noqa: E402
+from conftest import markdown_table, run_conditions  # noqa: E402
 
 from spamkern.marglik.hyper import DEFAULT_TOL  # noqa: E402
 
@@ -88,18 +88,22 @@ def plain_loop_seconds(work: Work) -> float:
 
 
 def markdown(result: dict) -> str:
+    header = [
+        "prior", "hyper_tol", "× plain loop", "× layerwise (default tol)", "evaluations per step",
+        "first-step evidence − default's",
+    ]  # fmt: skip
     rows = [
-        "| prior | hyper_tol | × plain loop | × layerwise (default tol) | evaluations per step "
-        "| first-step evidence − default's |",
-        "|---|---|---|---|---|---|",
+        [
+            c["prior"],
+            f"{c['tol']:.0e}",
+            f"{c['x_plain_loop']:.2f}",
+            f"{c['x_layerwise_default']:.2f}",
+            ", ".join(str(s["evaluations"]) for s in c["steps"]),
+            f"{c['first_step_evidence_gap']:+.3f}",
+        ]  # fmt: skip
+        for c in result["cases"]
     ]
-    for c in result["cases"]:
-        evals = ", ".join(str(s["evaluations"]) for s in c["steps"])
-        rows.append(
-            f"| {c['prior']} | {c['tol']:.0e} | {c['x_plain_loop']:.2f} | "
-            f"{c['x_layerwise_default']:.2f} | {evals} | {c['first_step_evidence_gap']:+.3f} |"
-        )
-    return "\n".join(rows)
+    return markdown_table(header, rows)
 
 
 def plot(result: dict, path: Path) -> None:

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import run_conditions  # noqa: E402
+from conftest import markdown_table, run_conditions  # noqa: E402
 from curvature_baselines import mlp  # noqa: E402
 
 import spamkern as sk  # noqa: E402
@@ -332,10 +332,8 @@ def _targets(ratios: dict[str, float], relative: dict[str, float] | None = None)
 
 
 def markdown(result: dict) -> str:
-    rows = ["| run | × plain loop |", "|---|---|"]
-    for case, ratio in result["ratios"].items():
-        rows.append(f"| `{case}` | {ratio:.2f} |")
-    return "\n".join(rows)
+    rows = [[f"`{case}`", f"{ratio:.2f}"] for case, ratio in result["ratios"].items()]
+    return markdown_table(["run", "× plain loop"], rows)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -43,6 +43,13 @@ def quick_mode(config) -> bool:
     return not torch.cuda.is_available() and not config.getoption("--full")
 
 
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table of already formatted cells (the scripts print their results so)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def run_conditions() -> dict:
     """Card, versions, threads, date and load of this run, for every results file."""
     import datetime
