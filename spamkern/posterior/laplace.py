@@ -270,11 +270,7 @@ class LaplacePosterior:
         ``log_sigma`` (regression only) to the posterior's own log σ.
         """
         lp = self.prior.log_precision if log_precision is None else log_precision
-        if lp.shape != self.prior.log_precision.shape:
-            raise ValueError(
-                f"log_precision must have the prior's shape {tuple(self.prior.log_precision.shape)}"
-                f" (its flat hyperparameter vector), got {tuple(lp.shape)}"
-            )
+        _check_hyper_shape(lp, self.prior)
         if log_sigma is not None and self.likelihood != "regression":
             raise ValueError("log_sigma can only be given for regression")
         _check_finite_hyper(lp)
@@ -365,11 +361,7 @@ class LaplacePosterior:
         if couplings not in COUPLINGS:
             raise ValueError(f"couplings must be one of {COUPLINGS}, got {couplings!r}")
         indices = _block_indices(indices, len(self.curvature_blocks))
-        if log_precision.shape != self.prior.log_precision.shape:
-            raise ValueError(
-                f"log_precision must have the prior's shape {tuple(self.prior.log_precision.shape)}"
-                f" (its flat hyperparameter vector), got {tuple(log_precision.shape)}"
-            )
+        _check_hyper_shape(log_precision, self.prior)
         _check_finite_hyper(log_precision)
         scale = self._scale()
         self._logdet_plan()  # eigenvalues of every block (batched)
@@ -549,6 +541,15 @@ def _matrix_sides(blocks: list) -> list[str | None]:
         rows, cols = (m if m > 1 and m**3 <= budget else 0 for m in block.shift_sides())
         out.append(None if not (rows or cols) else ("rows" if rows >= cols else "cols"))
     return out
+
+
+def _check_hyper_shape(log_precision: torch.Tensor, prior: Prior) -> None:
+    """``log_precision`` must be laid out like the prior's flat hyperparameter vector."""
+    if log_precision.shape != prior.log_precision.shape:
+        raise ValueError(
+            f"log_precision must have the prior's shape {tuple(prior.log_precision.shape)}"
+            f" (its flat hyperparameter vector), got {tuple(log_precision.shape)}"
+        )
 
 
 def _check_finite_hyper(log_precision: torch.Tensor) -> None:
