@@ -31,7 +31,12 @@ import torch
 
 from spamkern.ops.reductions import float64_sum
 from spamkern.posterior.eigen import batched_eigh, is_kept
-from spamkern.posterior.projected import ProjectedTerms, projected_terms, side_costs
+from spamkern.posterior.projected import (
+    ProjectedTerms,
+    SquaredBasis,
+    projected_terms,
+    side_costs,
+)
 from spamkern.prior.priors import TensorPrecision
 
 
@@ -391,7 +396,8 @@ class KronBlock:
         self.name = name
         self.values: list[torch.Tensor] | None = None
         self.vectors: list[torch.Tensor] | None = None
-        self._squared: tuple | None = None
+        self._squared: SquaredBasis | None = None  # see squared_basis
+        self._products: torch.Tensor | None = None  # λ1λ2ᵀ, once a parameterwise δ needs it
         self.unit_cache = WhitenedEigenCache()
 
     def public_factors(self) -> tuple[torch.Tensor, ...]:
@@ -463,13 +469,12 @@ class KronBlock:
         """Arguments of :func:`unitwise_logdet` for this block."""
         return [(self.factors, tp, self.shape, self.unit_cache)]
 
-    def squared_basis(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(Q1∘Q1, Q2∘Q2 or None): the projection of a parameterwise δ onto the eigenbasis,
-        kept while the hyperparameters move."""
+    def squared_basis(self) -> SquaredBasis:
+        """The projection of a parameterwise δ onto the eigenbasis, kept while the
+        hyperparameters move."""
         if self._squared is None:
             vectors = self.basis()
-            second = vectors[1].square() if len(vectors) == 2 else None
-            self._squared = (vectors[0].square(), second)
+            self._squared = SquaredBasis(vectors[0], vectors[1] if len(vectors) == 2 else None)
         return self._squared
 
     def side_costs(self) -> tuple[int, int, int]:
@@ -489,9 +494,11 @@ class KronBlock:
         log det of :meth:`eigen`, and (Q1∘Q1)(1/c)(Q2∘Q2)ᵀ, the diagonal of its inverse
         and ∂ log det / ∂δ (δ̃ is linear in δ); row/column couplings and one side's
         coupling matrix when asked for."""
-        s1, s2 = self.squared_basis()
-        l1, l2 = self.eigenvalues()
-        return projected_terms(s1, s2, torch.outer(l1, l2), delta, scale, rows, cols, matrix)
+        basis = self.squared_basis()  # decomposes the factors if they were not yet
+        if self._products is None:
+            l1, l2 = self.eigenvalues()
+            self._products = torch.outer(l1, l2)
+        return projected_terms(basis, self._products, delta, scale, rows, cols, matrix)
 
     def eigen(self, tp: TensorPrecision, scale, unitwise: bool) -> BlockEigen:
         if unitwise:
@@ -522,6 +529,7 @@ class RowSlicedKronBlock:
         ]
         self._products: torch.Tensor | None = None
         self._vectors: tuple | None = None
+        self._squared: SquaredBasis | None = None  # of the stacked vectors, once needed
 
     def public_factors(self) -> tuple[torch.Tensor, ...]:
         return tuple(self.factors)
@@ -599,10 +607,11 @@ class RowSlicedKronBlock:
         """:meth:`KronBlock.parameterwise_terms` slice by slice, ``delta`` (out, d); a
         column's shift moves every slice, so its couplings sum over them, and rows of
         different slices are uncoupled (a block-diagonal row matrix)."""
-        q1, q2 = self._stacked_vectors()
-        s1, s2 = q1.square(), (q2.square() if q2 is not None else None)
+        if self._squared is None:
+            self._squared = SquaredBasis(*self._stacked_vectors())
         D = delta.reshape(len(self.parts), self.rows, -1)
-        terms = projected_terms(s1, s2, self._stacked_products(), D, scale, rows, cols, matrix)
+        products = self._stacked_products()
+        terms = projected_terms(self._squared, products, D, scale, rows, cols, matrix)
         terms.inverse = terms.inverse.reshape(delta.shape)
         if rows:
             terms.row_coupling = terms.row_coupling.reshape(-1)

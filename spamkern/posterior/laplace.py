@@ -119,6 +119,7 @@ class LaplacePosterior:
         self._scalar_terms: tuple | None = None  # see _scalar_plan_terms
         self._mean_squares: tuple[int, torch.Tensor] | None = None  # see _squared_mean
         self._unit_squares: tuple[int, list] | None = None  # unitwise θ², see scatter_squares
+        self._sides: dict[str, tuple[list, list]] = {}  # see _parameterwise_sides
 
     # -- sizes and simple quantities ------------------------------------------------------
     @property
@@ -366,8 +367,7 @@ class LaplacePosterior:
         scale = self._scale()
         self._logdet_plan()  # eigenvalues of every block (batched)
         blocks, squares = self.curvature_blocks, self._squared_mean()
-        sides = _coupling_sides(blocks, couplings)
-        matrices = _matrix_sides(blocks) if couplings != "none" else [None] * len(blocks)
+        sides, matrices = self._parameterwise_sides(couplings)
         shares = []
         for index in indices:
             slot = self.prior.slots[index]
@@ -384,6 +384,16 @@ class LaplacePosterior:
             curvature = None if couplings == "none" else _shift_curvature(grad, terms, shape)
             shares.append(BlockShare(value, grad, scatter, curvature))
         return shares
+
+    def _parameterwise_sides(self, couplings: str) -> tuple[list, list]:
+        """Per block, the (rows, cols) couplings and the coupling matrix's side that a
+        parameterwise evaluation with ``couplings`` computes: fixed by the blocks' sizes,
+        so chosen once per posterior."""
+        if couplings not in self._sides:
+            blocks = self.curvature_blocks
+            matrices = _matrix_sides(blocks) if couplings != "none" else [None] * len(blocks)
+            self._sides[couplings] = (_coupling_sides(blocks, couplings), matrices)
+        return self._sides[couplings]
 
     def evidence_from_shares(self, shares: list[torch.Tensor]) -> torch.Tensor:
         """The log evidence from every block's share (float64 sums), in the model's dtype."""

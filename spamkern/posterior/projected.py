@@ -57,6 +57,24 @@ class CouplingMatrix:
         return gram.reshape(-1, *gram.shape[-2:]).sum(0)
 
 
+class SquaredBasis:
+    """One block's squared eigenbases S1 = Q1∘Q1 (…, p, p) and S2 = Q2∘Q2 (…, q, q), or
+    None for a bias (Q2 = [1]), kept while the hyperparameters move; their squares S∘S,
+    which only the couplings read, are formed on first use."""
+
+    def __init__(self, q1: torch.Tensor, q2: torch.Tensor | None):
+        self.s1 = q1.square()
+        self.s2 = q2.square() if q2 is not None else None
+        self._squares: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def squares(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(S1∘S1, S2∘S2 or None)."""
+        if self._squares is None:
+            s2 = self.s2.square() if self.s2 is not None else None
+            self._squares = (self.s1.square(), s2)
+        return self._squares
+
+
 @dataclass
 class ProjectedTerms:
     logdet: torch.Tensor  # Σ log c, summed in float64
@@ -69,8 +87,7 @@ class ProjectedTerms:
 
 
 def projected_terms(
-    s1: torch.Tensor,
-    s2: torch.Tensor | None,
+    basis: SquaredBasis,
     products: torch.Tensor,
     delta: torch.Tensor,
     scale,
@@ -78,10 +95,10 @@ def projected_terms(
     cols: bool = False,
     matrix: str | None = None,
 ) -> ProjectedTerms:
-    """The terms for squared bases ``s1`` (…, p, p), ``s2`` (…, q, q) or None (a bias:
-    λ2 ≡ 1, Q2 = [1]), eigenvalue products λ1λ2ᵀ (…, p, q) and precisions ``delta``
-    (…, p, q); leading dimensions are independent slices. ``matrix`` ("rows", "cols" or
-    None) adds that side's coupling matrix."""
+    """The terms for squared bases ``basis`` (a bias: λ2 ≡ 1, no S2), eigenvalue products
+    λ1λ2ᵀ (…, p, q) and precisions ``delta`` (…, p, q); leading dimensions are independent
+    slices. ``matrix`` ("rows", "cols" or None) adds that side's coupling matrix."""
+    s1, s2 = basis.s1, basis.s2
     right = delta @ s2 if s2 is not None else delta  # D S2, reused by the row couplings
     projected = s1.mT @ right
     scale = torch.as_tensor(scale, dtype=projected.dtype, device=projected.device)
@@ -97,11 +114,12 @@ def projected_terms(
         terms.coupling_matrix = _coupling_matrix(matrix, s1, s2, delta, reciprocal, ratio)
     if rows or cols:
         weight = reciprocal.square()
+        s1_squared, s2_squared = basis.squares()
     if rows:
-        terms.row_coupling = (right.square() * (s1.square() @ weight)).sum(-1)
+        terms.row_coupling = (right.square() * (s1_squared @ weight)).sum(-1)
     if cols:
         left = s1.mT @ delta
-        spread = weight @ s2.square().mT if s2 is not None else weight
+        spread = weight @ s2_squared.mT if s2 is not None else weight
         terms.col_coupling = (left.square() * spread).sum(-2)
     return terms
 
