@@ -28,9 +28,10 @@ def float64_sum(x: torch.Tensor) -> torch.Tensor:
     Runs of ``_RUN`` consecutive entries are summed in ``x``'s dtype (pairwise inside
     torch's kernel: relative error ~eps·log₂(_RUN) per run), the run totals in float64.
     For float32 terms of size ~10 that is ~10⁻⁴ absolute over 2·10⁵ entries, where a plain
-    float32 total scatters by ~0.1. Float64 input is summed directly."""
-    if x.dtype == torch.float64:
-        return x.sum()
+    float32 total scatters by ~0.1. Float64 input, or less than one run, is summed in float64
+    directly."""
+    if x.dtype == torch.float64 or x.numel() < _RUN:  # less than a run: cast while summing
+        return x.sum(dtype=torch.float64)
     flat = x.reshape(-1)
     cut = flat.numel() - flat.numel() % _RUN
     head = flat[:cut].view(-1, _RUN).sum(-1).sum(dtype=torch.float64)
