@@ -319,7 +319,7 @@ class FixedPointHyper:
     def _blockwise_step(self, posterior: LaplacePosterior, x0: torch.Tensor, bounds) -> float:
         """Parameterwise Kronecker posteriors at fixed σ: one iteration per block (see
         :mod:`spamkern.marglik.blockwise`)."""
-        self._shifts.new_posterior()
+        self._shifts.new_posterior([b.side_costs()[0] for b in posterior.curvature_blocks])
         update = BlockwiseShiftUpdate(
             self._shifts, self.n_steps, self.tol * posterior.n_data, self.max_log_step, self.memory
         )

@@ -25,10 +25,18 @@ together with it (a Cholesky factor per point, the per-row curvatures on its dia
 the other side's effects and the rest are treated as above. If the approximate matrix is
 not positive definite at a point, that block falls back to the per-row values. Every part
 stays symmetric positive definite, so the result can start L-BFGS.
+
+A factor is rebuilt once the diagonal has moved (``REFACTOR_RATIO``) — but in the per-block
+iteration, a block whose factor costs more than evaluating the block itself (an m-row side
+costs ~m³ multiply-adds: a 256-unit bias's factor is ~100 of its evaluations, a 10 × 256
+output layer's column factor 16) keeps the first factor of the marglik step, rescaled to
+each point's diagonal. Measured on an MLP 784-256-256-10 in 4-epoch SpaM training: the
+update's time fell by about 6 %, for 111 block evaluations instead of 109.
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -69,20 +77,30 @@ class ShiftPreconditioner:
         self._cancelled: dict[tuple[int, int], torch.Tensor] = {}  # (tensor, 0 rows/1 cols)
         # per tensor: the last factor built (side, Cholesky factor, the diagonal it holds)
         self._factors: dict[int, tuple[str, torch.Tensor, torch.Tensor]] = {}
-        self._own_max: dict[int, torch.Tensor] = {}  # per tensor, at its latest point
+        self._own_max: dict[int, float] = {}  # per tensor, at its latest point
+        self._evaluation_costs: list[int] | None = None
 
-    def new_posterior(self) -> None:
-        """Forget the factors: they belong to the last posterior's eigenbases."""
+    def new_posterior(self, evaluation_costs: list[int] | None = None) -> None:
+        """Forget the factors: they belong to the last posterior's eigenbases.
+
+        ``evaluation_costs`` (multiply-adds per tensor, when each is evaluated alone: the
+        per-block iteration) marks the tensors whose factor costs more than an evaluation;
+        those keep their first factor until the next posterior (see the module docstring)."""
+        if evaluation_costs is not None and len(evaluation_costs) != len(self.shapes):
+            raise ValueError(
+                f"evaluation_costs needs one entry per tensor of the prior ({len(self.shapes)}),"
+                f" got {len(evaluation_costs)}"
+            )
         self._factors.clear()
         self._own_max.clear()
+        self._evaluation_costs = evaluation_costs
 
     def complete(self, computed: list[ShiftCurvature]) -> list[TensorCurvature]:
         """Every tensor's curvatures at one point (see :meth:`complete_tensor`), each floored
         against the largest own curvature of all of them."""
-        owns = [_own(curv) for curv in computed]
-        for t, own in enumerate(owns):
-            self._own_max[t] = own.max()
-        return [self._complete(t, own, curv) for t, (own, curv) in enumerate(zip(owns, computed))]
+        for t, curv in enumerate(computed):
+            self._own_max[t] = float(curv.own.max())
+        return [self._complete(t, curv) for t, curv in enumerate(computed)]
 
     def complete_tensor(self, t: int, computed: ShiftCurvature) -> TensorCurvature:
         """Tensor ``t``'s curvatures at a point from those its evaluation ``computed`` (its
@@ -93,24 +111,24 @@ class ShiftPreconditioner:
         any tensor at its latest point (times the number of entries the shift moves): the
         row of a dead unit can cancel to exactly 0 (measured on LeNet), and dividing by it
         turned the whole start into NaN."""
-        own = _own(computed)
-        self._own_max[t] = own.max()
-        return self._complete(t, own, computed)
+        self._own_max[t] = float(computed.own.max())
+        return self._complete(t, computed)
 
-    def _complete(self, t: int, own: torch.Tensor, curv: ShiftCurvature) -> TensorCurvature:
-        unit = FLAT_CURVATURE * torch.stack(list(self._own_max.values())).max()
-        p, q = own.shape
+    def _complete(self, t: int, curv: ShiftCurvature) -> TensorCurvature:
+        tiny = torch.finfo(curv.own.dtype).tiny
+        unit = max(FLAT_CURVATURE * max(self._own_max.values()), tiny)
+        p, q = curv.own.shape
         sides = [curv.rows, curv.cols]
-        for side, axis in ((0, 1), (1, 0)):
-            total = own.sum(axis)
+        for side in (0, 1):
+            total = curv.own_sums[side]
             if sides[side] is not None:
-                self._cancelled[t, side] = 1.0 - sides[side] / total
+                self._cancelled[t, side] = 1.0 - sides[side] / total.clamp_min(tiny)
             else:
                 cancelled = self._cancelled.get((t, side))
                 sides[side] = total if cancelled is None else total * (1.0 - cancelled)
         rows, cols = sides[0].clamp_min(unit * q), sides[1].clamp_min(unit * p)
         return TensorCurvature(
-            own.clamp_min(unit),
+            curv.own.clamp_min(unit),
             curv.tensor.clamp_min(unit * p * q),
             rows,
             cols,
@@ -130,7 +148,8 @@ class ShiftPreconditioner:
         cached = self._factors.get(t)
         if cached is not None and cached[0] == coupling.side:
             ratio = cached[2] / diagonal
-            if float(ratio.max()) <= REFACTOR_RATIO and float(ratio.min()) >= 1 / REFACTOR_RATIO:
+            limit = self._refactor_ratio(t, diagonal.numel())
+            if float(ratio.max()) <= limit and float(ratio.min()) >= 1 / limit:
                 return coupling.side, cached[1], ratio.sqrt()
         hessian = (-0.5 * coupling.dense()).to(torch.float64)
         hessian.diagonal().copy_(diagonal)
@@ -141,16 +160,17 @@ class ShiftPreconditioner:
         self._factors[t] = (coupling.side, factor, diagonal)
         return coupling.side, factor, None
 
+    def _refactor_ratio(self, t: int, size: int) -> float:
+        """How far tensor ``t``'s diagonal may move before its factor (``size`` rows) is
+        rebuilt: never within a posterior where the factor costs more than an evaluation."""
+        costs = self._evaluation_costs
+        return math.inf if costs is not None and size**3 > costs[t] else REFACTOR_RATIO
+
     def apply_tensor(self, t: int, curvature: TensorCurvature, q: torch.Tensor) -> torch.Tensor:
         """H0 q for tensor ``t`` alone (``q`` over its slot, flat)."""
         out = torch.empty_like(q)
         _apply_one(q.view(self.shapes[t]), curvature, out.view(self.shapes[t]))
         return out
-
-
-def _own(computed: ShiftCurvature) -> torch.Tensor:
-    """½δ_i(θ_i² + Σ_ii) = ½ − ∂E/∂log δ_i, the entries' own curvature, above 0."""
-    return computed.own.clamp_min(torch.finfo(computed.own.dtype).tiny)
 
 
 def _solve(curv: TensorCurvature, rhs: torch.Tensor) -> torch.Tensor:

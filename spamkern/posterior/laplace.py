@@ -69,6 +69,8 @@ class ShiftCurvature(NamedTuple):
     coupling: CouplingMatrix | None = None
     # the entries' own curvature ½δ_i(θ_i² + Σ_ii) = ½ − ∂E/∂log δ_i, shaped (p, q)
     own: torch.Tensor | None = None
+    # ``own`` summed over each row (p,) and each column (q,)
+    own_sums: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class BlockShare(NamedTuple):
@@ -379,9 +381,10 @@ class LaplacePosterior:
             )
             scatter = delta * squares[span]
             value = -0.5 * (terms.logdet - float64_sum(lp) + float64_sum(scatter))
-            # −½ (δ Σ_ii − 1 + δθ²) = ½ − ½ δ (Σ_ii + θ²), in place on Σ_ii
-            grad = terms.inverse.reshape(-1).add(squares[span]).mul_(delta).mul_(-0.5).add_(0.5)
-            curvature = None if couplings == "none" else _shift_curvature(grad, terms, shape)
+            # −½ (δ Σ_ii − 1 + δθ²) = ½ − own, own = ½ δ (Σ_ii + θ²) (the entries' curvature)
+            own = terms.inverse.reshape(-1).add(squares[span]).mul_(delta).mul_(0.5)
+            grad = torch.rsub(own, 0.5)
+            curvature = None if couplings == "none" else _shift_curvature(own, terms, shape)
             shares.append(BlockShare(value, grad, scatter, curvature))
         return shares
 
@@ -511,14 +514,15 @@ def _block_indices(indices, n_blocks: int) -> list[int]:
     return out
 
 
-def _shift_curvature(grad: torch.Tensor, terms, shape) -> ShiftCurvature:
-    """One tensor's, from its gradient (own curvature ½δ(θ² + Σ_ii) = ½ − ∂E/∂log δ per
-    entry) and its block's couplings."""
-    own = (0.5 - grad).reshape(shape)
-    rows = None if terms.row_coupling is None else own.sum(1) - 0.5 * terms.row_coupling
-    cols = None if terms.col_coupling is None else own.sum(0) - 0.5 * terms.col_coupling
-    tensor = own.sum() - 0.5 * terms.shift_coupling
-    return ShiftCurvature(tensor, rows, cols, terms.coupling_matrix, own)
+def _shift_curvature(own: torch.Tensor, terms, shape) -> ShiftCurvature:
+    """One tensor's, from its entries' own curvature ½δ(θ² + Σ_ii) and its block's
+    couplings."""
+    own = own.view(shape)
+    own_rows, own_cols = own.sum(1), own.sum(0)
+    rows = None if terms.row_coupling is None else own_rows - 0.5 * terms.row_coupling
+    cols = None if terms.col_coupling is None else own_cols - 0.5 * terms.col_coupling
+    tensor = own_rows.sum() - 0.5 * terms.shift_coupling
+    return ShiftCurvature(tensor, rows, cols, terms.coupling_matrix, own, (own_rows, own_cols))
 
 
 def _coupling_sides(blocks: list, couplings: str) -> list[tuple[bool, bool]]:

@@ -192,6 +192,37 @@ def test_factors_are_reused_while_the_diagonal_holds_and_rebuilt_per_posterior()
     assert all(f.factor is None or f.factor is not a.factor for f, a in zip(fresh, first))
 
 
+def test_a_factor_dearer_than_its_evaluation_is_kept_for_the_whole_posterior():
+    """With per-tensor evaluation costs (the per-block iteration), a tensor whose factor
+    costs more than evaluating it keeps its first factor, rescaled, however far its diagonal
+    moves; a tensor whose factor is cheap rebuilds it once the diagonal has moved."""
+    post, lp = _posterior_and_point("mlp")
+    closed = post.closed_form_evidence_and_gradient(lp, "all")
+    factored = [t for t, c in enumerate(closed.shift_curvature) if c.coupling is not None]
+    assert len(factored) >= 2
+    cheap, dear = factored[0], factored[1]
+    costs = [0] * len(closed.shift_curvature)  # every factor dearer than its evaluation…
+    costs[cheap] = 10**12  # …but this one
+    shifts = ShiftPreconditioner(post.prior)
+    shifts.new_posterior(costs)
+    first = shifts.complete(closed.shift_curvature)
+    moved = [  # every row and column curvature 4× larger: far past REFACTOR_RATIO
+        c._replace(
+            rows=None if c.rows is None else 4 * c.rows,
+            cols=None if c.cols is None else 4 * c.cols,
+        )
+        for c in closed.shift_curvature
+    ]
+    again = shifts.complete(moved)
+    assert again[dear].factor is first[dear].factor and again[dear].factor_scale is not None
+    assert again[cheap].factor is not None and again[cheap].factor is not first[cheap].factor
+    eye = torch.eye(lp.numel(), dtype=lp.dtype)
+    H0 = torch.stack([_apply(shifts, again, e) for e in eye], 1)
+    assert float(torch.linalg.eigvalsh(0.5 * (H0 + H0.T)).min()) > 0
+    with pytest.raises(ValueError, match="one entry per tensor"):
+        shifts.new_posterior(costs[:-1])
+
+
 def test_an_indefinite_coupling_falls_back_to_the_per_row_curvatures():
     post, lp = _posterior_and_point("mlp")
     closed = post.closed_form_evidence_and_gradient(lp, "all")
