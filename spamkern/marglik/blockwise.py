@@ -16,6 +16,14 @@ iterations) dips below the tolerance once long before its optimum — with that 
 update ended 0.4 nats short of it, 0.02 below 100 Adam steps; on the MLP benchmark the
 two rules take the same evaluations.
 
+A block whose precisions are all equal at the start — every block at the first marglik
+step, from the prior's initial value — first moves to its best uniform point, the
+layerwise optimum of that block: a guarded Newton iteration on its eigenvalues alone
+(:meth:`LaplacePosterior.uniform_share`; no projection, not counted as an evaluation).
+Replaying the MLP benchmark's first marglik step below: the first layer's optimum is
+nearly uniform (its log δ spread 0.01), and it took 3 evaluations instead of 7, the whole
+update 0.10 s instead of 0.16 s, to the same evidence.
+
 Measured on an MLP 784-256-256-10 in 4-epoch SpaM training (the first two marglik steps,
 each block iterated alone): the 256 × 784 first layer, two thirds of an evaluation's
 cost, converged in 7 and 4 evaluations where the joint iteration took 9 and 7; the joint
@@ -72,6 +80,7 @@ class BlockwiseShiftUpdate:
         """(the log precisions reached, the evidence there), from ``x0`` within ``bounds``."""
         tic = time.perf_counter()
         self.bounds = bounds
+        x0 = self._uniform_start(posterior, x0)
         indices = range(len(posterior.curvature_blocks))
         shares = posterior.parameterwise_shares(x0, indices, "all")
         curvatures = self.shifts.complete([share.curvature for share in shares])
@@ -101,6 +110,39 @@ class BlockwiseShiftUpdate:
         self.n_iterations = max(block.iterations for block in blocks)
         self.block_evaluations = [block.evaluations for block in blocks]
         return x, float(posterior.evidence_from_shares(values))
+
+    def _uniform_start(self, posterior: LaplacePosterior, x0: torch.Tensor) -> torch.Tensor:
+        """``x0`` with every block whose precisions are all equal moved to its best uniform
+        point (see the module docstring)."""
+        x = x0.clone()
+        for index, slot in enumerate(posterior.prior.slots):
+            block = x[slot.start : slot.stop]
+            if bool((block == block[0]).all()):
+                block.fill_(self._uniform_optimum(posterior, index, block[0].clone(), slot.start))
+        return x
+
+    def _uniform_optimum(self, posterior, index: int, t: torch.Tensor, at: int) -> torch.Tensor:
+        """Newton steps on one block's uniform log δ (halved until its share does not
+        decrease), from ``t`` within the bounds at entry ``at``, until a step promises less
+        than the tolerance; ``t`` itself if the share is flat there."""
+        lo, hi = (bound[at] for bound in self.bounds)
+        value, grad, curvature = posterior.uniform_share(index, t)
+        for _ in range(self.n_steps):
+            if not bool(curvature > 0):  # flat: no data and no weight in this block
+                break
+            step = (grad / curvature).clamp(-self.max_log_step, self.max_log_step)
+            if float(step * grad) <= self.least_gain:
+                break
+            for _ in range(MAX_TRIES):
+                candidate = torch.clamp(t + step, lo, hi)
+                new = posterior.uniform_share(index, candidate)
+                if float(new[0]) >= float(value):
+                    break
+                step = 0.5 * step
+            else:
+                break
+            t, (value, grad, curvature) = candidate, new
+        return t
 
     def _first(self, posterior, index: int, x0, share: BlockShare, curvature) -> _Block:
         slot = posterior.prior.slots[index]

@@ -388,6 +388,30 @@ class LaplacePosterior:
             shares.append(BlockShare(value, grad, scatter, curvature))
         return shares
 
+    @torch.no_grad()
+    def uniform_share(
+        self, index: int, log_delta: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Block ``index``'s share of the evidence at one δ = e^log_delta over the whole
+        block, with its derivative and its curvature −∂²/∂(log δ)² (0-d tensors; the share
+        in float64): the layerwise share, exact from the eigenvalues alone for every prior —
+        a uniform δ projects onto itself (the squared eigenbases' columns sum to one), so no
+        projection is needed. The parameterwise update moves a uniform block there first."""
+        _block_indices([index], len(self.curvature_blocks))
+        log_delta = torch.as_tensor(log_delta, dtype=self.mean.dtype, device=self.mean.device)
+        if log_delta.ndim != 0 or not bool(torch.isfinite(log_delta)):
+            raise ValueError(f"log_delta must be one finite number, got {log_delta}")
+        products, counts, squares = self._scalar_plan_terms()
+        product, count, square = products[index], counts[index], squares[index]
+        delta = log_delta.exp()
+        c = product + delta
+        reciprocal = c.reciprocal()
+        logdet = float64_sum(c.log()) - count.double() * log_delta.double()
+        value = -0.5 * (logdet + (delta * square).double())
+        grad = -0.5 * (delta * reciprocal.sum() - count + delta * square)
+        curvature = 0.5 * delta * (square + torch.dot(product * reciprocal, reciprocal))
+        return value, grad, curvature
+
     def _parameterwise_sides(self, couplings: str) -> tuple[list, list]:
         """Per block, the (rows, cols) couplings and the coupling matrix's side that a
         parameterwise evaluation with ``couplings`` computes: fixed by the blocks' sizes,
