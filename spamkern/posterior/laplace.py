@@ -309,13 +309,7 @@ class LaplacePosterior:
         log_delta = torch.stack([tp.log_delta for tp in self.prior.per_tensor(log_precision)])
         delta = log_delta.exp()
         products, counts, squares = self._scalar_plan_terms()
-        logdet, inverse, data_share = [], [], []
-        for prod, d in zip(products, delta):
-            c = prod + d
-            reciprocal = c.reciprocal()
-            inverse.append(reciprocal.sum())
-            data_share.append(torch.dot(prod * reciprocal, reciprocal))  # Σ s·λ1λ2 / c²
-            logdet.append(float64_sum(c.log_()))
+        logdet, inverse, data_share = zip(*map(_uniform_terms, products, delta))
         logdet_total = torch.stack(logdet).sum() - (counts * log_delta).sum(dtype=torch.float64)
         value = self._evidence(logdet_total, (delta * squares).sum(dtype=torch.float64))
         scatter = delta * squares
@@ -404,12 +398,10 @@ class LaplacePosterior:
         products, counts, squares = self._scalar_plan_terms()
         product, count, square = products[index], counts[index], squares[index]
         delta = log_delta.exp()
-        c = product + delta
-        reciprocal = c.reciprocal()
-        logdet = float64_sum(c.log()) - count.double() * log_delta.double()
-        value = -0.5 * (logdet + (delta * square).double())
-        grad = -0.5 * (delta * reciprocal.sum() - count + delta * square)
-        curvature = 0.5 * delta * (square + torch.dot(product * reciprocal, reciprocal))
+        logdet, inverse, data_share = _uniform_terms(product, delta)
+        value = -0.5 * (logdet - count.double() * log_delta.double() + (delta * square).double())
+        grad = -0.5 * (delta * inverse - count + delta * square)
+        curvature = 0.5 * delta * (square + data_share)
         return value, grad, curvature
 
     def _parameterwise_sides(self, couplings: str) -> tuple[list, list]:
@@ -536,6 +528,14 @@ def _block_indices(indices, n_blocks: int) -> list[int]:
             f"block of the posterior; got {out}"
         )
     return out
+
+
+def _uniform_terms(product: torch.Tensor, delta: torch.Tensor) -> tuple:
+    """Σ log c (float64), Σ 1/c and Σ product/c² for c = product + δ: what one δ over a
+    block's eigenvalue products s·λ1λ2 contributes to the log det and its derivatives."""
+    c = product + delta
+    reciprocal = c.reciprocal()
+    return float64_sum(c.log_()), reciprocal.sum(), torch.dot(product * reciprocal, reciprocal)
 
 
 def _shift_curvature(own: torch.Tensor, terms, shape) -> ShiftCurvature:
