@@ -1,11 +1,10 @@
 """One training epoch of the SpaM objective at the cost of a plain MAP epoch.
 
 Per batch the objective is  mean loss + (T / 2N) Σ_i δ_i θ_i²  with δ fixed. The prior
-term never enters the autograd graph: after the backward of the mean loss its exact
-gradient (T/N)·δ∘θ is added to every parameter's gradient in one fused foreach op — or,
-when every tensor has the same single δ (a scalar prior, or any prior before its first
-update), inside torch's fused Adam/SGD kernel as its L2 ``weight_decay``, with no pass of
-its own. Masks are enforced by one fused multiply, and the loss (and, for labels already on an
+term never enters the autograd graph: its exact gradient (T/N)·δ∘θ is applied by the
+optimiser step (:mod:`spamkern.marglik.optimizer_step`: inside torch's fused Adam kernel as
+its weight decay where a tensor has one δ, one fused foreach op where it has one per entry).
+Masks are enforced by one fused multiply, and the loss (and, for labels already on an
 accelerator, their range) are checked once per epoch on device accumulators — no host
 synchronisation per step.
 """
@@ -20,93 +19,8 @@ from spamkern.curvature.harvest import EpochHarvest
 from spamkern.curvature.likelihood import check_label_range, check_targets, mean_loss
 from spamkern.data.batches import split_batch
 from spamkern.distributed import all_reduce_gradients, is_distributed
+from spamkern.marglik.optimizer_step import OptimizerStep
 from spamkern.marglik.state import RunSettings, TrainingState
-from spamkern.prior.priors import Prior
-
-
-class PriorGradient:
-    """Adds ∇ (T/2N) Σ δ θ² = (T/N)·δ∘θ to the gradients, δ frozen by :meth:`refresh`.
-
-    Tensors with one δ (scalar and layerwise priors) take a fused ``g += c·θ`` per
-    distinct δ, which reads a third less memory than the general ``g += c·δ∘θ`` that
-    unitwise and parameterwise tensors take. When all of ``params`` share one δ and form
-    the single parameter group of ``optimizer``, c is that group's ``weight_decay`` (the
-    same L2 gradient, added inside the optimiser's step).
-    """
-
-    def __init__(
-        self,
-        params: list[nn.Parameter],
-        prior: Prior,
-        temperature: float,
-        n_data: int,
-        optimizer: torch.optim.Optimizer | None = None,
-    ):
-        self.params = params
-        self.optimizer = optimizer  # its group is read at refresh (a restore replaces it)
-        self.prior = prior
-        self.scale = temperature / n_data
-        # (T/N)·δ → the tensors with that single δ (their indices and themselves)
-        self.uniform: dict[float, tuple[list[int], list[nn.Parameter]]] = {}
-        self.full: list[int] = []  # tensors with one δ per entry
-        self.full_params: list[nn.Parameter] = []
-        self.deltas: list[torch.Tensor] = []
-
-    @torch.no_grad()
-    def refresh(self) -> None:
-        """Take the prior's current precisions (once per epoch: δ is fixed within one)."""
-        tps = self.prior.per_tensor()
-        single = [i for i, tp in enumerate(tps) if tp.kind == "scalar"]
-        values = torch.stack([tps[i].log_delta for i in single]).exp().tolist() if single else []
-        by_value: dict[float, list[int]] = {}
-        for i, value in zip(single, values):
-            by_value.setdefault(value, []).append(i)
-        self.uniform = {
-            self.scale * value: (group, [self.params[i] for i in group])
-            for value, group in by_value.items()
-        }
-        self.full = [i for i, tp in enumerate(tps) if tp.kind != "scalar"]
-        self.full_params = [self.params[i] for i in self.full]
-        self.deltas = [tps[i].expand(self.params[i].shape).exp().contiguous() for i in self.full]
-        self._to_weight_decay()
-
-    def _to_weight_decay(self) -> None:
-        """Hand one shared δ to the optimiser's single group as its weight decay."""
-        groups = self.optimizer.param_groups if self.optimizer is not None else []
-        whole = len(groups) == 1 and len(groups[0]["params"]) == len(self.params)
-        whole = whole and all(p is q for p, q in zip(groups[0]["params"], self.params))
-        if whole and len(self.uniform) == 1 and not self.full:
-            groups[0]["weight_decay"] = next(iter(self.uniform))
-            self.uniform = {}
-        elif whole:
-            groups[0]["weight_decay"] = 0.0
-
-    @torch.no_grad()
-    def __call__(self) -> None:
-        grads = [p.grad for p in self.params]
-        if any(g is None for g in grads):  # a tensor the loss does not reach feels the prior
-            for p in self.params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            grads = [p.grad for p in self.params]
-        for alpha, (group, params) in self.uniform.items():
-            torch._foreach_add_([grads[i] for i in group], params, alpha=alpha)
-        if self.full:
-            full_grads = [grads[i] for i in self.full]
-            torch._foreach_addcmul_(full_grads, self.deltas, self.full_params, value=self.scale)
-
-
-def make_optimizer(
-    params: list[nn.Parameter], name: str, lr: float, momentum: float
-) -> torch.optim.Optimizer:
-    """Adam or SGD on torch's fused kernels where the parameters' device and dtype have
-    them: one pass over each tensor per step instead of one per elementwise op."""
-    kind = torch.optim.Adam if name == "adam" else torch.optim.SGD
-    options = {"lr": lr} if name == "adam" else {"lr": lr, "momentum": momentum}
-    try:
-        return kind(params, fused=True, **options)
-    except RuntimeError:  # no fused kernel for this device or dtype
-        return kind(params, **options)
 
 
 class MaskEnforcer:
@@ -164,16 +78,16 @@ def train_epoch(
     state: TrainingState,
     settings: RunSettings,
     batches,
-    prior_gradient: PriorGradient,
+    optimizer_step: OptimizerStep,
     enforce_masks: MaskEnforcer,
     labels: LabelRange,
     harvest: EpochHarvest | None = None,
 ) -> float:
     """One pass of optimiser steps over ``batches``; returns the mean training loss."""
     model, opt, sched = state.model, state.optimizer, state.scheduler
-    params = prior_gradient.params
+    params = optimizer_step.prior_gradient.params
     device = params[0].device
-    prior_gradient.refresh()
+    optimizer_step.refresh()
     regression = settings.likelihood == "regression"
     classification = not regression
     distributed = is_distributed()
@@ -196,8 +110,7 @@ def train_epoch(
             harvest.after_backward(f, raw.detach() * f.shape[0], f.shape[0] / noise_value)
         if distributed:
             all_reduce_gradients(params, weight=f.shape[0])  # exact for unequal shards
-        prior_gradient()
-        opt.step()
+        optimizer_step()
         if sched is not None:
             sched.step()
         enforce_masks()

@@ -30,15 +30,10 @@ from spamkern.curvature.structure import parameter_blocks
 from spamkern.data.batches import TensorBatches, as_batches, epoch_size, split_batch
 from spamkern.distributed import all_reduce_sum, check_same_on_all_ranks, is_distributed, rank
 from spamkern.marglik.checkpoint import load_checkpoint, save_checkpoint, should_resume
-from spamkern.marglik.epoch import (
-    LabelRange,
-    MaskEnforcer,
-    PriorGradient,
-    make_optimizer,
-    train_epoch,
-)
+from spamkern.marglik.epoch import LabelRange, MaskEnforcer, train_epoch
 from spamkern.marglik.hyper import DEFAULT_TOL, HYPER_OPTIMIZERS, make_hyper_optimizer
 from spamkern.marglik.marglik_step import fit_posterior, marglik_step
+from spamkern.marglik.optimizer_step import OptimizerStep, PriorGradient, make_optimizer
 from spamkern.marglik.state import RunSettings, TrainingState
 from spamkern.posterior.laplace import LaplacePosterior
 from spamkern.prior.priors import Prior, make_prior
@@ -300,7 +295,8 @@ class _EpochLoop:
         self.marglik_due, self.online_pruning = marglik_due, online_pruning
         params = [b.param for b in blocks]
         T, N = settings.temperature, settings.n_data
-        self.prior_gradient = PriorGradient(params, state.prior, T, N, state.optimizer)
+        prior_gradient = PriorGradient(params, state.prior, T, N, state.optimizer)
+        self.optimizer_step = OptimizerStep(prior_gradient, state.optimizer)
         self.enforce_masks = MaskEnforcer(state.model, state.masks)
         all_labels = batches.y if isinstance(batches, TensorBatches) else None
         self.labels = LabelRange(settings.likelihood, all_labels)
@@ -317,7 +313,7 @@ class _EpochLoop:
                 state,
                 self.settings,
                 self.batches,
-                self.prior_gradient,
+                self.optimizer_step,
                 self.enforce_masks,
                 self.labels,
                 harvest,
