@@ -1,12 +1,12 @@
 """The optimiser step of a SpaM epoch: the prior's gradient, then Adam, in torch's fused kernel.
 
 ``torch.optim.Adam.step`` spends about 0.15 ms of Python per call on one CPU core
-(profiling scope, state lookups, grouping by device) — as much as its fused kernel takes on
-the 270 k-parameter MLP of ``bench/bench_training.py``, over a tenth of a MAP epoch there.
-Once the optimiser's own ``step`` has created its state (the first step of every epoch goes
-through it), :class:`OptimizerStep` calls the same kernel, ``torch._fused_adam_``, on that
-state with the same arguments, so parameters and state are bit for bit those of
-``optimizer.step()``.
+(profiling scope, state lookups, grouping by device) — more than half of what its fused
+kernel takes on the 270 k-parameter MLP of ``bench/bench_training.py``, about 5 % of a
+MAP epoch there. Once the optimiser's own ``step`` has created its state (the first step
+of every epoch goes through it), :class:`OptimizerStep` calls the same kernel,
+``torch._fused_adam_``, on that state with the same arguments, so parameters and state
+are bit for bit those of ``optimizer.step()``.
 
 The prior's gradient (T/N)·δ∘θ of a tensor with a single δ is the kernel's L2
 ``weight_decay`` — one kernel call per distinct δ (a layerwise prior) instead of an extra
