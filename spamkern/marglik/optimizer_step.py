@@ -143,18 +143,21 @@ class OptimizerStep:
         self.optimizer = optimizer
         self._calls: list[tuple[list[int], float]] | None = None  # (tensors, weight decay)
         self._state: tuple[list, list, list] | None = None  # exp_avg, exp_avg_sq, step
+        self._prepared = False  # whether this epoch's kernel calls were looked for
 
     def refresh(self) -> None:
         """Take the prior's current δ; the epoch's first step goes through the optimiser
         (state created or restored since the last epoch is then in place)."""
         self.prior_gradient.refresh()
         self._calls = self._state = None
+        self._prepared = False
 
     def __call__(self) -> None:
         if self._state is None:
             self.prior_gradient()
             self.optimizer.step()
-            self._prepare()
+            if not self._prepared:
+                self._prepare()
             return
         self.prior_gradient.add_full()
         exp_avgs, exp_avg_sqs, steps = self._state
@@ -182,6 +185,7 @@ class OptimizerStep:
     def _prepare(self) -> None:
         """The kernel calls of this epoch, if the optimiser is one the call reproduces."""
         params = self.prior_gradient.params
+        self._prepared = True
         if not _direct_kernel_reproduces(self.optimizer, params):
             return
         state = [self.optimizer.state[p] for p in params]
