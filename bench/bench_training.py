@@ -1,6 +1,6 @@
 """SpaM training end to end, side by side, as multiples of a plain PyTorch MAP loop.
 
-    python bench/bench_training.py            # the full table (CPU, 1 thread: about 90 s)
+    python bench/bench_training.py            # the full table (CPU, 1 thread: about 4 min)
     python bench/bench_training.py --quick    # small sizes: checks that every case runs
     python -m pytest bench/bench_training.py [--full]      # the same cases, pytest-benchmark
     python bench/training_ratios.py RESULT.json            # ratios of a pytest-benchmark file
@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (a check, not numbers)")
     parser.add_argument("--rounds", type=int, default=5, help="best of this many for short runs")
-    parser.add_argument("--repeats", type=int, default=3, help="best of this many for the rest")
+    parser.add_argument("--repeats", type=int, default=5, help="best of this many for the rest")
     parser.add_argument("--only", nargs="*", help="cases to time (besides the plain loop)")
     parser.add_argument("--out", type=Path, help="JSON path (default bench/results/...)")
     args = parser.parse_args(argv)
