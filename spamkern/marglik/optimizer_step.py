@@ -76,14 +76,14 @@ class PriorGradient:
 
     def _to_weight_decay(self) -> None:
         """Hand one shared δ to the optimiser's single group as its weight decay."""
-        groups = self.optimizer.param_groups if self.optimizer is not None else []
-        whole = len(groups) == 1 and len(groups[0]["params"]) == len(self.params)
-        whole = whole and all(p is q for p, q in zip(groups[0]["params"], self.params))
-        if whole and len(self.uniform) == 1 and not self.full:
-            groups[0]["weight_decay"] = next(iter(self.uniform))
+        if self.optimizer is None or not _one_group_of(self.optimizer, self.params):
+            return
+        group = self.optimizer.param_groups[0]
+        if len(self.uniform) == 1 and not self.full:
+            group["weight_decay"] = next(iter(self.uniform))
             self.uniform = {}
-        elif whole:
-            groups[0]["weight_decay"] = 0.0
+        else:
+            group["weight_decay"] = 0.0
 
     @torch.no_grad()
     def __call__(self) -> None:
@@ -141,38 +141,37 @@ class OptimizerStep:
     def __init__(self, prior_gradient: PriorGradient, optimizer: torch.optim.Optimizer):
         self.prior_gradient = prior_gradient
         self.optimizer = optimizer
-        self._calls: list[tuple[list[int], float]] | None = None  # (tensors, weight decay)
-        self._state: tuple[list, list, list] | None = None  # exp_avg, exp_avg_sq, step
+        # this epoch's kernel calls: (params, exp_avgs, exp_avg_sqs, steps, weight decay)
+        self._calls: list[tuple[list, list, list, list, float]] | None = None
+        self._steps: list[torch.Tensor] = []  # every tensor's step count, advanced at once
         self._prepared = False  # whether this epoch's kernel calls were looked for
 
     def refresh(self) -> None:
         """Take the prior's current δ; the epoch's first step goes through the optimiser
         (state created or restored since the last epoch is then in place)."""
         self.prior_gradient.refresh()
-        self._calls = self._state = None
+        self._calls = None
         self._prepared = False
 
     def __call__(self) -> None:
-        if self._state is None:
+        if self._calls is None:
             self.prior_gradient()
             self.optimizer.step()
             if not self._prepared:
                 self._prepare()
             return
         self.prior_gradient.add_full()
-        exp_avgs, exp_avg_sqs, steps = self._state
         group = self.optimizer.param_groups[0]
         beta1, beta2 = group["betas"]
-        params = self.prior_gradient.params
-        torch._foreach_add_(steps, 1)
-        for indices, weight_decay in self._calls:
+        torch._foreach_add_(self._steps, 1)
+        for params, exp_avgs, exp_avg_sqs, steps, weight_decay in self._calls:
             torch._fused_adam_(
-                [params[i] for i in indices],
-                [params[i].grad for i in indices],
-                [exp_avgs[i] for i in indices],
-                [exp_avg_sqs[i] for i in indices],
+                params,
+                [p.grad for p in params],
+                exp_avgs,
+                exp_avg_sqs,
                 [],
-                [steps[i] for i in indices],
+                steps,
                 amsgrad=False,
                 lr=group["lr"],
                 beta1=beta1,
@@ -189,14 +188,25 @@ class OptimizerStep:
         if not _direct_kernel_reproduces(self.optimizer, params):
             return
         state = [self.optimizer.state[p] for p in params]
-        self._state = tuple([s[key] for s in state] for key in ("exp_avg", "exp_avg_sq", "step"))
-        self._calls = self.prior_gradient.weight_decays(self.optimizer.param_groups[0])
+        self._steps = [s["step"] for s in state]
+        self._calls = [
+            (
+                [params[i] for i in indices],
+                [state[i]["exp_avg"] for i in indices],
+                [state[i]["exp_avg_sq"] for i in indices],
+                [state[i]["step"] for i in indices],
+                weight_decay,
+            )
+            for indices, weight_decay in self.prior_gradient.weight_decays(
+                self.optimizer.param_groups[0]
+            )
+        ]
 
 
 def _direct_kernel_reproduces(optimizer: torch.optim.Optimizer, params: list) -> bool:
     """A fused Adam with one group holding exactly ``params`` (one device and dtype),
     scalar hyperparameters, none of the options the call leaves out, and its state made."""
-    if type(optimizer) is not torch.optim.Adam or len(optimizer.param_groups) != 1:
+    if type(optimizer) is not torch.optim.Adam or not _one_group_of(optimizer, params):
         return False
     group = optimizer.param_groups[0]
     if not group.get("fused") or any(group.get(option) for option in _UNSUPPORTED):
@@ -204,12 +214,16 @@ def _direct_kernel_reproduces(optimizer: torch.optim.Optimizer, params: list) ->
     scalars = (group["lr"], group["eps"], *group["betas"])
     if any(isinstance(value, torch.Tensor) for value in scalars):
         return False
-    if len(group["params"]) != len(params) or any(
-        p is not q for p, q in zip(group["params"], params)
-    ):
-        return False
     if getattr(optimizer, "grad_scale", None) is not None:  # set by an AMP grad scaler
         return False
     if len({(p.device, p.dtype) for p in params}) != 1:
         return False
     return all(p in optimizer.state and "exp_avg" in optimizer.state[p] for p in params)
+
+
+def _one_group_of(optimizer: torch.optim.Optimizer, params: list) -> bool:
+    """Whether ``optimizer`` has a single parameter group holding exactly ``params``."""
+    groups = optimizer.param_groups
+    if len(groups) != 1 or len(groups[0]["params"]) != len(params):
+        return False
+    return all(p is q for p, q in zip(groups[0]["params"], params))

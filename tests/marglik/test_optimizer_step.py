@@ -48,7 +48,7 @@ def _train(kind: str, direct: bool, optimizer: str = "adam", **adam_options):
         x, y = torch.randn(16, 5, generator=g), torch.randint(0, 3, (16,), generator=g)
         F.cross_entropy(model(x), y).backward()
         if direct:
-            used_kernel.append(step._state is not None)
+            used_kernel.append(step._calls is not None)
             step()
         else:
             prior_gradient()
