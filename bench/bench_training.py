@@ -4,6 +4,7 @@
     python bench/bench_training.py --quick    # small sizes: checks that every case runs
     python -m pytest bench/bench_training.py [--full]      # the same cases, pytest-benchmark
     python bench/training_ratios.py RESULT.json            # ratios of a pytest-benchmark file
+    python bench/training_plot.py bench/results/cpu-training.json   # redraw the plot
 
 Setting (the same for every case): MLP 784-256-256-10, N = 4096 random points, batch 128,
 4 epochs, Adam 1e-3 (the plain loop: torch's default Adam; marglik_train: torch's fused
@@ -16,9 +17,10 @@ lr 0.1 for the ``_adam`` case), one CPU thread. Cases: the plain loop (denominat
 the same exact-GGN refit and harvested EF/MC-GGN runs without hyperparameter updates
 (``curvature_only_*``: the cost of the training step and the curvature alone);
 laplace-torch's ``marglik_training`` (AsdlGGN, AsdlEF; layerwise). The script writes the
-times, ratios, machine, date, versions, threads and load to ``bench/results/cpu-training.json``
-and prints a Markdown table; for the harvested cases it also reports how far their final
-evidence and learned log δ are from a refit at the final θ.
+times, ratios, machine, date, versions, threads and load to ``bench/results/cpu-training.json``,
+plots them beside it (``.png``, see ``training_plot.py``) and prints a Markdown table; for
+the harvested cases it also reports how far their final evidence and learned log δ are
+from a refit at the final θ.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import markdown_table, run_conditions  # noqa: E402
 from curvature_baselines import mlp  # noqa: E402
+from training_plot import plot_training  # noqa: E402
 
 import spamkern as sk  # noqa: E402
 from spamkern.data.batches import TensorBatches  # noqa: E402
@@ -357,7 +360,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     out = args.out or default
     out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
+    plot_training(result, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
 
 
 # ---------------------------------------------------------------------------- pytest-benchmark

@@ -1,0 +1,90 @@
+"""The training-cost plot of ``bench/training_plot.py`` draws what the result says."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from matplotlib.colors import to_hex
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location(
+        "training_plot", ROOT / "bench" / "training_plot.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def training_plot():
+    return _load()
+
+
+def _result() -> dict:
+    return {
+        "run": {"card": "CPU test", "threads": 1, "date": "2026-12-02T04:11:04+00:00"},
+        "timing": {"repeats": 5},
+        "ratios": {
+            "plain_loop": 1.0,
+            "map_marglik_train": 0.8,
+            "spam_layerwise_ef_epoch": 1.7,
+            "laplace_torch_AsdlEF": 8.5,
+        },
+        "relative": {"spam_parameterwise_ggn_refit/spam_layerwise_ggn_refit": 1.25},
+        "targets": {
+            "map_marglik_train": {"ratio": 0.8, "bound": 1.05, "met": True},
+            "spam_layerwise_ef_epoch": {"ratio": 1.7, "bound": 1.5, "met": False},
+            "spam_parameterwise_ggn_refit/spam_layerwise_ggn_refit": dict(
+                ratio=1.25, bound=1.3, met=True
+            ),
+        },
+    }
+
+
+def test_bars_are_the_ratios_coloured_by_their_targets(training_plot, tmp_path):
+    result = _result()
+    path = tmp_path / "training.png"
+    fig = training_plot.plot_training(result, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    left, right = fig.axes[:2]
+    bars = sorted(left.patches, key=lambda bar: -bar.get_y())  # top (first case) first
+    assert [bar.get_width() for bar in bars] == list(result["ratios"].values())
+    colours = [to_hex(bar.get_facecolor()) for bar in bars]
+    expected = [
+        training_plot.OTHER, training_plot.MET, training_plot.MISSED, training_plot.REFERENCE
+    ]  # fmt: skip
+    assert colours == expected
+    # one black tick per targeted case, at its bound
+    ticks = sorted(line.get_xdata()[0] for line in left.lines if line.get_gid() == "target")
+    assert ticks == [1.05, 1.5]
+    (relative_bar,) = [p for p in right.patches if p.get_width() > 0]
+    assert relative_bar.get_width() == 1.25
+    assert to_hex(relative_bar.get_facecolor()) == training_plot.MET
+
+
+def test_command_line_writes_the_png_beside_the_json(tmp_path):
+    source = tmp_path / "cpu-training.json"
+    source.write_text(json.dumps(_result()))
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "training_plot.py"), str(source)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert source.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_command_line_needs_exactly_one_result(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "training_plot.py")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "usage: python bench/training_plot.py RESULT.json" in done.stderr
