@@ -4,7 +4,7 @@
     python bench/bench_training.py --quick    # small sizes: checks that every case runs
     python -m pytest bench/bench_training.py [--full]      # the same cases, pytest-benchmark
     python bench/training_ratios.py RESULT.json            # ratios of a pytest-benchmark file
-    python bench/training_plot.py bench/results/cpu-training.json   # redraw the plot
+    python bench/training_plot.py bench/results/cpu-training.json [MORE.json ...]  # the plot
 
 Setting (the same for every case): MLP 784-256-256-10, N = 4096 random points, batch 128,
 4 epochs, Adam 1e-3 (the plain loop: torch's default Adam; marglik_train: torch's fused

@@ -79,12 +79,64 @@ def test_command_line_writes_the_png_beside_the_json(tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert source.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    more = tmp_path / "later.json"
+    more.write_text(json.dumps(_another(_result(), 1.4, True, "2026-12-02T05:00:00+00:00")))
+    out = tmp_path / "both.png"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "training_plot.py"), str(source), str(more),
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_command_line_needs_exactly_one_result(tmp_path):
+def test_command_line_needs_a_result(tmp_path):
     done = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "training_plot.py")],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode != 0
-    assert "usage: python bench/training_plot.py RESULT.json" in done.stderr
+    assert "the following arguments are required: result" in done.stderr
+
+
+def _another(result: dict, ef: float, met: bool, date: str) -> dict:
+    other = json.loads(json.dumps(result))
+    other["run"]["date"] = date
+    other["ratios"]["spam_layerwise_ef_epoch"] = ef
+    other["targets"]["spam_layerwise_ef_epoch"] = {"ratio": ef, "bound": 1.5, "met": met}
+    return other
+
+
+def test_more_runs_add_their_range_and_how_often_each_target_was_met(training_plot, tmp_path):
+    result = _result()
+    others = [
+        _another(result, 1.4, True, "2026-12-02T05:00:00+00:00"),
+        _another(result, 1.9, False, "2026-12-02T05:10:00+00:00"),
+        result,  # the headline among the runs counts once
+    ]
+    fig = training_plot.plot_training(result, tmp_path / "runs.png", others)
+    left = fig.axes[0]
+    y_of = {
+        label.get_text(): tick for label, tick in zip(left.get_yticklabels(), left.get_yticks())
+    }
+    spans = {}
+    for collection in left.collections:
+        if collection.get_gid() == "range":
+            for (x0, y0), (x1, _) in collection.get_segments():
+                spans[y0] = (x0, x1)
+    assert spans[y_of["spam_layerwise_ef_epoch"]] == (1.4, 1.9)
+    assert y_of["plain_loop"] not in spans  # 1.0 in every run: no range to draw
+    texts = [text.get_text() for text in left.texts]
+    assert "1.70× (met 1/3)" in texts  # 1.7 missed, 1.4 met, 1.9 missed
+    assert "0.80× (met 3/3)" in texts
+    assert (
+        "whiskers: all 3 runs, 2026-12-02 04:11 – 2026-12-02 05:10 UTC" in fig._suptitle.get_text()
+    )
+
+
+def test_runs_of_another_setting_are_refused(training_plot, tmp_path):
+    result = _result() | {"setting": {"n": 4096, "epochs": 4}}
+    other = result | {"setting": {"n": 512, "epochs": 2}}
+    with pytest.raises(ValueError, match="only runs of one setting share a plot"):
+        training_plot.plot_training(result, tmp_path / "mixed.png", [other])
