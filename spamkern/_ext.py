@@ -80,3 +80,41 @@ if AVAILABLE:
             )
 
         register_impl("bsr_linear", "cuda", supports=_cuda_supports)(bsr_linear_compiled)
+
+
+if AVAILABLE:
+    _PARAMETERWISE_DTYPES = (torch.float32, torch.float64)
+
+    def _parameterwise_supports(x: torch.Tensor, *rest) -> bool:
+        return x.dtype in _PARAMETERWISE_DTYPES
+
+    @torch.library.register_fake("spamkern::projected_precision")
+    def _projected_precision_fake(projected, products, scale, factor, side):
+        lead = projected.shape[:-2]
+        along = {1: (*lead, projected.shape[-2]), 2: (*lead, projected.shape[-1])}.get(side, (0,))
+        return (
+            torch.empty_like(projected),
+            torch.empty_like(projected),
+            projected.new_empty((), dtype=torch.float64),
+            projected.new_empty(along),
+        )
+
+    @torch.library.register_fake("spamkern::parameterwise_gradient")
+    def _parameterwise_gradient_fake(inverse, squares, delta, log_delta, factor, rows):
+        cols = inverse.numel() // rows
+        return (
+            *(torch.empty_like(inverse) for _ in range(3)),
+            inverse.new_empty(rows),
+            inverse.new_empty(cols),
+            inverse.new_empty(2, dtype=torch.float64),
+        )
+
+    @torch.library.register_fake("spamkern::shift_sums")
+    def _shift_sums_fake(projected, products, scale, factor):
+        return projected.new_empty(2, dtype=torch.float64)
+
+    # the CPU kernels of spamkern.ops.parameterwise (csrc/cpu/parameterwise_terms.cpp)
+    for _op in ("projected_precision", "parameterwise_gradient", "shift_sums"):
+        register_impl(_op, "cpp", supports=_parameterwise_supports)(
+            getattr(torch.ops.spamkern, _op)
+        )

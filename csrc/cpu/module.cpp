@@ -22,6 +22,14 @@ TORCH_LIBRARY_FRAGMENT(spamkern, m) {
   m.def(
       "bsr_linear(Tensor x, Tensor row_ptr, Tensor col_idx, Tensor blocks, Tensor row_order, "
       "Tensor? bias, int out_features) -> Tensor");
+  // parameterwise evidence terms (csrc/cpu/parameterwise_terms.cpp)
+  m.def(
+      "projected_precision(Tensor projected, Tensor products, float scale, float factor, "
+      "int side) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "parameterwise_gradient(Tensor inverse, Tensor squares, Tensor delta, Tensor log_delta, "
+      "float factor, int rows) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("shift_sums(Tensor projected, Tensor products, float scale, float factor) -> Tensor");
 }
 
 PYBIND11_MODULE(_C, m) {
