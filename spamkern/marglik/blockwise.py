@@ -16,13 +16,17 @@ iterations) dips below the tolerance once long before its optimum — with that 
 update ended 0.4 nats short of it, 0.02 below 100 Adam steps; on the MLP benchmark the
 two rules take the same evaluations.
 
-A block whose precisions are all equal at the start — every block at the first marglik
-step, from the prior's initial value — first moves to its best uniform point, the
-layerwise optimum of that block: a guarded Newton iteration on its eigenvalues alone
-(:meth:`LaplacePosterior.uniform_share`; no projection, not counted as an evaluation).
-Replaying the MLP benchmark's first marglik step below: the first layer's optimum is
-nearly uniform (its log δ spread 0.01), and it took 3 evaluations instead of 7, the whole
-update 0.10 s instead of 0.16 s, to the same evidence.
+Every evaluation first moves each block by its best constant shift of log δ — exact, from
+the block's projection, in entry-wise passes (:mod:`spamkern.posterior.block_shift`) — and
+evaluates the block there; the directions then leave the mean alone (the next evaluation
+refits it). The shift is the direction the preconditioner models worst: measured on the
+MLP benchmark below (4 marglik steps), the first layer took 11 evaluations instead of 15
+and the update 88 block evaluations instead of 99, the marglik steps ~10 % less time, to
+evidences within 0.02 nats at the first step; on a self-attention model the iteration
+without the mean removal stalled 1.2 nats below 100 Adam steps (the preconditioner's
+large mean component filled the step clamp and left no ascent), with it 18 evaluations
+instead of 24 to the same optimum. At the first marglik step, where every block is
+uniform, the fit takes each block straight to its layerwise optimum.
 
 Measured on an MLP 784-256-256-10 in 4-epoch SpaM training (the first two marglik steps,
 each block iterated alone): the 256 × 784 first layer, two thirds of an evaluation's
@@ -40,6 +44,7 @@ import torch
 from spamkern.marglik.quasi_newton import Point, SecantMemory, ascended, roundoff, two_loop
 from spamkern.marglik.shift_preconditioner import ShiftPreconditioner
 from spamkern.ops.reductions import all_finite
+from spamkern.posterior.block_shift import ShiftPolicy
 from spamkern.posterior.laplace import BlockShare, LaplacePosterior
 
 # a step that needed this many tries ends the block's shift start (see _direction)
@@ -67,10 +72,10 @@ class BlockwiseShiftUpdate:
 
     def __init__(
         self, shifts: ShiftPreconditioner, n_steps: int, least_gain: float, max_log_step: float,
-        memory: int,
+        memory: int, fit_shift: bool = True,
     ):  # fmt: skip
         self.shifts, self.n_steps, self.least_gain = shifts, n_steps, least_gain
-        self.max_log_step, self.memory = max_log_step, memory
+        self.max_log_step, self.memory, self.fit_shift = max_log_step, memory, fit_shift
         self.bounds: tuple[torch.Tensor, torch.Tensor] | None = None  # (lo, hi) of this run
         self.history: list[tuple[int, float, float]] = []  # (evaluations, seconds, evidence)
         self.block_evaluations: list[int] = []
@@ -80,9 +85,12 @@ class BlockwiseShiftUpdate:
         """(the log precisions reached, the evidence there), from ``x0`` within ``bounds``."""
         tic = time.perf_counter()
         self.bounds = bounds
-        x0 = self._uniform_start(posterior, x0)
         indices = range(len(posterior.curvature_blocks))
-        shares = posterior.parameterwise_shares(x0, indices, "all")
+        shift = ShiftPolicy(*bounds, self.least_gain) if self.fit_shift else None
+        shares = posterior.parameterwise_shares(x0, indices, "all", shift)
+        x0 = x0.clone()
+        for slot, share in zip(posterior.prior.slots, shares):
+            x0[slot.start : slot.stop] += share.shift
         curvatures = self.shifts.complete([share.curvature for share in shares])
         blocks = [
             self._first(posterior, i, x0, share, curvature)
@@ -98,7 +106,8 @@ class BlockwiseShiftUpdate:
         while running := [block for block in blocks if not block.done]:
             for block in running:
                 x[block.span] = block.candidate
-            shares = posterior.parameterwise_shares(x, [b.index for b in running], "cheap")
+            indices = [b.index for b in running]
+            shares = posterior.parameterwise_shares(x, indices, "cheap", shift)
             for block, share in zip(running, shares):
                 if self._settle(block, share):
                     values[block.index] = share.value
@@ -110,39 +119,6 @@ class BlockwiseShiftUpdate:
         self.n_iterations = max(block.iterations for block in blocks)
         self.block_evaluations = [block.evaluations for block in blocks]
         return x, float(posterior.evidence_from_shares(values))
-
-    def _uniform_start(self, posterior: LaplacePosterior, x0: torch.Tensor) -> torch.Tensor:
-        """``x0`` with every block whose precisions are all equal moved to its best uniform
-        point (see the module docstring)."""
-        x = x0.clone()
-        for index, slot in enumerate(posterior.prior.slots):
-            block = x[slot.start : slot.stop]
-            if bool((block == block[0]).all()):
-                block.fill_(self._uniform_optimum(posterior, index, block[0].clone(), slot.start))
-        return x
-
-    def _uniform_optimum(self, posterior, index: int, t: torch.Tensor, at: int) -> torch.Tensor:
-        """Newton steps on one block's uniform log δ (halved until its share does not
-        decrease), from ``t`` within the bounds at entry ``at``, until a step promises less
-        than the tolerance; ``t`` itself if the share is flat there."""
-        lo, hi = (bound[at] for bound in self.bounds)
-        value, grad, curvature = posterior.uniform_share(index, t)
-        for _ in range(self.n_steps):
-            if not bool(curvature > 0):  # flat: no data and no weight in this block
-                break
-            step = (grad / curvature).clamp(-self.max_log_step, self.max_log_step)
-            if float(step * grad) <= self.least_gain:
-                break
-            for _ in range(MAX_TRIES):
-                candidate = torch.clamp(t + step, lo, hi)
-                new = posterior.uniform_share(index, candidate)
-                if float(new[0]) >= float(value):
-                    break
-                step = 0.5 * step
-            else:
-                break
-            t, (value, grad, curvature) = candidate, new
-        return t
 
     def _first(self, posterior, index: int, x0, share: BlockShare, curvature) -> _Block:
         slot = posterior.prior.slots[index]
@@ -179,7 +155,7 @@ class BlockwiseShiftUpdate:
         from it), else halve the step; whether it was accepted."""
         block.tries += 1
         block.evaluations += 1
-        candidate = Point(block.candidate, float(share.value), share.grad)
+        candidate = Point(block.candidate + share.shift, float(share.value), share.grad)
         if not ascended(block.point, candidate):
             if block.tries >= MAX_TRIES:  # no ascent left (at round-off level) this way
                 block.done = True
@@ -216,8 +192,17 @@ class BlockwiseShiftUpdate:
                 return q * (torch.dot(s_last, y_last) / torch.dot(y_last, y_last))
             return self.shifts.apply_tensor(block.index, point.curvature, q)
 
-        r = two_loop(point.grad, pairs, start).clamp(-self.max_log_step, self.max_log_step)
+        r = self._bounded(two_loop(point.grad, pairs, start))
         if not pairs or not bool(torch.dot(r, point.grad) > 0):
             pairs.clear()
-            r = start(point.grad).clamp(-self.max_log_step, self.max_log_step)
+            r = self._bounded(start(point.grad))
         return r
+
+    def _bounded(self, r: torch.Tensor) -> torch.Tensor:
+        """``r`` without its mean when every evaluation fits the block's shift (the next one
+        refits it; the gradient there has no mean, so this keeps rᵀg), clamped to the
+        longest step: a large mean — the preconditioner's curvature along the whole-block
+        shift is its least accurate — would otherwise fill the clamp and leave no ascent."""
+        if self.fit_shift:
+            r = r.sub_(r.mean())
+        return r.clamp_(-self.max_log_step, self.max_log_step)

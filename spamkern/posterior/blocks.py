@@ -25,11 +25,14 @@ Kronecker block (grouped convolutions, attention's packed q/k/v), exact slice by
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
+from spamkern.ops.parameterwise import projected_precision
 from spamkern.ops.reductions import float64_sum
+from spamkern.posterior.block_shift import ShiftTarget, best_shift
 from spamkern.posterior.eigen import batched_eigh, is_kept
 from spamkern.posterior.projected import (
     ProjectedTerms,
@@ -352,21 +355,30 @@ class DiagBlock:
         return 0, 0
 
     def parameterwise_terms(
-        self, delta: torch.Tensor, scale, rows=False, cols=False, matrix: str | None = None
+        self,
+        delta: torch.Tensor,
+        scale,
+        rows=False,
+        cols=False,
+        matrix: str | None = None,
+        shift: ShiftTarget | None = None,
     ):
         """:class:`ProjectedTerms` for per-entry precisions ``delta`` (a (p, q) matrix):
-        exact, the entries uncoupled (so there is no coupling ``matrix`` to ask for)."""
+        exact, the entries uncoupled (so there is no coupling ``matrix`` to ask for); with a
+        ``shift`` target, of δ·e^t for the block's best shift t."""
         if matrix is not None:
             raise ValueError("a diagonal block's rows and columns are uncoupled: matrix=None")
-        c = scale * self.h.reshape(delta.shape) + delta
-        inverse = c.reciprocal()
-        own = (delta * inverse).square()
+        h, scale = self.h.reshape(delta.shape), float(scale)
+        t = best_shift(shift, delta, h, scale) if shift is not None else 0.0
+        c, inverse, total, _ = projected_precision(delta, h, scale, math.exp(t), 0)
+        own = (delta * (math.exp(t) * inverse)).square()
         return ProjectedTerms(
-            float64_sum(c.log()),
+            float64_sum(c.log_()),
             inverse,
-            own.sum(),
+            total.to(c.dtype),
             own.sum(-1) if rows else None,
             own.sum(-2) if cols else None,
+            shift=t,
         )
 
     def eigen(self, tp: TensorPrecision, scale, unitwise: bool) -> BlockEigen:
@@ -488,7 +500,13 @@ class KronBlock:
         return kron_shift_sides(self.shape, len(self.factors))
 
     def parameterwise_terms(
-        self, delta: torch.Tensor, scale, rows=False, cols=False, matrix: str | None = None
+        self,
+        delta: torch.Tensor,
+        scale,
+        rows=False,
+        cols=False,
+        matrix: str | None = None,
+        shift: ShiftTarget | None = None,
     ):
         """Parameterwise (p, q) ``delta``: :class:`ProjectedTerms` — Σ log(s·λ1λ2ᵀ + δ̃), the
         log det of :meth:`eigen`, and (Q1∘Q1)(1/c)(Q2∘Q2)ᵀ, the diagonal of its inverse
@@ -498,7 +516,7 @@ class KronBlock:
         if self._products is None:
             l1, l2 = self.eigenvalues()
             self._products = torch.outer(l1, l2)
-        return projected_terms(basis, self._products, delta, scale, rows, cols, matrix)
+        return projected_terms(basis, self._products, delta, scale, rows, cols, matrix, shift)
 
     def eigen(self, tp: TensorPrecision, scale, unitwise: bool) -> BlockEigen:
         if unitwise:
@@ -602,7 +620,13 @@ class RowSlicedKronBlock:
         return kron_shift_sides(self.shape, len(self.factors))
 
     def parameterwise_terms(
-        self, delta: torch.Tensor, scale, rows=False, cols=False, matrix: str | None = None
+        self,
+        delta: torch.Tensor,
+        scale,
+        rows=False,
+        cols=False,
+        matrix: str | None = None,
+        shift: ShiftTarget | None = None,
     ):
         """:meth:`KronBlock.parameterwise_terms` slice by slice, ``delta`` (out, d); a
         column's shift moves every slice, so its couplings sum over them, and rows of
@@ -611,7 +635,7 @@ class RowSlicedKronBlock:
             self._squared = SquaredBasis(*self._stacked_vectors())
         D = delta.reshape(len(self.parts), self.rows, -1)
         products = self._stacked_products()
-        terms = projected_terms(self._squared, products, D, scale, rows, cols, matrix)
+        terms = projected_terms(self._squared, products, D, scale, rows, cols, matrix, shift)
         terms.inverse = terms.inverse.reshape(delta.shape)
         if rows:
             terms.row_coupling = terms.row_coupling.reshape(-1)

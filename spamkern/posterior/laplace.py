@@ -18,8 +18,10 @@ from torch import nn
 
 from spamkern.curvature.accumulate import Curvature
 from spamkern.ops.logdet import EigLogdetPlan
+from spamkern.ops.parameterwise import parameterwise_gradient
 from spamkern.ops.precision import kron_precision_and_opd
 from spamkern.ops.reductions import all_finite, float64_sum
+from spamkern.posterior.block_shift import ShiftPolicy
 from spamkern.posterior.blocks import (
     BlockEigen,
     CurvatureBlock,
@@ -81,6 +83,7 @@ class BlockShare(NamedTuple):
     grad: torch.Tensor  # ∂E/∂log δ over the block's slot (flat)
     scatter: torch.Tensor  # δ_i θ_i² per entry of the slot
     curvature: ShiftCurvature | None  # when couplings were asked for
+    shift: float = 0.0  # the constant the block's log δ was shifted by (see parameterwise_shares)
 
 
 class LaplacePosterior:
@@ -339,7 +342,11 @@ class LaplacePosterior:
 
     @torch.no_grad()
     def parameterwise_shares(
-        self, log_precision: torch.Tensor, indices, couplings: str = "none"
+        self,
+        log_precision: torch.Tensor,
+        indices,
+        couplings: str = "none",
+        shift: ShiftPolicy | None = None,
     ) -> list[BlockShare]:
         """Parameterwise: the evidence's share of each block in ``indices`` at the flat
         ``log_precision`` (only those blocks' entries are read).
@@ -350,7 +357,10 @@ class LaplacePosterior:
         gradient ∂E/∂log δ_i = −½ (δ_i Σ_ii − 1 + δ_i θ_i²) takes Σ_ii, the diagonal of the
         block's inverse in its eigenbasis (exactly ∂ log det/∂δ_i of the projected δ̃): one
         projection and its adjoint per block and evaluation. ``couplings`` as in
-        :meth:`closed_form_evidence_and_gradient`, its "cheap" choice made over all blocks."""
+        :meth:`closed_form_evidence_and_gradient`, its "cheap" choice made over all blocks.
+        With a ``shift`` policy each block is first moved by its best constant shift of log δ
+        (:mod:`spamkern.posterior.block_shift`), and its share is that of the shifted point:
+        ``log_precision[span] + share.shift``."""
         if self.prior.kind != "parameterwise":
             raise ValueError(
                 f"parameterwise_shares needs a parameterwise prior, not {self.prior.kind!r}"
@@ -370,39 +380,23 @@ class LaplacePosterior:
             span, shape = slice(slot.start, slot.stop), weight_matrix_shape(slot.shape)
             lp = log_precision[span]
             delta = lp.exp()
+            target = None
+            if shift is not None:
+                target = shift.target(span, lp, float(torch.dot(delta, squares[span])))
             terms = blocks[index].parameterwise_terms(
-                delta.view(shape), scale, *sides[index], matrices[index]
+                delta.view(shape), scale, *sides[index], matrices[index], target
             )
-            scatter = delta * squares[span]
-            value = -0.5 * (terms.logdet - float64_sum(lp) + float64_sum(scatter))
             # −½ (δ Σ_ii − 1 + δθ²) = ½ − own, own = ½ δ (Σ_ii + θ²) (the entries' curvature)
-            own = terms.inverse.reshape(-1).add(squares[span]).mul_(delta).mul_(0.5)
-            grad = torch.rsub(own, 0.5)
-            curvature = None if couplings == "none" else _shift_curvature(own, terms, shape)
-            shares.append(BlockShare(value, grad, scatter, curvature))
+            own, grad, scatter, own_rows, own_cols, sums = parameterwise_gradient(
+                terms.inverse.reshape(-1), squares[span], delta, lp, math.exp(terms.shift), shape[0]
+            )
+            log_delta_sum = sums[1] + lp.numel() * terms.shift
+            value = -0.5 * (terms.logdet - log_delta_sum + sums[0])
+            curvature = None
+            if couplings != "none":
+                curvature = _shift_curvature(own.view(shape), own_rows, own_cols, terms)
+            shares.append(BlockShare(value, grad, scatter, curvature, terms.shift))
         return shares
-
-    @torch.no_grad()
-    def uniform_share(
-        self, index: int, log_delta: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Block ``index``'s share of the evidence at one δ = e^log_delta over the whole
-        block, with its derivative and its curvature −∂²/∂(log δ)² (0-d tensors; the share
-        in float64): the layerwise share, exact from the eigenvalues alone for every prior —
-        a uniform δ projects onto itself (the squared eigenbases' columns sum to one), so no
-        projection is needed. The parameterwise update moves a uniform block there first."""
-        _block_indices([index], len(self.curvature_blocks))
-        log_delta = torch.as_tensor(log_delta, dtype=self.mean.dtype, device=self.mean.device)
-        if log_delta.ndim != 0 or not bool(torch.isfinite(log_delta)):
-            raise ValueError(f"log_delta must be one finite number, got {log_delta}")
-        products, counts, squares = self._scalar_plan_terms()
-        product, count, square = products[index], counts[index], squares[index]
-        delta = log_delta.exp()
-        logdet, inverse, data_share = _uniform_terms(product, delta)
-        value = -0.5 * (logdet - count.double() * log_delta.double() + (delta * square).double())
-        grad = -0.5 * (delta * inverse - count + delta * square)
-        curvature = 0.5 * delta * (square + data_share)
-        return value, grad, curvature
 
     def _parameterwise_sides(self, couplings: str) -> tuple[list, list]:
         """Per block, the (rows, cols) couplings and the coupling matrix's side that a
@@ -538,11 +532,9 @@ def _uniform_terms(product: torch.Tensor, delta: torch.Tensor) -> tuple:
     return float64_sum(c.log_()), reciprocal.sum(), torch.dot(product * reciprocal, reciprocal)
 
 
-def _shift_curvature(own: torch.Tensor, terms, shape) -> ShiftCurvature:
-    """One tensor's, from its entries' own curvature ½δ(θ² + Σ_ii) and its block's
-    couplings."""
-    own = own.view(shape)
-    own_rows, own_cols = own.sum(1), own.sum(0)
+def _shift_curvature(own: torch.Tensor, own_rows, own_cols, terms) -> ShiftCurvature:
+    """One tensor's, from its entries' own curvature ½δ(θ² + Σ_ii) (a (p, q) matrix, with
+    its row and column sums) and its block's couplings."""
     rows = None if terms.row_coupling is None else own_rows - 0.5 * terms.row_coupling
     cols = None if terms.col_coupling is None else own_cols - 0.5 * terms.col_coupling
     tensor = own_rows.sum() - 0.5 * terms.shift_coupling

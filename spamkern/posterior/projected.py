@@ -29,11 +29,14 @@ an MLP 784-256-256-10 at its optimum, as a preconditioner of the exact matrix wi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
+from spamkern.ops.parameterwise import SIDES, projected_precision
 from spamkern.ops.reductions import float64_sum
+from spamkern.posterior.block_shift import ShiftTarget, best_shift
 
 
 class CouplingMatrix:
@@ -84,6 +87,7 @@ class ProjectedTerms:
     col_coupling: torch.Tensor | None = None  # per column, when asked for
     # between the rows' or the columns' shifts, when asked for (see the module docstring)
     coupling_matrix: CouplingMatrix | None = None
+    shift: float = 0.0  # the constant log δ was shifted by first (see block_shift)
 
 
 def projected_terms(
@@ -94,24 +98,36 @@ def projected_terms(
     rows: bool = False,
     cols: bool = False,
     matrix: str | None = None,
+    shift: ShiftTarget | None = None,
 ) -> ProjectedTerms:
     """The terms for squared bases ``basis`` (a bias: λ2 ≡ 1, no S2), eigenvalue products
     λ1λ2ᵀ (…, p, q) and precisions ``delta`` (…, p, q); leading dimensions are independent
-    slices. ``matrix`` ("rows", "cols" or None) adds that side's coupling matrix."""
+    slices. ``matrix`` ("rows", "cols" or None) adds that side's coupling matrix. With a
+    ``shift`` target, the terms are those of δ·e^t for the block's best shift t
+    (:func:`~spamkern.posterior.block_shift.best_shift`, returned as ``terms.shift``)."""
     s1, s2 = basis.s1, basis.s2
+    if matrix not in SIDES:
+        raise ValueError(f"matrix must be 'rows', 'cols' or None, got {matrix!r}")
+    if s2 is None and matrix == "cols":
+        raise ValueError("a bias block has a single column: no column coupling matrix")
     right = delta @ s2 if s2 is not None else delta  # D S2, reused by the row couplings
     projected = s1.mT @ right
-    scale = torch.as_tensor(scale, dtype=projected.dtype, device=projected.device)
-    c = torch.addcmul(projected, products, scale)
-    reciprocal = c.reciprocal()
+    side = SIDES[matrix] if s2 is not None else 0  # a bias's matrix reads 1/c itself
+    scale, t = float(scale), 0.0
+    if shift is not None:
+        t = best_shift(shift, projected, products, scale)
+    c, reciprocal, shift_coupling, along = projected_precision(
+        projected, products, scale, math.exp(t), side
+    )
+    if t != 0.0:  # the couplings read the shifted precisions
+        delta = delta * math.exp(t)
+        right = right.mul_(math.exp(t)) if s2 is not None else delta
     inverse = s1 @ reciprocal
     if s2 is not None:
         inverse = inverse @ s2.mT
-    ratio = projected.mul_(reciprocal)  # δ̃/c (``projected`` is not needed again)
-    flat = ratio.reshape(-1)
-    terms = ProjectedTerms(float64_sum(c.log_()), inverse, torch.dot(flat, flat))
+    terms = ProjectedTerms(float64_sum(c.log_()), inverse, shift_coupling.to(c.dtype), shift=t)
     if matrix is not None:
-        terms.coupling_matrix = _coupling_matrix(matrix, s1, s2, delta, reciprocal, ratio)
+        terms.coupling_matrix = _coupling_matrix(matrix, s1, s2, delta, reciprocal, along)
     if rows or cols:
         weight = reciprocal.square()
         s1_squared, s2_squared = basis.squares()
@@ -124,18 +140,12 @@ def projected_terms(
     return terms
 
 
-def _coupling_matrix(side, s1, s2, delta, reciprocal, ratio) -> CouplingMatrix:
-    """The coupling matrix between the shifts of ``side`` (see the module docstring)."""
-    if side not in ("rows", "cols"):
-        raise ValueError(f"matrix must be 'rows', 'cols' or None, got {side!r}")
+def _coupling_matrix(side, s1, s2, delta, reciprocal, along) -> CouplingMatrix:
+    """The coupling matrix between the shifts of ``side`` (see the module docstring), from
+    Σ ρ² along that side (``along``)."""
     if s2 is None:  # a bias: exact, and only rows (one column)
-        if side == "cols":
-            raise ValueError("a bias block has a single column: no column coupling matrix")
         return CouplingMatrix("rows", s1, reciprocal[..., 0].square(), delta[..., 0])
-    squares = ratio.square()
-    if side == "rows":
-        return CouplingMatrix("rows", s1, squares.sum(-1))
-    return CouplingMatrix("cols", s2, squares.sum(-2))
+    return CouplingMatrix(side, s1 if side == "rows" else s2, along)
 
 
 def side_costs(p: int, q: int, slices: int = 1) -> tuple[int, int, int]:

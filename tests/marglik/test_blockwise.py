@@ -2,9 +2,10 @@
 likelihood plus one share per block (float64, against the full evidence and its autograd
 gradient), a share reads only its own block's precisions, a block whose precisions are
 already optimal is not iterated while another is, no block's share ever decreases, and the
-round-off stopping rule does not mistake a long step's model error for round-off; a
-uniform block's share from its eigenvalues alone is exact, and such a block starts at its
-best uniform point; bad requests are refused; regression at fixed σ takes the same path."""
+round-off stopping rule does not mistake a long step's model error for round-off; a block
+moved off its optimum by a constant is back after one evaluation (the fitted shift), and
+the iteration without that fit reaches the same optimum; bad requests are refused;
+regression at fixed σ takes the same path."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from core.fitting import fit_perturbed
 import spamkern.marglik.blockwise as blockwise
 from spamkern.marglik.hyper import make_hyper_optimizer
 from spamkern.marglik.quasi_newton import SecantMemory
-from spamkern.posterior.blocks import KronBlock
+from spamkern.marglik.shift_preconditioner import ShiftPreconditioner
+from spamkern.posterior.blocks import KronBlock, weight_matrix_shape
 
 CASES = {
     "mlp": (partial(M.mlp, n=17), "classification"),
@@ -77,10 +79,12 @@ def _evaluations_per_block(monkeypatch, post) -> Counter:
 def test_only_the_block_away_from_its_optimum_is_iterated(monkeypatch):
     post = _posterior("mlp")
     make_hyper_optimizer("fixed-point", post.prior).step(post)  # every block at its optimum
-    moved = 2  # the second weight matrix
+    moved = 2  # the second weight matrix, half of its rows moved (not a constant shift)
     slot = post.prior.slots[moved]
+    rows = weight_matrix_shape(slot.shape)[0]
     with torch.no_grad():
-        post.prior.log_precision[slot.start : slot.stop] += 1.5
+        block = post.prior.log_precision[slot.start : slot.stop].view(rows, -1)
+        block[: rows // 2] += 1.5
     calls = _evaluations_per_block(monkeypatch, post)
     opt = make_hyper_optimizer("fixed-point", post.prior)
     opt.step(post)
@@ -111,60 +115,43 @@ def test_no_block_share_ever_decreases(monkeypatch):
         assert all(b >= a for a, b in zip(values, values[1:]))
 
 
-def test_a_uniform_share_is_the_parameterwise_share_at_a_uniform_point():
-    """From the eigenvalues alone, exact: a uniform δ projects onto itself (float64; a
-    Kronecker, a row-sliced and a bias block). Its derivative and curvature against
-    central differences."""
-    post = _posterior("grouped")
-    lp = post.prior.log_precision.detach()
-    assert lp.dtype == torch.float64
-    for index, slot in enumerate(post.prior.slots):
-        t = torch.tensor(0.4 * index - 0.7, dtype=lp.dtype)
-        uniform = lp.clone()
-        uniform[slot.start : slot.stop] = t
-        (share,) = post.parameterwise_shares(uniform, [index])
-        value, grad, curvature = post.uniform_share(index, t)
-        assert float(value) == pytest.approx(float(share.value), rel=1e-10)
-        assert float(grad) == pytest.approx(float(share.grad.sum()), rel=1e-9, abs=1e-10)
-        h = 1e-4
-        up, down = (float(post.uniform_share(index, t + d)[0]) for d in (h, -h))
-        assert float(grad) == pytest.approx((up - down) / (2 * h), rel=1e-6, abs=1e-9)
-        second = (up - 2 * float(value) + down) / h**2
-        assert float(curvature) == pytest.approx(-second, rel=1e-4, abs=1e-6)
-    with pytest.raises(ValueError, match="block indices"):
-        post.uniform_share(len(post.prior.slots), torch.tensor(0.0))
-    with pytest.raises(ValueError, match="one finite number"):
-        post.uniform_share(0, torch.zeros(2))
-
-
-def test_uniform_blocks_start_at_their_best_uniform_point(monkeypatch):
-    """A block whose precisions are all equal is first moved to its uniform optimum (no
-    projection); a block that is not uniform starts where it is."""
+def test_a_block_moved_by_a_constant_is_back_after_its_first_evaluation(monkeypatch):
+    """The fitted shift undoes a uniform offset of one block's log δ in the evaluation that
+    sees it: no step is taken for it, and the evidence is the optimum's again."""
     post = _posterior("mlp")
-    slots = post.prior.slots
-    with torch.no_grad():
-        for slot in slots[:-1]:  # every block uniform but the last
-            post.prior.log_precision[slot.start : slot.stop] = 1.0
-    start = post.prior.log_precision.detach().clone()
-    seen = []
-    original = type(post).parameterwise_shares
-
-    def spy(self, log_precision, indices, couplings="none"):
-        seen.append(log_precision.clone())
-        return original(self, log_precision, indices, couplings)
-
-    monkeypatch.setattr(type(post), "parameterwise_shares", spy)
     opt = make_hyper_optimizer("fixed-point", post.prior)
-    opt.step(post)
-    first, last = seen[0], slots[-1]
-    assert torch.equal(first[last.start : last.stop], start[last.start : last.stop])
-    for index, slot in enumerate(slots[:-1]):
-        block = first[slot.start : slot.stop]
-        assert bool((block == block[0]).all())
-        value, grad, curvature = post.uniform_share(index, block[0])
-        assert float(value) > float(post.uniform_share(index, start[slot.start])[0])
-        # at the optimum: the next Newton step promises less than the tolerance
-        assert float(grad) ** 2 / float(curvature) <= opt.tol * post.n_data
+    optimum = opt.step(post)
+    moved = 2
+    slot = post.prior.slots[moved]
+    with torch.no_grad():
+        post.prior.log_precision[slot.start : slot.stop] += 1.5
+    assert float(post.log_evidence().detach()) < optimum - 1.0
+    calls = _evaluations_per_block(monkeypatch, post)
+    again = make_hyper_optimizer("fixed-point", post.prior)
+    value = again.step(post)
+    assert calls[moved] <= 2  # the first evaluation, at most one trial step
+    assert value == pytest.approx(optimum, abs=again.tol * post.n_data * 10)
+
+
+@pytest.mark.parametrize("name", ["mlp", "grouped"])
+def test_the_update_without_the_shift_fit_reaches_the_same_optimum(name):
+    """``fit_shift=False`` (plain preconditioned L-BFGS per block) and the default end at
+    the same evidence from the same start; the fit takes no more evaluations."""
+    post = _posterior(name)
+    opt = make_hyper_optimizer("fixed-point", post.prior)
+    x0 = post.prior.log_precision.detach().clone()
+    bounds = (torch.full_like(x0, -30.0), torch.full_like(x0, 30.0))
+    results = {}
+    for fit_shift in (False, True):
+        shifts = ShiftPreconditioner(post.prior)
+        shifts.new_posterior([b.side_costs()[0] for b in post.curvature_blocks])
+        update = blockwise.BlockwiseShiftUpdate(
+            shifts, opt.n_steps, opt.tol * post.n_data, opt.max_log_step, opt.memory, fit_shift
+        )
+        _, value = update.run(post, x0, bounds)
+        results[fit_shift] = (value, update.n_evaluations)
+    assert results[True][0] == pytest.approx(results[False][0], abs=opt.tol * post.n_data * 10)
+    assert results[True][1] <= results[False][1]
 
 
 def test_a_long_steps_model_error_is_not_round_off():
