@@ -113,8 +113,13 @@ if AVAILABLE:
     def _shift_sums_fake(projected, products, scale, factor):
         return projected.new_empty(2, dtype=torch.float64)
 
-    # the CPU kernels of spamkern.ops.parameterwise (csrc/cpu/parameterwise_terms.cpp)
-    for _op in ("projected_precision", "parameterwise_gradient", "shift_sums"):
+    @torch.library.register_fake("spamkern::cholesky_lower")
+    def _cholesky_lower_fake(matrix):
+        return torch.empty_like(matrix), matrix.new_empty((), dtype=torch.int32)
+
+    # the CPU kernels of spamkern.ops.parameterwise (csrc/cpu/parameterwise_terms.cpp) and
+    # spamkern.ops.cholesky (csrc/cpu/cholesky.cpp)
+    for _op in ("projected_precision", "parameterwise_gradient", "shift_sums", "cholesky_lower"):
         register_impl(_op, "cpp", supports=_parameterwise_supports)(
             getattr(torch.ops.spamkern, _op)
         )

@@ -30,6 +30,8 @@ TORCH_LIBRARY_FRAGMENT(spamkern, m) {
       "parameterwise_gradient(Tensor inverse, Tensor squares, Tensor delta, Tensor log_delta, "
       "float factor, int rows) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("shift_sums(Tensor projected, Tensor products, float scale, float factor) -> Tensor");
+  // the lower Cholesky factor of one small matrix and LAPACK's info (csrc/cpu/cholesky.cpp)
+  m.def("cholesky_lower(Tensor matrix) -> (Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(_C, m) {

@@ -41,6 +41,7 @@ from typing import NamedTuple
 
 import torch
 
+from spamkern.ops.cholesky import cholesky_lower
 from spamkern.posterior.blocks import weight_matrix_shape
 from spamkern.posterior.laplace import ShiftCurvature
 from spamkern.posterior.projected import CouplingMatrix
@@ -153,7 +154,7 @@ class ShiftPreconditioner:
                 return coupling.side, cached[1], ratio.sqrt()
         hessian = (-0.5 * coupling.dense()).to(torch.float64)
         hessian.diagonal().copy_(diagonal)
-        factor, info = torch.linalg.cholesky_ex(hessian)
+        factor, info = cholesky_lower(hessian)
         if int(info) != 0:  # the approximation is not positive definite here
             self._factors.pop(t, None)
             return None, None, None
