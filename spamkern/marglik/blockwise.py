@@ -21,7 +21,7 @@ the block's projection, in entry-wise passes (:mod:`spamkern.posterior.block_shi
 evaluates the block there; the directions then leave the mean alone (the next evaluation
 refits it). The shift is the direction the preconditioner models worst: measured on the
 MLP benchmark below (4 marglik steps), the first layer took 11 evaluations instead of 15
-and the update 88 block evaluations instead of 99, the marglik steps ~10 % less time, to
+and the update 88 block evaluations instead of 99, the marglik steps 7–10 % less time, to
 evidences within 0.02 nats at the first step; on a self-attention model the iteration
 without the mean removal stalled 1.2 nats below 100 Adam steps (the preconditioner's
 large mean component filled the step clamp and left no ascent), with it 18 evaluations
