@@ -67,17 +67,24 @@ def best_shift(
         if not curvature > 0 or slope * slope <= 2.0 * curvature * tolerance:
             break
         tolerance = CONVERGED_FRACTION * target.least_gain
-        step = t + slope / curvature
-        if not lo < step < hi:  # outside the bracket: bisect it (or stop at a bound)
-            step = (
-                0.5 * (lo + hi)
-                if math.isfinite(lo) and math.isfinite(hi)
-                else min(max(step, lo), hi)
-            )
-        if step == t:
+        step = _inside(t + slope / curvature, lo, hi, target)
+        if step == t:  # at a bound the share still rises beyond, or the bracket is closed
             break
         t = step
     return t
+
+
+def _inside(step: float, lo: float, hi: float, target: ShiftTarget) -> float:
+    """A Newton step kept inside the bracket [lo, hi]: past an end that is the range's own
+    bound, that bound (the maximum may lie there: one pass decides, where bisecting towards
+    it would take dozens); past an inner end, the bracket's midpoint."""
+    if lo < step < hi:
+        return step
+    if step >= hi and hi == target.hi:
+        return hi
+    if step <= lo and lo == target.lo:
+        return lo
+    return 0.5 * (lo + hi)
 
 
 def _derivatives(target: ShiftTarget, projected, products, scale: float, t: float):
