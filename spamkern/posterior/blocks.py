@@ -370,14 +370,16 @@ class DiagBlock:
             raise ValueError("a diagonal block's rows and columns are uncoupled: matrix=None")
         h, scale = self.h.reshape(delta.shape), float(scale)
         t = best_shift(shift, delta, h, scale) if shift is not None else 0.0
-        c, inverse, total, _ = projected_precision(delta, h, scale, math.exp(t), 0)
-        own = (delta * (math.exp(t) * inverse)).square()
+        c, inverse, total, along = projected_precision(delta, h, scale, math.exp(t), int(rows))
+        col_sums = None
+        if cols:  # (δ/c)² down each column; the kernel summed along the rows (or nothing)
+            col_sums = (delta * (math.exp(t) * inverse)).square().sum(-2)
         return ProjectedTerms(
             float64_sum(c.log_()),
             inverse,
             total.to(c.dtype),
-            own.sum(-1) if rows else None,
-            own.sum(-2) if cols else None,
+            along if rows else None,
+            col_sums,
             shift=t,
         )
 
