@@ -119,32 +119,30 @@ def projected_terms(
     c, reciprocal, shift_coupling, along = projected_precision(
         projected, products, scale, math.exp(t), side
     )
-    if t != 0.0:  # the couplings read the shifted precisions
-        delta = delta * math.exp(t)
-        right = right.mul_(math.exp(t)) if s2 is not None else delta
+    factor = math.exp(t)  # the couplings below are of factor·D: scaled as sums, not per entry
     inverse = s1 @ reciprocal
     if s2 is not None:
         inverse = inverse @ s2.mT
     terms = ProjectedTerms(float64_sum(c.log_()), inverse, shift_coupling.to(c.dtype), shift=t)
     if matrix is not None:
-        terms.coupling_matrix = _coupling_matrix(matrix, s1, s2, delta, reciprocal, along)
+        terms.coupling_matrix = _coupling_matrix(matrix, s1, s2, delta, reciprocal, along, factor)
     if rows or cols:
         weight = reciprocal.square()
         s1_squared, s2_squared = basis.squares()
     if rows:
-        terms.row_coupling = (right.square() * (s1_squared @ weight)).sum(-1)
+        terms.row_coupling = (right.square() * (s1_squared @ weight)).sum(-1) * factor**2
     if cols:
         left = s1.mT @ delta
         spread = weight @ s2_squared.mT if s2 is not None else weight
-        terms.col_coupling = (left.square() * spread).sum(-2)
+        terms.col_coupling = (left.square() * spread).sum(-2) * factor**2
     return terms
 
 
-def _coupling_matrix(side, s1, s2, delta, reciprocal, along) -> CouplingMatrix:
+def _coupling_matrix(side, s1, s2, delta, reciprocal, along, factor) -> CouplingMatrix:
     """The coupling matrix between the shifts of ``side`` (see the module docstring), from
-    Σ ρ² along that side (``along``)."""
+    Σ ρ² along that side (``along``), for the precisions factor·``delta``."""
     if s2 is None:  # a bias: exact, and only rows (one column)
-        return CouplingMatrix("rows", s1, reciprocal[..., 0].square(), delta[..., 0])
+        return CouplingMatrix("rows", s1, reciprocal[..., 0].square(), factor * delta[..., 0])
     return CouplingMatrix(side, s1 if side == "rows" else s2, along)
 
 

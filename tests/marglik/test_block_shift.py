@@ -97,6 +97,12 @@ def test_a_shifted_share_is_exactly_the_share_at_the_shifted_point(name):
         torch.testing.assert_close(share.grad, plain.grad, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(share.scatter, plain.scatter, rtol=1e-10, atol=0)
         torch.testing.assert_close(share.curvature.own, plain.curvature.own, rtol=1e-10, atol=0)
+        for side in ("tensor", "rows", "cols"):  # the couplings of the shifted precisions
+            got, want = getattr(share.curvature, side), getattr(plain.curvature, side)
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+        if plain.curvature.coupling is not None:
+            dense = share.curvature.coupling.dense(), plain.curvature.coupling.dense()
+            torch.testing.assert_close(*dense, rtol=1e-9, atol=1e-12)
         # at the best shift the share is flat along it: Σ ∂E/∂log δ = 0
         assert abs(float(share.grad.sum())) < 1e-6 * share.grad.numel()
 
