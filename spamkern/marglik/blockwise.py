@@ -37,13 +37,13 @@ share by 67 nats was accepted for the first layer's gain).
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
 
 from spamkern.marglik.quasi_newton import Point, SecantMemory, ascended, roundoff, two_loop
 from spamkern.marglik.shift_preconditioner import ShiftPreconditioner
-from spamkern.ops.reductions import all_finite
 from spamkern.posterior.block_shift import ShiftPolicy
 from spamkern.posterior.laplace import BlockShare, LaplacePosterior
 
@@ -133,14 +133,14 @@ class BlockwiseShiftUpdate:
             block.done = True
             return
         block.iterations += 1
-        direction = self._direction(block)
-        if not all_finite(direction):  # never silently stop short on a broken step
+        direction, promise = self._direction(block)
+        if not math.isfinite(promise):  # never silently stop short on a broken step
             raise RuntimeError(
                 "the fixed-point hyperparameter update produced a non-finite direction at a "
                 f"finite gradient (parameterwise block {block.index}); use "
                 "hyper_optimizer='adam' and report this"
             )
-        if float(torch.dot(direction, block.point.grad)) <= self.least_gain:
+        if promise <= self.least_gain:
             block.done = True
             return
         block.step, block.tries = direction, 0
@@ -174,9 +174,11 @@ class BlockwiseShiftUpdate:
             self._propose(block)
         return True
 
-    def _direction(self, block: _Block) -> torch.Tensor:
+    def _direction(self, block: _Block) -> tuple[torch.Tensor, float]:
         """L-BFGS from the shift preconditioner (unscaled: its curvatures are the evidence's
-        own), restarted from it alone whenever the result is not uphill.
+        own), restarted from it alone whenever the result is not uphill; with its
+        first-order gain dᵀg (not finite if and only if the direction is not: the clamp
+        maps ±inf to the longest step, NaN stays NaN and the gradient is finite).
 
         Once a step needed ``OVERSHOT_TRIES`` tries (two halvings: the model overshot by 4×
         or more), the start is the identity scaled by the last pair's sᵀy/yᵀy for the rest
@@ -192,11 +194,14 @@ class BlockwiseShiftUpdate:
                 return q * (torch.dot(s_last, y_last) / torch.dot(y_last, y_last))
             return self.shifts.apply_tensor(block.index, point.curvature, q)
 
-        r = self._bounded(two_loop(point.grad, pairs, start))
-        if not pairs or not bool(torch.dot(r, point.grad) > 0):
+        if pairs:
+            r = self._bounded(two_loop(point.grad, pairs, start))
+            promise = float(torch.dot(r, point.grad))
+            if promise > 0:
+                return r, promise
             pairs.clear()
-            r = self._bounded(start(point.grad))
-        return r
+        r = self._bounded(start(point.grad))
+        return r, float(torch.dot(r, point.grad))
 
     def _bounded(self, r: torch.Tensor) -> torch.Tensor:
         """``r`` without its mean when every evaluation fits the block's shift (the next one
