@@ -4,7 +4,8 @@ gradient), a share reads only its own block's precisions, a block whose precisio
 already optimal is not iterated while another is, no block's share ever decreases, and the
 round-off stopping rule does not mistake a long step's model error for round-off; a block
 moved off its optimum by a constant is back after one evaluation (the fitted shift), and
-the iteration without that fit reaches the same optimum; bad requests are refused;
+the iteration without that fit reaches the same optimum; a first direction applies the
+preconditioner once and a non-finite one is an error; bad requests are refused;
 regression at fixed σ takes the same path."""
 
 from __future__ import annotations
@@ -152,6 +153,36 @@ def test_the_update_without_the_shift_fit_reaches_the_same_optimum(name):
         results[fit_shift] = (value, update.n_evaluations)
     assert results[True][0] == pytest.approx(results[False][0], abs=opt.tol * post.n_data * 10)
     assert results[True][1] <= results[False][1]
+
+
+def test_a_first_direction_applies_the_preconditioner_once(monkeypatch):
+    """With no secant pairs yet, a block's direction is the preconditioned gradient: one
+    application per block at the first point, none repeated as a restart."""
+    post = _posterior("mlp")
+    applied = Counter()
+    original = ShiftPreconditioner.apply_tensor
+
+    def counted(self, t, curvature, q):
+        applied[t] += 1
+        return original(self, t, curvature, q)
+
+    monkeypatch.setattr(ShiftPreconditioner, "apply_tensor", counted)
+    opt = make_hyper_optimizer("fixed-point", post.prior, n_steps=1)
+    opt.step(post)
+    assert applied == Counter(range(len(post.prior.slots)))
+
+
+def test_a_non_finite_direction_is_an_error_not_a_stop(monkeypatch):
+    """A NaN direction fails its ascent test as quietly as a converged one would; the
+    update must say so instead of ending there."""
+    post = _posterior("mlp")
+
+    def broken(self, t, curvature, q):
+        return torch.full_like(q, float("nan"))
+
+    monkeypatch.setattr(ShiftPreconditioner, "apply_tensor", broken)
+    with pytest.raises(RuntimeError, match="non-finite direction"):
+        make_hyper_optimizer("fixed-point", post.prior).step(post)
 
 
 def test_a_long_steps_model_error_is_not_round_off():
