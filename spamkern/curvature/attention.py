@@ -23,14 +23,24 @@ from torch import nn
 _SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
 
 
-def _projections(mha: nn.MultiheadAttention):
-    """(W_q, W_k, W_v) and (b_q, b_k, b_v) (biases may be None)."""
-    if mha._qkv_same_embed_dim:
-        weights = mha.in_proj_weight.chunk(3)
-    else:
+def _in_projections(mha: nn.MultiheadAttention, query, key, value):
+    """q, k, v computed as the module's own forward computes them: one packed product for
+    self-attention, one for the shared key and value, else one each. Split products add in
+    another order, and the recomputation replaces the module's output, so it must match
+    bit for bit (a BLAS may block a 3E-column product differently from three E-column ones)."""
+    if not mha._qkv_same_embed_dim:
         weights = (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight)
-    biases = mha.in_proj_bias.chunk(3) if mha.in_proj_bias is not None else (None,) * 3
-    return weights, biases
+        biases = mha.in_proj_bias.chunk(3) if mha.in_proj_bias is not None else (None,) * 3
+        return tuple(F.linear(x, w, b) for x, w, b in zip((query, key, value), weights, biases))
+    weight, bias, E = mha.in_proj_weight, mha.in_proj_bias, mha.embed_dim
+    if query is key and key is value:
+        return F.linear(query, weight, bias).chunk(3, dim=-1)
+    if key is value:
+        w_q, w_kv = weight.split([E, 2 * E])
+        b_q, b_kv = bias.split([E, 2 * E]) if bias is not None else (None, None)
+        return (F.linear(query, w_q, b_q), *F.linear(key, w_kv, b_kv).chunk(2, dim=-1))
+    biases = bias.chunk(3) if bias is not None else (None,) * 3
+    return tuple(F.linear(x, w, b) for x, w, b in zip((query, key, value), weight.chunk(3), biases))
 
 
 RandomState = tuple[torch.device, torch.Tensor, torch.Tensor | None]
@@ -83,10 +93,7 @@ def _recorded(mha, args, kwargs, output):
     if mha.batch_first:  # PyTorch's attention works sequence-first; keep shared inputs shared
         seq_first = {id(t): t.transpose(0, 1) for t in (query, key, value)}
         query, key, value = (seq_first[id(t)] for t in (query, key, value))
-    (w_q, w_k, w_v), (b_q, b_k, b_v) = _projections(mha)
-    q = F.linear(query, w_q, b_q)
-    k = F.linear(key, w_k, b_k)
-    v = F.linear(value, w_v, b_v)
+    q, k, v = _in_projections(mha, query, key, value)
     E = mha.embed_dim
     eye = torch.eye(E, dtype=q.dtype, device=q.device)
     ctx, weights = F.multi_head_attention_forward(
