@@ -270,6 +270,34 @@ def test_attention_dropout_in_training_mode_is_replayed():
     assert len(recorder.records[id(model.attn)].calls) == 1
 
 
+@pytest.mark.parametrize(
+    ("inputs", "kdim"),
+    [("q=k=v", None), ("k=v", None), ("q,k,v", None), ("q,k,v", 3)],
+    ids=["self-attention", "shared-key-value", "separate-inputs", "separate-weights"],
+)
+def test_recorded_attention_is_the_modules_own_output_bit_for_bit(inputs, kdim):
+    """The recomputation replaces the module's output, so its projections must be the
+    module's own products (one packed product for self-attention, one for a shared key and
+    value): split products add in another order on some BLAS builds."""
+    from spamkern.curvature.accumulate import _Recorder
+    from spamkern.curvature.structure import parameter_blocks
+
+    torch.manual_seed(12)
+    attn = nn.MultiheadAttention(8, 2, batch_first=True, kdim=kdim, vdim=kdim).double()
+    q = torch.randn(5, 7, 8, dtype=torch.float64)
+    k = q if inputs == "q=k=v" else torch.randn(5, 6, kdim or 8, dtype=torch.float64)
+    v = k if inputs != "q,k,v" else torch.randn(5, 6, kdim or 8, dtype=torch.float64)
+    plain = attn(q, k, v)[0]
+    recorder = _Recorder(parameter_blocks(attn, "kron"))
+    try:
+        recorded = attn(q, k, v)[0]
+    finally:
+        recorder.remove()
+    assert torch.equal(recorded, plain)
+    sites = recorder.records[id(attn)].calls[0]
+    assert sorted(sites) == ["k", "out", "q", "v"]
+
+
 @pytest.mark.parametrize("case", ["grouped", "self-attention"])
 def test_kron_cost_of_row_sliced_blocks_against_dense(case):
     """The pruning cost c(M) = ½ vec(Δ)ᵀ Π vec(Δ) (Δ = −θ on removed entries) sees each row
