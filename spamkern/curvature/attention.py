@@ -28,19 +28,19 @@ def _in_projections(mha: nn.MultiheadAttention, query, key, value):
     self-attention, one for the shared key and value, else one each. Split products add in
     another order, and the recomputation replaces the module's output, so it must match
     bit for bit (a BLAS may block a 3E-column product differently from three E-column ones)."""
+    weight, bias, E = mha.in_proj_weight, mha.in_proj_bias, mha.embed_dim
     if not mha._qkv_same_embed_dim:
         weights = (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight)
-        biases = mha.in_proj_bias.chunk(3) if mha.in_proj_bias is not None else (None,) * 3
-        return tuple(F.linear(x, w, b) for x, w, b in zip((query, key, value), weights, biases))
-    weight, bias, E = mha.in_proj_weight, mha.in_proj_bias, mha.embed_dim
-    if query is key and key is value:
+    elif query is key and key is value:
         return F.linear(query, weight, bias).chunk(3, dim=-1)
-    if key is value:
+    elif key is value:
         w_q, w_kv = weight.split([E, 2 * E])
         b_q, b_kv = bias.split([E, 2 * E]) if bias is not None else (None, None)
         return (F.linear(query, w_q, b_q), *F.linear(key, w_kv, b_kv).chunk(2, dim=-1))
+    else:
+        weights = weight.chunk(3)
     biases = bias.chunk(3) if bias is not None else (None,) * 3
-    return tuple(F.linear(x, w, b) for x, w, b in zip((query, key, value), weight.chunk(3), biases))
+    return tuple(F.linear(x, w, b) for x, w, b in zip((query, key, value), weights, biases))
 
 
 RandomState = tuple[torch.device, torch.Tensor, torch.Tensor | None]
