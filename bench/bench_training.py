@@ -259,6 +259,7 @@ def run_table(setting: Setting, rounds: int, repeats: int, only: list[str] | Non
     plain = partial(_time, table["plain_loop"], work)
     seconds: dict[str, float] = {}
     ratios: dict[str, float] = {"plain_loop": 1.0}
+    runs: dict[str, list[list[float]]] = {}
     before = plain()
     plains = [before]
     for name in chosen:
@@ -269,13 +270,19 @@ def run_table(setting: Setting, rounds: int, repeats: int, only: list[str] | Non
         denominator = min([before] + [p for _, p in pairs])
         seconds[name] = best
         ratios[name] = best / denominator
-        print(f"{name:34s} {best:8.2f} s  {ratios[name]:6.2f}x", flush=True)
+        runs[name] = [[t, p] for t, p in pairs]
+        spread = _spread([t / p for t, p in pairs])
+        print(f"{name:34s} {best:8.2f} s  {ratios[name]:6.2f}x  (pairs {spread})", flush=True)
         before = pairs[-1][1]
     seconds["plain_loop"] = min(plains)
-    relative = {
+    relative_runs = {
         f"{case}/{ref}": _interleaved(table[case], table[ref], work, repeats)
         for case, ref, _ in RELATIVE_TARGETS
         if case in chosen and ref in chosen
+    }
+    relative = {
+        name: min(c for c, _ in pairs) / min(r for _, r in pairs)
+        for name, pairs in relative_runs.items()
     }
     gaps = {} if only else harvest_gaps(work)
     return {
@@ -287,8 +294,11 @@ def run_table(setting: Setting, rounds: int, repeats: int, only: list[str] | Non
             "rounds_short_cases": rounds,
             "ratio": "best run of the case / best plain loop run around it",
             "relative": "best run of the case / best run of the reference, interleaved",
+            "runs": "every run in seconds, in the order timed: [case, plain loop after it], "
+            "and for the relative targets [case, reference] — the spread within this run",
         },
         "seconds": seconds,
+        "runs": {"cases": runs, "relative": relative_runs},
         "ratios": ratios,
         "relative": relative,
         "targets": _targets(ratios, relative),
@@ -308,13 +318,18 @@ def _time(fn: Callable[[Work], object], work: Work) -> float:
     return time.perf_counter() - tic
 
 
-def _interleaved(case: Callable, ref: Callable, work: Work, repeats: int) -> float:
-    """One case's best run over its reference's, the two run in turn ``repeats`` times: a
-    quotient of two ratios each over its own plain loop carries both loops' noise (one
-    table put the parameterwise run at 1.25× the layerwise one while their own times,
-    measured in the same table, gave 1.42×)."""
-    pairs = [(_time(case, work), _time(ref, work)) for _ in range(repeats)]
-    return min(c for c, _ in pairs) / min(r for _, r in pairs)
+def _interleaved(case: Callable, ref: Callable, work: Work, repeats: int) -> list[list[float]]:
+    """A case and its reference run in turn ``repeats`` times, as [case, reference] seconds;
+    the ratio is the case's best over the reference's: a quotient of two ratios each over
+    its own plain loop carries both loops' noise (one table put the parameterwise run at
+    1.25× the layerwise one while their own times, measured in the same table, gave 1.42×)."""
+    return [[_time(case, work), _time(ref, work)] for _ in range(repeats)]
+
+
+def _spread(ratios: list[float]) -> str:
+    """Lowest–highest of one case's per-run ratios (each run over the run after it): how far
+    this machine's noise moves a single draw."""
+    return f"{min(ratios):.2f}–{max(ratios):.2f}"
 
 
 def _targets(ratios: dict[str, float], relative: dict[str, float] | None = None) -> dict:
@@ -353,7 +368,9 @@ def main(argv: list[str] | None = None) -> None:
     print(markdown(result))
     for name, target in result["targets"].items():
         verdict = "met" if target["met"] else "missed"
-        print(f"target {name}: {target['ratio']:.2f} ≤ {target['bound']} {verdict}")
+        pairs = {**result["runs"]["cases"], **result["runs"]["relative"]}[name]
+        spread = _spread([a / b for a, b in pairs])
+        print(f"target {name}: {target['ratio']:.2f} ≤ {target['bound']} {verdict} (runs {spread})")
     print(json.dumps(result["harvest_vs_refit"], indent=1))
     default = (
         Path(__file__).parent / "results" / f"cpu-training{'-quick' if args.quick else ''}.json"
