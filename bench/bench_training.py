@@ -272,7 +272,7 @@ def run_table(setting: Setting, rounds: int, repeats: int, only: list[str] | Non
         ratios[name] = best / denominator
         runs[name] = [[t, p] for t, p in pairs]
         spread = _spread([t / p for t, p in pairs])
-        print(f"{name:34s} {best:8.2f} s  {ratios[name]:6.2f}x  (pairs {spread})", flush=True)
+        print(f"{name:34s} {best:8.2f} s  {ratios[name]:6.2f}x  (runs {spread})", flush=True)
         before = pairs[-1][1]
     seconds["plain_loop"] = min(plains)
     relative_runs = {
@@ -327,7 +327,7 @@ def _interleaved(case: Callable, ref: Callable, work: Work, repeats: int) -> lis
 
 
 def _spread(ratios: list[float]) -> str:
-    """Lowest–highest of one case's per-run ratios (each run over the run after it): how far
+    """Lowest–highest of one case's per-run ratios (each run over the one timed after it): how far
     this machine's noise moves a single draw."""
     return f"{min(ratios):.2f}–{max(ratios):.2f}"
 
