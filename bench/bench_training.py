@@ -259,7 +259,7 @@ def run_table(setting: Setting, rounds: int, repeats: int, only: list[str] | Non
     plain = partial(_time, table["plain_loop"], work)
     seconds: dict[str, float] = {}
     ratios: dict[str, float] = {"plain_loop": 1.0}
-    runs: dict[str, list[list[float]]] = {}
+    runs: dict[str, list[tuple[float, float]]] = {}
     before = plain()
     plains = [before]
     for name in chosen:
@@ -270,7 +270,7 @@ def run_table(setting: Setting, rounds: int, repeats: int, only: list[str] | Non
         denominator = min([before] + [p for _, p in pairs])
         seconds[name] = best
         ratios[name] = best / denominator
-        runs[name] = [[t, p] for t, p in pairs]
+        runs[name] = pairs
         spread = _spread([t / p for t, p in pairs])
         print(f"{name:34s} {best:8.2f} s  {ratios[name]:6.2f}x  (runs {spread})", flush=True)
         before = pairs[-1][1]
@@ -318,12 +318,14 @@ def _time(fn: Callable[[Work], object], work: Work) -> float:
     return time.perf_counter() - tic
 
 
-def _interleaved(case: Callable, ref: Callable, work: Work, repeats: int) -> list[list[float]]:
+def _interleaved(
+    case: Callable, ref: Callable, work: Work, repeats: int
+) -> list[tuple[float, float]]:
     """A case and its reference run in turn ``repeats`` times, as [case, reference] seconds;
     the ratio is the case's best over the reference's: a quotient of two ratios each over
     its own plain loop carries both loops' noise (one table put the parameterwise run at
     1.25× the layerwise one while their own times, measured in the same table, gave 1.42×)."""
-    return [[_time(case, work), _time(ref, work)] for _ in range(repeats)]
+    return [(_time(case, work), _time(ref, work)) for _ in range(repeats)]
 
 
 def _spread(ratios: list[float]) -> str:
