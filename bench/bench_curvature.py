@@ -243,7 +243,8 @@ FACTOR_SHAPES = [
     ("name", "kind", "shape"), FACTOR_SHAPES, ids=[s[0] for s in FACTOR_SHAPES]
 )
 def test_factor_product(benchmark, timed, sizes, device, monkeypatch, backend, name, kind, shape):
-    """One batch's factor product: Triton (upper tiles, implicit im2col) vs unfold + matmul."""
+    """One batch's factor product: Triton (upper tiles, implicit im2col) vs the torch route
+    (one triangle by panels; for a convolution, row correlations)."""
     from spamkern.ops import conv_patch_gram, gram
 
     if backend == "triton" and device.type != "cuda":

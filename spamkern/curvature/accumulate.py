@@ -40,7 +40,7 @@ from spamkern.curvature.likelihood import (
 from spamkern.curvature.structure import CONVS, ParamBlock
 from spamkern.data.batches import TensorBatches, split_batch
 from spamkern.ops import conv_patch_gram
-from spamkern.ops.factors import gram_upper, mirror_upper_
+from spamkern.ops.factors import gram_of_columns, gram_upper, mirror_upper_
 from spamkern.ops.reductions import all_finite
 from spamkern.progress import progress_bar
 
@@ -257,7 +257,9 @@ def _accumulate_conv(
     need_G, need_A = _needs(blocks)
     need_A = need_A and with_A
     grouped_u = None
-    if need_G:
+    if need_G and groups == 1 and positions >= d_out:  # few channels over many positions
+        G_sums[key] = gram_of_columns(g.reshape(-1, d_out, positions), G_sums.get(key))
+    elif need_G:
         g_rows = g.permute(0, 1, 3, 2).reshape(-1, d_out)  # (K·B·S, out)
         if groups == 1:
             G_sums[key] = gram_upper(g_rows, G_sums.get(key))

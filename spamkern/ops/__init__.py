@@ -4,7 +4,8 @@ Fast versions (Triton in ``spamkern.kernels``, C++/CUDA in ``spamkern._C``) regi
 themselves under the same op name with :func:`spamkern.dispatch.register_impl`.
 """
 
-from spamkern.ops.factors import conv_patch_gram, gram
+from spamkern.ops.conv_gram import conv_patch_gram
+from spamkern.ops.factors import gram
 from spamkern.ops.precision import kron_curvature_diag, kron_precision_and_opd, precision_and_opd
 from spamkern.ops.select import kth_smallest, segment_kth_smallest, threshold_for_sparsity
 
