@@ -1,6 +1,7 @@
 """SpaM training end to end, side by side, as multiples of a plain PyTorch MAP loop.
 
     python bench/bench_training.py            # the full table (CPU, 1 thread: about 4 min)
+    python bench/bench_training.py --model lenet5   # the same table for LeNet-5 on digits28
     python bench/bench_training.py --quick    # small sizes: checks that every case runs
     python -m pytest bench/bench_training.py [--full]      # the same cases, pytest-benchmark
     python bench/training_ratios.py RESULT.json            # ratios of a pytest-benchmark file
@@ -16,8 +17,12 @@ lr 0.1 for the ``_adam`` case), one CPU thread. Cases: the plain loop (denominat
 (refit); layerwise SpaM on EF and MC-GGN, harvested from the epoch and refitted;
 the same exact-GGN refit and harvested EF/MC-GGN runs without hyperparameter updates
 (``curvature_only_*``: the cost of the training step and the curvature alone);
-laplace-torch's ``marglik_training`` (AsdlGGN, AsdlEF; layerwise). The script writes the
-times, ratios, machine, date, versions, threads and load to ``bench/results/cpu-training.json``,
+laplace-torch's ``marglik_training`` (AsdlGGN, AsdlEF; layerwise). ``--model lenet5``
+times the same cases for LeNet-5 (conv6-conv16-fc120-fc84, 44 426 parameters) on the
+1 437 training images of digits28 (scikit-learn's digits upsampled to 28 × 28), where the
+convolutions' Kronecker factors are the curvature's main cost. The script writes the
+times, ratios, machine, date, versions, threads and load to ``bench/results/cpu-training.json``
+(``cpu-training-lenet5.json``),
 plots them beside it (``.png``, see ``training_plot.py``) and prints a Markdown table; for
 the harvested cases it also reports how far their final evidence and learned log δ are
 from a refit at the final θ.
@@ -46,8 +51,10 @@ from training_plot import plot_training  # noqa: E402
 
 import spamkern as sk  # noqa: E402
 from spamkern.data.batches import TensorBatches  # noqa: E402
+from spamkern.data.datasets import load_dataset  # noqa: E402
 from spamkern.marglik.hyper import make_hyper_optimizer  # noqa: E402
 from spamkern.marglik.training import DEFAULT_HYPER_OPTIMIZER  # noqa: E402
+from spamkern.models import lenet5  # noqa: E402
 from spamkern.posterior.laplace import LaplacePosterior  # noqa: E402
 
 PRIORS = ("scalar", "layerwise", "unitwise", "parameterwise")
@@ -66,6 +73,10 @@ RELATIVE_TARGETS = (
 )
 
 
+MODELS = ("mlp", "lenet5")
+DIGITS28_TRAIN = 1437  # the training split of digits28
+
+
 @dataclass(frozen=True)
 class Setting:
     n: int = 4096
@@ -74,10 +85,21 @@ class Setting:
     hypersteps: int = 100
     lr: float = 1e-3
     width: int = 256
+    model: str = "mlp"  # or "lenet5": LeNet-5 on digits28 (``width`` unused)
+
+    @classmethod
+    def of(cls, model: str, quick: bool = False) -> Setting:
+        """The benchmark's setting for ``model``; ``quick``: small sizes that check it runs."""
+        if model not in MODELS:
+            raise ValueError(f"model must be one of {MODELS}, got {model!r}")
+        n = DIGITS28_TRAIN if model == "lenet5" else cls.n
+        if quick:
+            return cls(n=min(n, 512), epochs=2, hypersteps=10, model=model)
+        return cls(n=n, model=model)
 
     @classmethod
     def quick(cls) -> Setting:
-        return cls(n=512, epochs=2, hypersteps=10)
+        return cls.of("mlp", quick=True)
 
 
 class Work:
@@ -87,6 +109,11 @@ class Work:
         gen = torch.Generator().manual_seed(0)
         torch.manual_seed(0)
         self.setting, self.device = setting, device
+        if setting.model == "lenet5":
+            X, y = load_dataset("digits28").train
+            self.model = lenet5(tuple(X.shape[1:]), 10).to(device)
+            self.X, self.y = X[: setting.n].to(device), y[: setting.n].to(device)
+            return
         self.model = mlp(setting.width).to(device)
         self.X = torch.randn(setting.n, 784, generator=gen).to(device)
         self.y = torch.randint(0, 10, (setting.n,), generator=gen).to(device)
@@ -216,10 +243,17 @@ def harvest_gap(model, X, y, curvature: str, hypersteps: int, **options) -> dict
 
 def harvest_gaps(work: Work) -> dict[str, dict[str, float]]:
     """The gap on the table's random data (labels memorised: θ moves fast within an epoch)
-    and on scikit-learn's 8×8 digits (MLP 64-256-256-10, 20 epochs, learnable labels)."""
+    and on scikit-learn's 8×8 digits (MLP 64-256-256-10, 20 epochs, learnable labels); for
+    LeNet-5, on the table's own run."""
     s = work.setting
     table = dict(n_epochs=s.epochs, lr=s.lr, batch_size=s.batch, scheduler=None)
     out = {}
+    if s.model == "lenet5":
+        for curvature in ("ef", "ggn-mc"):
+            out[f"lenet5_{curvature}"] = harvest_gap(
+                work.fresh(), work.X, work.y, curvature, s.hypersteps, **table
+            )
+        return out
     for curvature in ("ef", "ggn-mc"):
         out[f"random_{curvature}"] = harvest_gap(
             work.fresh(), work.X, work.y, curvature, s.hypersteps, **table
@@ -251,7 +285,7 @@ def run_table(setting: Setting, rounds: int, repeats: int, only: list[str] | Non
     over repeats on both sides, which other jobs on the machine can only push up."""
     device = torch.device("cpu")
     work = Work(setting, device)
-    warm = Work(Setting(n=256, epochs=1, hypersteps=2), device)
+    warm = Work(Setting(n=256, epochs=1, hypersteps=2, model=setting.model), device)
     table = cases()
     chosen = [n for n in table if n != "plain_loop" and (not only or n in only)]
     for name in ["plain_loop", *chosen]:
@@ -362,10 +396,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=5, help="best of this many for short runs")
     parser.add_argument("--repeats", type=int, default=5, help="best of this many for the rest")
     parser.add_argument("--only", nargs="*", help="cases to time (besides the plain loop)")
+    parser.add_argument("--model", choices=MODELS, default="mlp", help="the network timed")
     parser.add_argument("--out", type=Path, help="JSON path (default bench/results/...)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    setting = Setting.quick() if args.quick else Setting()
+    setting = Setting.of(args.model, quick=args.quick)
     result = run_table(setting, args.rounds, args.repeats, args.only)
     print(markdown(result))
     for name, target in result["targets"].items():
@@ -374,9 +409,8 @@ def main(argv: list[str] | None = None) -> None:
         spread = _spread([a / b for a, b in pairs])
         print(f"target {name}: {target['ratio']:.2f} ≤ {target['bound']} {verdict} (runs {spread})")
     print(json.dumps(result["harvest_vs_refit"], indent=1))
-    default = (
-        Path(__file__).parent / "results" / f"cpu-training{'-quick' if args.quick else ''}.json"
-    )
+    suffix = ("" if args.model == "mlp" else f"-{args.model}") + ("-quick" if args.quick else "")
+    default = Path(__file__).parent / "results" / f"cpu-training{suffix}.json"
     out = args.out or default
     out.write_text(json.dumps(result, indent=1) + "\n")
     plot_training(result, out.with_suffix(".png"))
@@ -391,16 +425,17 @@ except ImportError:  # the script runs without pytest
 
 if pytest is not None:
 
-    @pytest.fixture(scope="module")
-    def work(sizes, device) -> Work:
-        return Work(Setting.quick() if sizes.quick else Setting(), device)
+    @pytest.fixture(scope="module", params=MODELS)
+    def work(request, sizes, device) -> Work:
+        return Work(Setting.of(request.param, quick=sizes.quick), device)
 
     @pytest.mark.parametrize("case", list(cases()))
     def test_training(benchmark, timed, work, case):
         if case.startswith("laplace_torch"):
             pytest.importorskip("laplace")  # laplace-torch is an optional reference
-        benchmark.group = "training mlp"
-        benchmark.extra_info.update(model="mlp", case=case, epochs=work.setting.epochs)
+        model = work.setting.model
+        benchmark.group = f"training {model}"
+        benchmark.extra_info.update(model=model, case=case, epochs=work.setting.epochs)
         fn = cases()[case]
         timed(lambda: fn(work), rounds=2 if case in ("plain_loop", *SHORT_CASES) else 1)
 

@@ -80,8 +80,10 @@ def _panel(ax, result: dict, key: str, labels: list[str], runs: list[dict]) -> N
 def _title(result: dict, runs: list[dict]) -> str:
     run, timing = result.get("run", {}), result.get("timing", {})
     setting = result.get("setting", {})
+    model = {"lenet5": "LeNet-5 on digits28"}.get(setting.get("model", "mlp"), "MLP")
     title = (
-        f"SpaM training cost, N = {setting.get('n', '?')}, {setting.get('epochs', '?')} epochs"
+        f"SpaM training cost, {model}, N = {setting.get('n', '?')}, "
+        f"{setting.get('epochs', '?')} epochs"
         f" — {run.get('card', '?')}, {run.get('threads', '?')} thread(s), "
         f"{_when(result)} UTC, best of {timing.get('repeats', '?')} runs per case"
     )

@@ -123,11 +123,12 @@ def cheapest_route(shape, kernel: Pair, stride: Pair, dilation: Pair, sizes: Pai
 
 
 def _channels_last(x: torch.Tensor, padding: Pair) -> torch.Tensor:
-    """(B, H + 2p_h, W + 2p_w, c), contiguous: every window below is a strided view of it."""
+    """(B, H + 2p_h, W + 2p_w, c): a view of ``x`` when there is no padding (the strided
+    windows below copy from it once), else a padded copy."""
     xc = x.permute(0, 2, 3, 1)
     if padding[0] or padding[1]:
-        return F.pad(xc, (0, 0, padding[1], padding[1], padding[0], padding[0])).contiguous()
-    return xc.contiguous()
+        return F.pad(xc, (0, 0, padding[1], padding[1], padding[0], padding[0]))
+    return xc
 
 
 def _gram_by_rows(x: torch.Tensor, kernel: Pair, stride: Pair, padding: Pair, dilation: Pair):
