@@ -4,8 +4,8 @@ Per batch: one forward with hooks that record the input and output of every line
 whose tensors need curvature — each Linear/Conv1d/Conv2d, and the q/k/v/out projections of
 ``nn.MultiheadAttention`` (see :mod:`spamkern.curvature.attention`) — then one backward of
 the (B, K, C) pseudo-gradients to those outputs only (no weight gradients are formed; exact
-GGN's K = C columns go through a single batched backward). From inputs a and output
-gradients g:
+GGN's K columns — C − 1 for softmax — go through a single batched backward). From inputs a
+and output gradients g:
 
 * Kronecker blocks: A += Σ a aᵀ / S and G += Σ g gᵀ (S = weight-sharing positions, the
   "expand" convention); A is divided by N at the end — laplace-torch's scaling. Grouped

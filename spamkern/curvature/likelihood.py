@@ -3,9 +3,10 @@
 Every curvature type is Σ_n Σ_k J_nᵀ v_nk v_nkᵀ J_n for per-sample vectors v_nk over the
 model outputs, so one backward of the (B, K, C) tensor ``V`` gives everything:
 
-* exact GGN: the K = C columns of a square root L of the loss Hessian w.r.t. the outputs;
-  for softmax cross-entropy L = diag(√p) − p √pᵀ (L Lᵀ = diag(p) − p pᵀ because Σ p = 1),
-  for the Gaussian likelihood L = I (the 1/σ² factor is applied later, as laplace-torch does);
+* exact GGN: the columns of a square root L of the loss Hessian w.r.t. the outputs; for
+  softmax cross-entropy K = C − 1 of them, the Hessian's rank (:func:`softmax_hessian_root`),
+  for the Gaussian likelihood L = I, K = C (the 1/σ² factor is applied later, as
+  laplace-torch does);
 * MC-GGN: one sampled label per sample, v = ∇_f ℓ(f, ŷ) with ŷ ~ p(y | f);
 * EF: the per-sample loss gradient with the true label.
 """
@@ -110,10 +111,7 @@ def pseudo_gradients(
     if likelihood == "classification":
         p = torch.softmax(f, dim=-1)
         if curvature == "ggn":
-            sqrt_p = p.sqrt()
-            # column k of L: √p_k (e_k − p)  ->  V[n, k, :] = √p_k (e_k − p)
-            eye = torch.eye(c, dtype=f.dtype, device=f.device)
-            return sqrt_p.unsqueeze(-1) * (eye.unsqueeze(0) - p.unsqueeze(1))
+            return softmax_hessian_root(p)
         labels = _sample_labels(p, generator) if curvature == "ggn-mc" else y
         # p − e_label, in place on the fresh softmax (no one-hot tensor)
         return p.scatter_add_(1, labels.reshape(n, 1), p.new_full((n, 1), -1.0)).unsqueeze(1)
@@ -125,3 +123,27 @@ def pseudo_gradients(
         noise = torch.randn(f.shape, generator=generator, dtype=f.dtype, device=device)
         return noise.to(f.device).unsqueeze(1)
     return (f - y).unsqueeze(1)
+
+
+def softmax_hessian_root(p: torch.Tensor) -> torch.Tensor:
+    """(B, C − 1, C) vectors v_k with Σ_k v_k v_kᵀ = diag(p) − p pᵀ exactly, for C ≥ 2
+    (one zero vector for C = 1).
+
+    The Hessian of softmax cross-entropy has rank C − 1 (its rows sum to zero), so C − 1
+    vectors carry all of it, and the exact GGN's backward and its G rows shrink by a factor
+    (C − 1)/C — half for two classes — against the C columns √p_k (e_k − p). Pivot on the
+    last class c: the block of the other classes is D^½ (I − u uᵀ) D^½ with D = diag(p_<c),
+    u = √p_<c and ‖u‖² = 1 − p_c, and (I − α u uᵀ)² = I − u uᵀ for α = 1 / (1 + √p_c), so
+    D^½ (I − α u uᵀ) factors it; each vector's last entry, −√(p_k p_c), makes it sum to zero
+    as the Hessian's columns do. Vector k = √p_k (e_k − α p_<c − √p_c e_c), bounded for every
+    p (no division, no pivoting on small probabilities)."""
+    c = p.shape[-1]
+    if c == 1:  # one class: the Hessian is 0
+        return torch.zeros_like(p).unsqueeze(1)
+    head, last = p[:, : c - 1], p[:, c - 1 :]
+    root_last = last.sqrt()
+    others = torch.cat([head, torch.zeros_like(last)], dim=1)  # p with p_c set to 0
+    eye = torch.eye(c - 1, c, dtype=p.dtype, device=p.device)
+    v = eye - (1.0 / (1.0 + root_last)).unsqueeze(-1) * others.unsqueeze(1)
+    v[:, :, c - 1] = -root_last  # eye and p_<c are 0 there
+    return head.sqrt().unsqueeze(-1) * v

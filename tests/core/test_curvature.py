@@ -382,3 +382,24 @@ def test_sampled_labels_follow_the_predictive():
     sd = (p * (1 - p) / reps).sqrt()
     assert bool(((freq - p).abs() <= 5 * sd + 1e-12).all())
     assert int(labels.max()) <= 3 and int(counts[0, 1]) == 0 and int(counts[1, 3]) == reps
+
+
+@pytest.mark.parametrize("n_classes", [1, 2, 3, 10])
+def test_softmax_hessian_root_has_rank_many_vectors(n_classes):
+    """C − 1 vectors whose outer products sum to diag(p) − p pᵀ, for ordinary, saturated
+    (a class at probability 1, or the pivot class at 0) and uniform predictions."""
+    from spamkern.curvature.likelihood import softmax_hessian_root
+
+    f = torch.randn(6, n_classes, dtype=torch.float64) * 3
+    f[1, 0] = 60.0  # class 0 takes all the mass
+    f[2, -1] = -60.0  # the pivot class has probability ~0
+    f[3] = 0.0  # uniform
+    p = torch.softmax(f, -1)
+    V = softmax_hessian_root(p)
+    assert V.shape == (6, max(1, n_classes - 1), n_classes)
+    hessian = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+    torch.testing.assert_close(V.mT @ V, hessian, rtol=0, atol=1e-15)
+    # in float32, a few rounding units of the Hessian's largest entry
+    root32 = softmax_hessian_root(p.float()).double()
+    bound = 4 * torch.finfo(torch.float32).eps * float(hessian.abs().max())
+    assert float((root32.mT @ root32 - hessian).abs().max()) <= bound
