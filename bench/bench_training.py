@@ -424,7 +424,6 @@ except ImportError:  # the script runs without pytest
     pytest = None
 
 if pytest is not None:
-
     # the MLP only: a GPU benchmark phase gives each file 75 s, and a timed-out pytest
     # process keeps none of its results (LeNet-5's table: ``--model lenet5``)
     @pytest.fixture(scope="module")
