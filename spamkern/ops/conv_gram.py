@@ -131,13 +131,19 @@ def _channels_last(x: torch.Tensor, padding: Pair) -> torch.Tensor:
     return xc
 
 
+def _padded_input(x: torch.Tensor, kernel: Pair, stride: Pair, padding: Pair, dilation: Pair):
+    """(the padded input channels last, output height, output width)."""
+    xp = _channels_last(x, padding)
+    h_out = output_size(xp.shape[1], kernel[0], stride[0], 0, dilation[0])
+    w_out = output_size(xp.shape[2], kernel[1], stride[1], 0, dilation[1])
+    return xp, h_out, w_out
+
+
 def _gram_by_rows(x: torch.Tensor, kernel: Pair, stride: Pair, padding: Pair, dilation: Pair):
     """Row correlations (module docstring); the result in (c, k_h, k_w) order."""
     (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
-    xp = _channels_last(x, padding)
-    b, height, width, c = xp.shape
-    h_out = output_size(height, kh, sh, 0, dh)
-    w_out = output_size(width, kw, sw, 0, dw)
+    xp, h_out, w_out = _padded_input(x, kernel, stride, padding, dilation)
+    b, c = xp.shape[0], xp.shape[3]
     read = sh * (h_out - 1) + dh * (kh - 1) + 1  # the input rows any patch reads
     s_b, s_h, s_w, s_c = xp.stride()
     segments = xp.as_strided((read, b, w_out, kw, c), (s_h, s_b, s_w * sw, s_w * dw, s_c))
@@ -162,10 +168,8 @@ def _gram_by_rows(x: torch.Tensor, kernel: Pair, stride: Pair, padding: Pair, di
 def _gram_of_patch_rows(x: torch.Tensor, kernel: Pair, stride: Pair, padding: Pair, dilation: Pair):
     """One triangle of UᵀU, U's rows taken channels last from a strided view (one copy)."""
     (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
-    xp = _channels_last(x, padding)
-    b, height, width, c = xp.shape
-    h_out = output_size(height, kh, sh, 0, dh)
-    w_out = output_size(width, kw, sw, 0, dw)
+    xp, h_out, w_out = _padded_input(x, kernel, stride, padding, dilation)
+    b, c = xp.shape[0], xp.shape[3]
     s_b, s_h, s_w, s_c = xp.stride()
     shape = (b, h_out, w_out, kh, kw, c)
     patches = xp.as_strided(shape, (s_b, s_h * sh, s_w * sw, s_h * dh, s_w * dw, s_c))
