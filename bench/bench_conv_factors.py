@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import markdown_table, run_conditions  # noqa: E402
+from conftest import in_turn, markdown_table, run_conditions  # noqa: E402
 
 from spamkern.ops import conv_patch_gram  # noqa: E402
 from spamkern.ops.conv_gram import cheapest_route, output_size  # noqa: E402
@@ -86,14 +85,8 @@ def g_pair(batch: int, shape):
 def best_pair(case: Callable, anchor: Callable, repeats: int) -> tuple[float, float]:
     """(case's best, anchor's best) seconds, the two run in turn ``repeats`` times."""
     case(), anchor()  # first calls (allocations, library set-up) are not timed
-    times = [(_time(case), _time(anchor)) for _ in range(repeats)]
+    times = in_turn(case, anchor, repeats)
     return min(t for t, _ in times), min(a for _, a in times)
-
-
-def _time(fn: Callable) -> float:
-    tic = time.perf_counter()
-    fn()
-    return time.perf_counter() - tic
 
 
 def route_of(batch: int, shape, kernel: int, stride: int, padding: int) -> str:

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_training import Setting, Work, plain_loop, spamkern_run  # noqa: E402
-from conftest import markdown_table, run_conditions  # noqa: E402
+from conftest import markdown_table, run_conditions, time_call  # noqa: E402
 
 from spamkern.marglik.hyper import DEFAULT_TOL  # noqa: E402
 
@@ -54,11 +54,13 @@ def sweep(setting: Setting, repeats: int) -> dict:
     """Every (prior, tolerance) case, each run followed by a plain loop (its denominator)."""
     work = Work(setting, torch.device("cpu"))
     spamkern_run(Work(Setting(n=256, epochs=1, hypersteps=2), work.device))  # warm-up
-    plain = plain_loop_seconds(work)
+    plain = time_call(plain_loop, work)
     cases = []
     for prior in PRIORS:
         for tol in TOLERANCES:
-            runs = [(timed_run(work, prior, tol), plain_loop_seconds(work)) for _ in range(repeats)]
+            runs = [
+                (timed_run(work, prior, tol), time_call(plain_loop, work)) for _ in range(repeats)
+            ]
             (seconds, steps), _ = min(runs, key=lambda r: r[0][0])
             plain = min([plain] + [p for _, p in runs])
             cases.append({"prior": prior, "tol": tol, "seconds": seconds, "steps": steps})
@@ -79,12 +81,6 @@ def sweep(setting: Setting, repeats: int) -> dict:
         "plain_loop_s": plain,
         "cases": cases,
     }
-
-
-def plain_loop_seconds(work: Work) -> float:
-    tic = time.perf_counter()
-    plain_loop(work)
-    return time.perf_counter() - tic
 
 
 def markdown(result: dict) -> str:

@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_training import Setting, Work  # noqa: E402
-from conftest import markdown_table, run_conditions  # noqa: E402
+from conftest import in_turn, markdown_table, run_conditions  # noqa: E402
 
 import spamkern as sk  # noqa: E402
 from spamkern.curvature import likelihood  # noqa: E402
@@ -54,14 +54,12 @@ def problem(name: str, quick: bool) -> tuple[torch.nn.Module, torch.Tensor, torc
     return work.fresh(), work.X, work.y
 
 
-def refit(model, X, y, root: Callable) -> float:
-    """Seconds of one exact-GGN Kronecker pass with ``root`` as the Hessian's square root."""
+def refit(model, X, y, root: Callable) -> None:
+    """One exact-GGN Kronecker pass with ``root`` as the Hessian's square root."""
     saved = likelihood.softmax_hessian_root
     likelihood.softmax_hessian_root = root
     try:
-        tic = time.perf_counter()
         sk.fit_laplace(model, (X, y), curvature="ggn", batch_size=128, progress=False)
-        return time.perf_counter() - tic
     finally:
         likelihood.softmax_hessian_root = saved
 
@@ -70,9 +68,10 @@ def run_table(quick: bool, repeats: int) -> dict:
     rows = []
     for name in MODELS:
         model, X, y = problem(name, quick)
-        mine, anchor = likelihood.softmax_hessian_root, full_root
-        refit(model, X, y, mine), refit(model, X, y, anchor)  # first calls untimed
-        pairs = [(refit(model, X, y, mine), refit(model, X, y, anchor)) for _ in range(repeats)]
+        mine = partial(refit, model, X, y, likelihood.softmax_hessian_root)
+        anchor = partial(refit, model, X, y, full_root)
+        mine(), anchor()  # first calls untimed
+        pairs = in_turn(mine, anchor, repeats)
         best, best_anchor = min(a for a, _ in pairs), min(b for _, b in pairs)
         rows.append({
             "model": name, "rows": X.shape[0], "seconds_c_minus_1": best,

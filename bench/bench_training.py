@@ -35,7 +35,6 @@ import copy
 import json
 import os
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -45,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import markdown_table, run_conditions  # noqa: E402
+from conftest import in_turn, markdown_table, run_conditions, time_call  # noqa: E402
 from curvature_baselines import mlp  # noqa: E402
 from training_plot import plot_training  # noqa: E402
 
@@ -74,7 +73,6 @@ RELATIVE_TARGETS = (
 
 
 MODELS = ("mlp", "lenet5")
-DIGITS28_TRAIN = 1437  # the training split of digits28
 
 
 @dataclass(frozen=True)
@@ -92,7 +90,7 @@ class Setting:
         """The benchmark's setting for ``model``; ``quick``: small sizes that check it runs."""
         if model not in MODELS:
             raise ValueError(f"model must be one of {MODELS}, got {model!r}")
-        n = DIGITS28_TRAIN if model == "lenet5" else cls.n
+        n = len(load_dataset("digits28").train[1]) if model == "lenet5" else cls.n
         if quick:
             return cls(n=min(n, 512), epochs=2, hypersteps=10, model=model)
         return cls(n=n, model=model)
@@ -248,16 +246,12 @@ def harvest_gaps(work: Work) -> dict[str, dict[str, float]]:
     s = work.setting
     table = dict(n_epochs=s.epochs, lr=s.lr, batch_size=s.batch, scheduler=None)
     out = {}
-    if s.model == "lenet5":
-        for curvature in ("ef", "ggn-mc"):
-            out[f"lenet5_{curvature}"] = harvest_gap(
-                work.fresh(), work.X, work.y, curvature, s.hypersteps, **table
-            )
-        return out
     for curvature in ("ef", "ggn-mc"):
-        out[f"random_{curvature}"] = harvest_gap(
+        out[f"{'random' if s.model == 'mlp' else s.model}_{curvature}"] = harvest_gap(
             work.fresh(), work.X, work.y, curvature, s.hypersteps, **table
         )
+    if s.model != "mlp":
+        return out
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -290,7 +284,7 @@ def run_table(setting: Setting, rounds: int, repeats: int, only: list[str] | Non
     chosen = [n for n in table if n != "plain_loop" and (not only or n in only)]
     for name in ["plain_loop", *chosen]:
         table[name](warm)  # imports and first calls happen here, not in the timed runs
-    plain = partial(_time, table["plain_loop"], work)
+    plain = partial(time_call, table["plain_loop"], work)
     seconds: dict[str, float] = {}
     ratios: dict[str, float] = {"plain_loop": 1.0}
     runs: dict[str, list[tuple[float, float]]] = {}
@@ -298,7 +292,7 @@ def run_table(setting: Setting, rounds: int, repeats: int, only: list[str] | Non
     plains = [before]
     for name in chosen:
         count = rounds if name in SHORT_CASES else repeats
-        pairs = [(_time(table[name], work), plain()) for _ in range(count)]
+        pairs = [(time_call(table[name], work), plain()) for _ in range(count)]
         plains += [p for _, p in pairs]
         best = min(t for t, _ in pairs)
         denominator = min([before] + [p for _, p in pairs])
@@ -309,8 +303,11 @@ def run_table(setting: Setting, rounds: int, repeats: int, only: list[str] | Non
         print(f"{name:34s} {best:8.2f} s  {ratios[name]:6.2f}x  (runs {spread})", flush=True)
         before = pairs[-1][1]
     seconds["plain_loop"] = min(plains)
+    # a case and its reference in turn: a quotient of two ratios each over its own plain
+    # loop carries both loops' noise (one table put the parameterwise run at 1.25× the
+    # layerwise one while their own times, measured in the same table, gave 1.42×)
     relative_runs = {
-        f"{case}/{ref}": _interleaved(table[case], table[ref], work, repeats)
+        f"{case}/{ref}": in_turn(partial(table[case], work), partial(table[ref], work), repeats)
         for case, ref, _ in RELATIVE_TARGETS
         if case in chosen and ref in chosen
     }
@@ -344,22 +341,6 @@ def run_table(setting: Setting, rounds: int, repeats: int, only: list[str] | Non
         ),
         "harvest_vs_refit": gaps,
     }
-
-
-def _time(fn: Callable[[Work], object], work: Work) -> float:
-    tic = time.perf_counter()
-    fn(work)
-    return time.perf_counter() - tic
-
-
-def _interleaved(
-    case: Callable, ref: Callable, work: Work, repeats: int
-) -> list[tuple[float, float]]:
-    """A case and its reference run in turn ``repeats`` times, as [case, reference] seconds;
-    the ratio is the case's best over the reference's: a quotient of two ratios each over
-    its own plain loop carries both loops' noise (one table put the parameterwise run at
-    1.25× the layerwise one while their own times, measured in the same table, gave 1.42×)."""
-    return [(_time(case, work), _time(ref, work)) for _ in range(repeats)]
 
 
 def _spread(ratios: list[float]) -> str:

@@ -10,6 +10,7 @@ when it was measured.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -48,6 +49,19 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def time_call(fn, *args) -> float:
+    """Wall-clock seconds of one call ``fn(*args)``."""
+    tic = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - tic
+
+
+def in_turn(first, second, repeats: int) -> list[tuple[float, float]]:
+    """[(seconds of ``first()``, seconds of ``second()``)] for ``repeats`` calls of each, run
+    in turn: the machine's drifting load reaches both alike, so their best runs compare."""
+    return [(time_call(first), time_call(second)) for _ in range(repeats)]
 
 
 def run_conditions() -> dict:
