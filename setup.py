@@ -23,7 +23,16 @@ from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent
 
-REQUIRES = ["torch>=2.4", "numpy", "tqdm", "scikit-learn", "matplotlib", "torch-pruning>=1.6,<2"]
+REQUIRES = [
+    "torch>=2.4",
+    "numpy",
+    "scipy",
+    "threadpoolctl",
+    "tqdm",
+    "scikit-learn",
+    "matplotlib",
+    "torch-pruning>=1.6,<2",
+]
 EXTRAS = {
     "triton": ["triton>=3.0"],
     # laplace-torch 0.3 pins torchvision through its dependencies; install it with

@@ -30,7 +30,7 @@ TORCH_VERSION=$(python -c "import torch; print(torch.__version__.split('+')[0])"
 constraints="$VENV/.constraints.txt"
 echo "torch==$TORCH_VERSION" > "$constraints"
 # triton: the version torch's own CUDA builds pin (3.7.1 for torch 2.13); numpy for its interpreter
-pip install -q -c "$constraints" "triton==3.7.1" numpy scipy tqdm matplotlib scikit-learn \
+pip install -q -c "$constraints" "triton==3.7.1" numpy scipy threadpoolctl tqdm matplotlib scikit-learn \
   pybind11 ninja setuptools wheel pytest pytest-benchmark ruff \
   einops opt-einsum packaging lightning-utilities "torch-pruning>=1.6,<2"
 # laplace-torch (the reference implementation) without torchvision, which would replace torch

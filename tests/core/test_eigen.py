@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from spamkern.posterior import eigen
 from spamkern.posterior.eigen import batched_eigh, keep_eigh
 
 
@@ -51,3 +52,82 @@ def test_non_finite_factors_are_named(bad, vectors):
     mats[2][1, 1] = bad
     with pytest.raises(ValueError, match=r"factor 'late\[A\]' contains NaN or Inf"):
         batched_eigh(mats, ["a", "b", "late[A]"], vectors=vectors)
+
+
+def _large_factors(dtype: torch.dtype, n: int = 200, seed: int = 1) -> list[torch.Tensor]:
+    """Factors past the size where CPU eigenvalues go through SciPy's LAPACK."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(2):
+        x = torch.randn(n + 50, n, generator=gen, dtype=torch.float64)
+        out.append((x.T @ x / n).to(dtype))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_large_cpu_eigenvalues_agree_with_float64_eigvalsh(dtype):
+    mats = _large_factors(dtype)
+    assert mats[0].shape[-1] >= eigen._LAPACK_MIN_SIZE
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    for m, (values, basis) in zip(mats, batched_eigh(mats, vectors=False)):
+        assert basis is None and values.dtype == dtype
+        ref = torch.linalg.eigvalsh(m.double()).clamp_min(0)
+        scale = float(ref.max())
+        torch.testing.assert_close(values.double(), ref, rtol=0, atol=tol * scale)
+
+
+def test_large_cpu_eigenvalues_run_under_torchs_thread_count(monkeypatch):
+    """LAPACK's own BLAS pool is held to torch.get_num_threads() during the call and
+    restored after it."""
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return {pool["filepath"]: pool["num_threads"] for pool in threadpool_info()
+                if pool["user_api"] == "blas"}  # fmt: skip
+
+    real, seen = eigen._syevd_for, []
+
+    def spying(n, dtype):
+        syevd = real(n, dtype)
+
+        def call(a):
+            seen.append(set(blas_threads().values()))
+            return syevd(a)
+
+        return call
+
+    monkeypatch.setattr(eigen, "_syevd_for", spying)
+    before = blas_threads()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        batched_eigh(_large_factors(torch.float32), vectors=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert seen and all(counts == {1} for counts in seen)
+    assert blas_threads() == before
+
+
+def test_lapack_non_convergence_is_recovered_in_float64(monkeypatch):
+    real = eigen._syevd_for
+
+    def failing_in_float32(n, dtype):
+        syevd = real(n, dtype)
+        if dtype == torch.float32:
+            return lambda a: (syevd(a)[0], None, 3)  # info > 0: did not converge
+        return syevd
+
+    monkeypatch.setattr(eigen, "_syevd_for", failing_in_float32)
+    mats = _large_factors(torch.float32)
+    for m, (values, _) in zip(mats, batched_eigh(mats, vectors=False)):
+        assert values.dtype == torch.float32
+        torch.testing.assert_close(
+            values.double(), torch.linalg.eigvalsh(m.double()).clamp_min(0), rtol=0, atol=1e-5
+        )
+
+
+def test_a_non_finite_large_factor_is_named():
+    mats = _large_factors(torch.float32)
+    mats[1][3, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"factor 'wide\[G\]' contains NaN or Inf"):
+        batched_eigh(mats, ["wide[A]", "wide[G]"], vectors=False)
