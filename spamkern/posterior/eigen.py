@@ -7,13 +7,13 @@ LAPACK/cuSOLVER fails to converge (rank-deficient or badly scaled factors), the 
 retried in float64, then with a growing diagonal jitter; only then is it an error — with the
 factor's name and what to do, never a silent NaN.
 
-Eigenvalues of CPU factors come from LAPACK's ``?syevd`` through SciPy, given its optimal
-workspace, under torch's thread count: torch's ``eigvalsh`` runs the same driver with a
-workspace that leaves the tridiagonal reduction unblocked: measured 1.4–1.5× slower at 784
-and 1.1–1.2× at 256 (float32, one thread, AMD EPYC), and the evidence of a layerwise or
-scalar prior decomposes every factor at every marglik step. Below 192 rows the call
-overhead outweighs the gain (128: 0.66 ms by torch, 0.77 ms through SciPy), so small
-factors stay with torch.
+Eigenvalues of CPU factors of 192 rows or more come from LAPACK's ``?syevd`` in SciPy's
+OpenBLAS, given its optimal workspace, under torch's thread count. Measured in float32 on
+one thread of an AMD EPYC: torch's ``eigvalsh`` (MKL's ``?syevd``) took 28 ms at 784 rows
+where this took 20 ms (1.7 against 1.3 ms at 256), while OpenBLAS's own ``?syevd`` given
+only its minimal workspace took as long as torch's (29 ms) — and the evidence of a
+layerwise or scalar prior decomposes every factor at every marglik step. Below 192 rows
+the call overhead outweighs the gain (128: 0.66 ms by torch, 0.77 ms through SciPy).
 
 Equal factors in one call (a bias block shares its weight's G) are decomposed once. A
 factor marked with :func:`keep_eigh` (one that stays the same across fits, such as the
