@@ -17,8 +17,6 @@ anchor's best over the case's best. Writes ``bench/results/cpu-conv-factors.json
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -28,14 +26,19 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import in_turn, markdown_table, run_conditions  # noqa: E402
+from conftest import (  # noqa: E402
+    in_turn,
+    markdown_table,
+    run_conditions,
+    save_results,
+    script_parser,
+)
 
 from spamkern.ops import conv_patch_gram  # noqa: E402
 from spamkern.ops.conv_gram import cheapest_route, output_size  # noqa: E402
 from spamkern.ops.factors import gram_of_columns, gram_upper  # noqa: E402
 
 GPU_MODE = False  # CPU routes against their CPU anchors; the GPU phase leaves it out
-RESULTS = Path(__file__).parent / "results"
 # name, (channels, height = width), kernel, stride, padding
 A_CASES = [
     ("lenet5_conv1", (1, 28), 5, 1, 0),
@@ -166,21 +169,13 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="batch 16 (a check, not numbers)")
-    parser.add_argument("--repeats", type=int, default=9, help="best of this many per case")
-    parser.add_argument("--out", type=Path, help="JSON path (default bench/results/...)")
+    parser = script_parser(__doc__, "batch 16 (a check, not numbers)", repeats=9)
     args = parser.parse_args(argv)
-    if args.repeats < 1:
-        parser.error(f"--repeats must be ≥ 1, got {args.repeats}")
     torch.set_num_threads(1)
     torch.manual_seed(0)
     result = run_table(16 if args.quick else 128, args.repeats)
     print(markdown(result))
-    out = args.out or RESULTS / f"cpu-conv-factors{'-quick' if args.quick else ''}.json"
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    plot(result, out.with_suffix(".png"))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    save_results(result, args.out, "cpu-conv-factors", args.quick, plot)
 
 
 # ---------------------------------------------------------------------------- pytest-benchmark

@@ -14,16 +14,18 @@ writes ``bench/results/cpu-hyper.json``.
 
 from __future__ import annotations
 
-import argparse
 import datetime
-import json
 import platform
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import save_results, script_parser  # noqa: E402
 
 import spamkern as sk
 from spamkern.marglik.hyper import HYPER_OPTIMIZERS, make_hyper_optimizer
@@ -32,7 +34,6 @@ from spamkern.prior import PRIORS, make_prior
 
 FULL = {"width": 256, "n": 4096, "batch": 128, "train_epochs": 2}
 QUICK = {"width": 32, "n": 512, "batch": 128, "train_epochs": 1}
-RESULTS = Path(__file__).parent / "results"
 
 
 class HyperWork:
@@ -175,15 +176,9 @@ def test_hyper_update(benchmark, work, prior, method):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes (a smoke check)")
-    parser.add_argument("--out", type=Path, default=None, help="JSON path")
-    args = parser.parse_args()
+    args = script_parser(__doc__, "small sizes (a smoke check)").parse_args()
     result = measure(QUICK if args.quick else FULL)
-    out = args.out or RESULTS / ("cpu-hyper-quick.json" if args.quick else "cpu-hyper.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    save_results(result, args.out, "cpu-hyper", args.quick, indent=2)
 
 
 if __name__ == "__main__":

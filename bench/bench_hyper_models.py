@@ -16,8 +16,6 @@ posterior: evidence evaluations, seconds and the final log evidence. Writes
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from functools import partial
@@ -27,7 +25,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import markdown_table, run_conditions  # noqa: E402
+from conftest import markdown_table, run_conditions, save_results, script_parser  # noqa: E402
 
 import spamkern as sk  # noqa: E402
 from spamkern.marglik.hyper import make_hyper_optimizer  # noqa: E402
@@ -42,7 +40,6 @@ MODELS = {
 }
 PRIORS = ("scalar", "layerwise", "unitwise", "parameterwise")
 EPOCHS = (2, 8)
-RESULTS = Path(__file__).parent / "results"
 
 
 def trained(model_name: str, epochs: int):
@@ -116,17 +113,12 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one model, one training length")
-    parser.add_argument("--out", type=Path, help="JSON path (default bench/results/...)")
-    args = parser.parse_args(argv)
+    args = script_parser(__doc__, "one model, one training length").parse_args(argv)
     torch.set_num_threads(1)
     models = ["lenet-digits"] if args.quick else list(MODELS)
     result = measure(models, EPOCHS[:1] if args.quick else EPOCHS)
     print(markdown(result))
-    out = args.out or RESULTS / f"cpu-hyper-models{'-quick' if args.quick else ''}.json"
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
+    save_results(result, args.out, "cpu-hyper-models", args.quick)
 
 
 # ---------------------------------------------------------------------------- pytest-benchmark

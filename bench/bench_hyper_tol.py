@@ -16,8 +16,6 @@ Writes ``bench/results/cpu-hyper-tol.json`` and ``.png``.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -27,14 +25,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_training import Setting, Work, plain_loop, spamkern_run  # noqa: E402
-from conftest import markdown_table, run_conditions, time_call  # noqa: E402
+from conftest import (  # noqa: E402
+    markdown_table,
+    run_conditions,
+    save_results,
+    script_parser,
+    time_call,
+)
 
 from spamkern.marglik.hyper import DEFAULT_TOL  # noqa: E402
 
 GPU_MODE = False  # a CPU trade-off table; the GPU phase leaves it out
 PRIORS = ("layerwise", "unitwise", "parameterwise")
 TOLERANCES = (DEFAULT_TOL, 1e-5, 1e-4)
-RESULTS = Path(__file__).parent / "results"
 
 
 def timed_run(work: Work, prior: str, tol: float) -> tuple[float, list[dict]]:
@@ -125,20 +128,12 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes (a check, not numbers)")
-    parser.add_argument("--repeats", type=int, default=3, help="best of this many runs per case")
-    parser.add_argument("--out", type=Path, help="JSON path (default bench/results/...)")
+    parser = script_parser(__doc__, "small sizes (a check, not numbers)", repeats=3)
     args = parser.parse_args(argv)
-    if args.repeats < 1:
-        parser.error(f"--repeats must be ≥ 1, got {args.repeats}")
     torch.set_num_threads(1)
     result = sweep(Setting.quick() if args.quick else Setting(), args.repeats)
     print(markdown(result))
-    out = args.out or RESULTS / f"cpu-hyper-tol{'-quick' if args.quick else ''}.json"
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    plot(result, out.with_suffix(".png"))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    save_results(result, args.out, "cpu-hyper-tol", args.quick, plot)
 
 
 # ---------------------------------------------------------------------------- pytest-benchmark

@@ -14,8 +14,6 @@ two run in turn, best of ``--repeats`` each. Writes ``bench/results/cpu-refit-co
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from collections.abc import Callable
 from functools import partial
@@ -26,7 +24,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_training import Setting, Work  # noqa: E402
-from conftest import in_turn, markdown_table, run_conditions  # noqa: E402
+from conftest import (  # noqa: E402
+    in_turn,
+    markdown_table,
+    run_conditions,
+    save_results,
+    script_parser,
+)
 
 import spamkern as sk  # noqa: E402
 from spamkern.curvature import likelihood  # noqa: E402
@@ -34,7 +38,6 @@ from spamkern.data.datasets import load_dataset  # noqa: E402
 from spamkern.models import cancer_net  # noqa: E402
 
 GPU_MODE = False  # a CPU comparison of two exact factorisations; the GPU phase leaves it out
-RESULTS = Path(__file__).parent / "results"
 MODELS = ("mlp", "lenet5", "cancer_net")
 
 
@@ -101,19 +104,12 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes (a check, not numbers)")
-    parser.add_argument("--repeats", type=int, default=7, help="best of this many per case")
-    parser.add_argument("--out", type=Path, help="JSON path (default bench/results/...)")
+    parser = script_parser(__doc__, "small sizes (a check, not numbers)", repeats=7)
     args = parser.parse_args(argv)
-    if args.repeats < 1:
-        parser.error(f"--repeats must be ≥ 1, got {args.repeats}")
     torch.set_num_threads(1)
     result = run_table(args.quick, args.repeats)
     print(markdown(result))
-    out = args.out or RESULTS / f"cpu-refit-columns{'-quick' if args.quick else ''}.json"
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
+    save_results(result, args.out, "cpu-refit-columns", args.quick)
 
 
 # ---------------------------------------------------------------------------- pytest-benchmark

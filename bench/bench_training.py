@@ -30,7 +30,6 @@ from a refit at the final θ.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -44,7 +43,14 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import in_turn, markdown_table, run_conditions, time_call  # noqa: E402
+from conftest import (  # noqa: E402
+    in_turn,
+    markdown_table,
+    run_conditions,
+    save_results,
+    script_parser,
+    time_call,
+)
 from curvature_baselines import mlp  # noqa: E402
 from training_plot import plot_training  # noqa: E402
 
@@ -372,13 +378,10 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes (a check, not numbers)")
+    parser = script_parser(__doc__, "small sizes (a check, not numbers)", repeats=5)
     parser.add_argument("--rounds", type=int, default=5, help="best of this many for short runs")
-    parser.add_argument("--repeats", type=int, default=5, help="best of this many for the rest")
     parser.add_argument("--only", nargs="*", help="cases to time (besides the plain loop)")
     parser.add_argument("--model", choices=MODELS, default="mlp", help="the network timed")
-    parser.add_argument("--out", type=Path, help="JSON path (default bench/results/...)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     setting = Setting.of(args.model, quick=args.quick)
@@ -390,12 +393,8 @@ def main(argv: list[str] | None = None) -> None:
         spread = _spread([a / b for a, b in pairs])
         print(f"target {name}: {target['ratio']:.2f} ≤ {target['bound']} {verdict} (runs {spread})")
     print(json.dumps(result["harvest_vs_refit"], indent=1))
-    suffix = ("" if args.model == "mlp" else f"-{args.model}") + ("-quick" if args.quick else "")
-    default = Path(__file__).parent / "results" / f"cpu-training{suffix}.json"
-    out = args.out or default
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    plot_training(result, out.with_suffix(".png"))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    stem = "cpu-training" + ("" if args.model == "mlp" else f"-{args.model}")
+    save_results(result, args.out, stem, args.quick, plot_training)
 
 
 # ---------------------------------------------------------------------------- pytest-benchmark

@@ -10,8 +10,12 @@ when it was measured.
 
 from __future__ import annotations
 
+import argparse
+import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,6 +53,50 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
+    return value
+
+
+def script_parser(doc: str, quick_help: str, repeats: int | None = None):
+    """The options every CPU benchmark script takes: ``--quick`` (what it shrinks),
+    ``--out`` and, with a default count, ``--repeats`` (≥ 1)."""
+    parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    if repeats is not None:
+        parser.add_argument(
+            "--repeats", type=_positive, default=repeats, help="best of this many per case"
+        )
+    parser.add_argument("--out", type=Path, help="JSON path (default bench/results/...)")
+    return parser
+
+
+def save_results(
+    result: dict,
+    out: Path | None,
+    stem: str,
+    quick: bool = False,
+    plot: Callable[[dict, Path], None] | None = None,
+    indent: int = 1,
+) -> Path:
+    """Write ``result`` as JSON to ``out`` (default ``bench/results/<stem>[-quick].json``),
+    its plot beside it as .png, and say where."""
+    out = out or RESULTS / f"{stem}{'-quick' if quick else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=indent) + "\n")
+    written = [out]
+    if plot is not None:
+        plot(result, out.with_suffix(".png"))
+        written.append(out.with_suffix(".png"))
+    print("wrote " + " and ".join(str(path) for path in written))
+    return out
 
 
 def time_call(fn, *args) -> float:
