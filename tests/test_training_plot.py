@@ -140,3 +140,13 @@ def test_runs_of_another_setting_are_refused(training_plot, tmp_path):
     other = result | {"setting": {"n": 512, "epochs": 2}}
     with pytest.raises(ValueError, match="only runs of one setting share a plot"):
         training_plot.plot_training(result, tmp_path / "mixed.png", [other])
+
+
+def test_runs_from_before_the_model_was_recorded_count_as_mlp_runs(training_plot, tmp_path):
+    result = _result() | {"setting": {"n": 4096, "epochs": 4, "model": "mlp"}}
+    older = result | {"setting": {"n": 4096, "epochs": 4}}
+    training_plot.plot_training(result, tmp_path / "mlp.png", [older])
+    assert (tmp_path / "mlp.png").exists()
+    lenet = result | {"setting": {"n": 4096, "epochs": 4, "model": "lenet5"}}
+    with pytest.raises(ValueError, match="only runs of one setting share a plot"):
+        training_plot.plot_training(lenet, tmp_path / "mixed.png", [older])
