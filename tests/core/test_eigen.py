@@ -131,3 +131,14 @@ def test_a_non_finite_large_factor_is_named():
     mats[1][3, 3] = float("nan")
     with pytest.raises(ValueError, match=r"factor 'wide\[G\]' contains NaN or Inf"):
         batched_eigh(mats, ["wide[A]", "wide[G]"], vectors=False)
+
+
+def test_large_cpu_eigenvalues_read_the_lower_triangle_as_torch_does():
+    """A factor that is not exactly symmetric gives the eigenvalues torch's eigvalsh gives
+    (its default UPLO='L'), not those of the other triangle."""
+    gen = torch.Generator().manual_seed(2)
+    m = torch.randn(200, 200, generator=gen, dtype=torch.float64)
+    ((values, _),) = batched_eigh([m], vectors=False)
+    lower = torch.linalg.eigvalsh(m).clamp_min(0)
+    torch.testing.assert_close(values, lower, rtol=0, atol=1e-10)
+    assert (values - torch.linalg.eigvalsh(m, UPLO="U").clamp_min(0)).abs().max() > 1e-3
