@@ -184,10 +184,9 @@ def environment() -> dict:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
+    from conftest import headless_pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = headless_pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, name in zip(axes, ("resnet", "vit")):

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import (  # noqa: E402
+    headless_pyplot,
     in_turn,
     markdown_table,
     run_conditions,
@@ -143,10 +144,7 @@ def markdown(result: dict) -> str:
 
 def plot(result: dict, path: Path) -> None:
     """Speedup over the anchor per case, A and G side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = headless_pyplot()
 
     cases = result["cases"]
     fig, ax = plt.subplots(figsize=(7, 3.8))

@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_training import Setting, Work, plain_loop, spamkern_run  # noqa: E402
 from conftest import (  # noqa: E402
+    headless_pyplot,
     markdown_table,
     run_conditions,
     save_results,
@@ -107,10 +108,7 @@ def markdown(result: dict) -> str:
 
 def plot(result: dict, path: Path) -> None:
     """Run time (× plain loop) against the tolerance, one line per prior."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = headless_pyplot()
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for prior in PRIORS:

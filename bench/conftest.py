@@ -58,6 +58,16 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 RESULTS = Path(__file__).parent / "results"
 
 
+def headless_pyplot():
+    """``matplotlib.pyplot`` on the file-only Agg backend (benchmarks run without a display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
