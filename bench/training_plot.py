@@ -46,7 +46,7 @@ def _check_same_setting(result: dict, others: list[dict]) -> None:
         if _setting(other) != _setting(result):
             raise ValueError(
                 f"run {index} of the extra runs has setting {other.get('setting')}, the "
-                f"headline run {result.get('setting')}: only runs of one setting share a plot"
+                f"headline run {result.get('setting')}: only runs of one setting compare"
             )
 
 

@@ -1,4 +1,5 @@
-"""The training-cost plot of ``bench/training_plot.py`` draws what the result says."""
+"""The training-cost plot and summary (``bench/training_plot.py``, ``training_summary.py``)
+report what the runs say."""
 
 from __future__ import annotations
 
@@ -138,7 +139,7 @@ def test_more_runs_add_their_range_and_how_often_each_target_was_met(training_pl
 def test_runs_of_another_setting_are_refused(training_plot, tmp_path):
     result = _result() | {"setting": {"n": 4096, "epochs": 4}}
     other = result | {"setting": {"n": 512, "epochs": 2}}
-    with pytest.raises(ValueError, match="only runs of one setting share a plot"):
+    with pytest.raises(ValueError, match="only runs of one setting compare"):
         training_plot.plot_training(result, tmp_path / "mixed.png", [other])
 
 
@@ -148,5 +149,45 @@ def test_runs_from_before_the_model_was_recorded_count_as_mlp_runs(training_plot
     training_plot.plot_training(result, tmp_path / "mlp.png", [older])
     assert (tmp_path / "mlp.png").exists()
     lenet = result | {"setting": {"n": 4096, "epochs": 4, "model": "lenet5"}}
-    with pytest.raises(ValueError, match="only runs of one setting share a plot"):
+    with pytest.raises(ValueError, match="only runs of one setting compare"):
         training_plot.plot_training(lenet, tmp_path / "mixed.png", [older])
+
+
+def _summary(*paths: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "training_summary.py"), *map(str, paths)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def test_summary_gives_each_targets_spread_over_the_runs(tmp_path):
+    result = _result()
+    result["runs"] = {"cases": {"spam_layerwise_ef_epoch": [[1.7, 1.0], [1.5, 1.0], [3.0, 2.0]]}}
+    others = [
+        _another(result, 1.4, True, "2026-12-02T05:00:00+00:00"),
+        _another(result, 1.9, False, "2026-12-02T05:10:00+00:00"),
+    ]
+    others[1]["runs"] = {}  # a run that kept no pairs
+    paths = []
+    for index, run in enumerate([result, *others]):
+        paths.append(tmp_path / f"{index}.json")
+        paths[-1].write_text(json.dumps(run))
+    done = _summary(*paths)
+    assert done.returncode == 0, done.stderr
+    rows = {line.split(" | ")[0].strip("| `"): line for line in done.stdout.splitlines()}
+    # EF: 1.7, 1.4, 1.9 -> range 1.40–1.90, median 1.70, one of three met; pair medians
+    # 1.5 (1.7, 1.5, 1.5) in two runs -> 1.50 over the two runs that kept pairs
+    assert rows["spam_layerwise_ef_epoch"] == (
+        "| `spam_layerwise_ef_epoch` | ≤ 1.5 | 1.40–1.90 | 1.70 | 1 / 3 | 1.50 (2) |"
+    )
+    assert rows["map_marglik_train"].endswith("| 0.80–0.80 | 0.80 | 3 / 3 | – |")
+    assert done.stdout.startswith("3 runs on CPU test, 2026-12-02T04:11:04+00:00 to ")
+
+
+def test_summary_refuses_runs_of_another_setting(tmp_path):
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps(_result() | {"setting": {"n": 4096}}))
+    second.write_text(json.dumps(_result() | {"setting": {"n": 512}}))
+    done = _summary(first, second)
+    assert done.returncode != 0
+    assert "only runs of one setting compare" in done.stderr
