@@ -349,6 +349,128 @@ def _generic_diag(
         _add(diags, index, grads[block.name].square().sum((0, 1)))
 
 
+@dataclass
+class PassSums:
+    """What one pass over the data adds up: per recorded map ((module id, site)) the Gram
+    sums of output gradients (``G``) and inputs (``A``), upper triangles only until
+    :func:`assemble_curvature`; per block the diagonal sums and Σ_n E[a]; the summed loss."""
+
+    loss: torch.Tensor
+    G: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    A: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    diags: dict[int, torch.Tensor] = field(default_factory=dict)
+    means: dict[int, torch.Tensor] = field(default_factory=dict)
+    n_data: int = 0
+    n_outputs: int | None = None
+
+    def count(self, f: torch.Tensor, batch_loss: torch.Tensor) -> None:
+        """A batch of outputs ``f`` (B, C) and its summed loss."""
+        self.loss += batch_loss
+        self.n_data += f.shape[0]
+        self.n_outputs = f.shape[1]
+
+
+def assemble_curvature(
+    blocks: list[ParamBlock], sums: PassSums, input_factors: dict[int, torch.Tensor]
+) -> Curvature:
+    """The finished pass in laplace-torch's layout and scaling: Kronecker factors per block
+    (A divided by N, or taken from ``input_factors``), diagonals shaped like their tensors
+    (zeros where nothing reached them), mean inputs; checked for NaN/Inf."""
+    mirror_sums(sums.G, sums.A)
+    factors: dict[int, list[torch.Tensor]] = {}
+    diags: dict[int, torch.Tensor] = {}
+    for index, block in enumerate(blocks):
+        if block.kind == "kron":
+            given = input_factors.get(index)
+            factors[index] = _kron_factors(block, sums.G, sums.A, sums.n_data, given)
+        elif index in sums.diags:
+            diags[index] = sums.diags[index].reshape(block.shape)
+        else:
+            diags[index] = torch.zeros_like(block.param, memory_format=torch.contiguous_format)
+    means = {index: total / sums.n_data for index, total in sums.means.items()}
+    result = Curvature(blocks, sums.loss, sums.n_data, sums.n_outputs, factors, diags, means)
+    check_finite(result, checked=input_factors.values())
+    return result
+
+
+def output_gradients(f: torch.Tensor, outs: list[torch.Tensor], V: torch.Tensor) -> list:
+    """The (K, B, ...) gradients of ``f``'s pseudo-gradient columns ``V`` (B, K, C) with
+    respect to the recorded layer outputs, all K columns in one batched backward (None for
+    an output that does not influence ``f``)."""
+    if V.shape[1] == 1:
+        grads = torch.autograd.grad(f, outs, V[:, 0], allow_unused=True)
+        return [None if g is None else g.unsqueeze(0) for g in grads]
+    columns = V.transpose(0, 1).contiguous()
+    return list(torch.autograd.grad(f, outs, columns, allow_unused=True, is_grads_batched=True))
+
+
+class _RefitPass:
+    """The per-batch work of :func:`accumulate_curvature`: a recorded forward, one
+    backward of the pseudo-gradients to the recorded layer outputs, the sums of each."""
+
+    def __init__(self, model, blocks, likelihood, curvature, generator, input_factors, labels):
+        self.model, self.blocks, self.generator = model, blocks, generator
+        self.likelihood, self.curvature = likelihood, curvature
+        self.recorder = _Recorder(blocks)
+        self.generic = [(i, b) for i, b in enumerate(blocks) if not b.via_hooks]
+        self.given_A = {
+            (id(blocks[i].module), site) for i in input_factors for site in blocks[i].sites
+        }
+        param = blocks[0].param
+        self.sums = PassSums(loss=torch.zeros((), dtype=param.dtype, device=param.device))
+        # in-memory labels are range-checked once, at the first batch (C is known then), so
+        # the per-batch check needs no device sync; None: each batch checks its own
+        self.unchecked_labels, self.per_batch_range = labels, labels is None
+
+    def add_batch(self, x, y: torch.Tensor) -> None:
+        self.recorder.clear()
+        self.recorder.active = True
+        f = self.model(x)
+        self._check_targets(f, y)
+        self.sums.count(f, summed_loss(self.likelihood, f.detach(), y))
+        V = pseudo_gradients(self.likelihood, self.curvature, f, y, self.generator).to(f.dtype)
+        calls = self.recorder.outputs()
+        if calls:
+            outs = [rec.calls[i][site][1] for rec, i, site in calls]
+            self._add_calls(calls, output_gradients(f, outs, V))
+        shared = self._shared_diag_blocks()
+        self.recorder.clear()
+        if self.generic or shared:
+            self.recorder.active = False
+            _generic_diag(self.model, x, V, self.generic + shared, self.sums.diags)
+
+    def _check_targets(self, f: torch.Tensor, y: torch.Tensor) -> None:
+        if self.unchecked_labels is not None and self.likelihood == "classification":
+            check_label_range(self.unchecked_labels, f.shape[1])
+            self.unchecked_labels = None
+        check_targets(self.likelihood, f, y, check_range=self.per_batch_range)
+
+    def _add_calls(self, calls, grads) -> None:
+        sums = self.sums
+        for (rec, i, site), g in zip(calls, grads):
+            if g is None:  # this call does not influence the output
+                continue
+            a, _, positions = rec.calls[i][site]
+            own, key = _per_call_blocks(rec, site), (id(rec.module), site)
+            parts = (sums.G, sums.A, sums.diags, key not in self.given_A)
+            if isinstance(rec.module, CONVS):
+                _accumulate_conv(key, rec.module, a, g, own, *parts)
+            else:
+                _accumulate_linear(key, a, g, positions, own, *parts)
+            _accumulate_mean(rec.module, a, positions, own, sums.means)
+
+    def _shared_diag_blocks(self) -> list[tuple[int, ParamBlock]]:
+        """Diagonal blocks of modules called more than once: their per-sample gradient is
+        the sum over the calls, so squaring call by call would be wrong; taken exactly."""
+        return [
+            item
+            for rec in self.recorder.records.values()
+            if len(rec.calls) > 1
+            for item in rec.blocks
+            if item[1].kind == "diag"
+        ]
+
+
 # the pass backpropagates to layer outputs, so it needs autograd even when the caller (e.g.
 # laplace-torch's fit) runs under torch.no_grad()
 @torch.enable_grad()
@@ -370,21 +492,10 @@ def accumulate_curvature(
     """
     check_likelihood(likelihood)
     check_curvature(curvature)
-    device = blocks[0].param.device
-    dtype = blocks[0].param.dtype
-    recorder = _Recorder(blocks)
-    generic = [(i, b) for i, b in enumerate(blocks) if not b.via_hooks]
-    factors: dict[int, list[torch.Tensor]] = {}
-    G_sums: dict[int, torch.Tensor] = {}
-    raw_A: dict[int, torch.Tensor] = {}
-    diags: dict[int, torch.Tensor] = {}
-    raw_mean: dict[int, torch.Tensor] = {}
     input_factors = input_factors or {}
-    given_A = {(id(blocks[i].module), site) for i in input_factors for site in blocks[i].sites}
-    loss = torch.zeros((), dtype=dtype, device=device)
-    n_data, n_outputs = 0, None
-    # in-memory labels are validated once, so the per-batch check needs no device sync
-    labels_checked = not isinstance(batches, TensorBatches)
+    labels = batches.y if isinstance(batches, TensorBatches) else None
+    refit = _RefitPass(model, blocks, likelihood, curvature, generator, input_factors, labels)
+    device = blocks[0].param.device
     was_training = model.training
     model.eval()
     try:
@@ -392,74 +503,13 @@ def accumulate_curvature(
             x, y = split_batch(batch, device, dict_key_y)
             if y.ndim > 0 and y.shape[0] == 0:  # an empty batch (a trailing slice) adds nothing
                 continue
-            recorder.clear()
-            recorder.active = True
-            f = model(x)
-            if not labels_checked and likelihood == "classification":
-                check_label_range(batches.y, f.shape[1])
-                labels_checked = True
-            check_targets(likelihood, f, y, check_range=not isinstance(batches, TensorBatches))
-            n_outputs = f.shape[1]
-            n_data += f.shape[0]
-            loss += summed_loss(likelihood, f.detach(), y)
-            V = pseudo_gradients(likelihood, curvature, f, y, generator).to(f.dtype)
-            calls = recorder.outputs()
-            if calls:
-                outs = [rec.calls[i][site][1] for rec, i, site in calls]
-                if V.shape[1] == 1:
-                    grads = torch.autograd.grad(f, outs, V[:, 0], allow_unused=True)
-                    grads = [None if g is None else g.unsqueeze(0) for g in grads]
-                else:
-                    grads = torch.autograd.grad(
-                        f,
-                        outs,
-                        V.transpose(0, 1).contiguous(),
-                        allow_unused=True,
-                        is_grads_batched=True,
-                    )
-                for (rec, i, site), g in zip(calls, grads):
-                    if g is None:  # this call does not influence the output
-                        continue
-                    a, _, positions = rec.calls[i][site]
-                    own = _per_call_blocks(rec, site)
-                    key = (id(rec.module), site)
-                    with_A = key not in given_A
-                    if isinstance(rec.module, CONVS):
-                        _accumulate_conv(key, rec.module, a, g, own, G_sums, raw_A, diags, with_A)
-                    else:
-                        parts = (G_sums, raw_A, diags, with_A)
-                        _accumulate_linear(key, a, g, positions, own, *parts)
-                    _accumulate_mean(rec.module, a, positions, own, raw_mean)
-            # a module called more than once: its per-sample gradient is the sum over the
-            # calls, so squaring call by call would be wrong; take those diagonals exactly
-            shared = [
-                item
-                for rec in recorder.records.values()
-                if len(rec.calls) > 1
-                for item in rec.blocks
-                if item[1].kind == "diag"
-            ]
-            recorder.clear()
-            if generic or shared:
-                recorder.active = False
-                _generic_diag(model, x, V, generic + shared, diags)
+            refit.add_batch(x, y)
     finally:
-        recorder.remove()
+        refit.recorder.remove()
         model.train(was_training)
-    if n_data == 0:
+    if refit.sums.n_data == 0:
         raise ValueError("the training data yielded no batches (empty loader)")
-    mirror_sums(G_sums, raw_A)
-    for index, block in enumerate(blocks):
-        if block.kind == "kron":
-            factors[index] = _kron_factors(block, G_sums, raw_A, n_data, input_factors.get(index))
-        elif index not in diags:
-            diags[index] = torch.zeros_like(block.param, memory_format=torch.contiguous_format)
-        else:
-            diags[index] = diags[index].reshape(block.shape)
-    means = {index: total / n_data for index, total in raw_mean.items()}
-    result = Curvature(blocks, loss, n_data, n_outputs, factors, diags, means)
-    check_finite(result, checked=input_factors.values())
-    return result
+    return assemble_curvature(blocks, refit.sums, input_factors)
 
 
 def mirror_sums(*stores: dict) -> None:

@@ -36,15 +36,14 @@ from torch import nn
 
 from spamkern.curvature.accumulate import (
     Curvature,
+    PassSums,
     _accumulate_conv,
     _accumulate_linear,
     _accumulate_mean,
-    _kron_factors,
     _needs,
     _per_call_blocks,
     _Recorder,
-    check_finite,
-    mirror_sums,
+    assemble_curvature,
 )
 from spamkern.curvature.likelihood import pseudo_gradients
 from spamkern.curvature.structure import CONVS, ParamBlock
@@ -105,12 +104,7 @@ class EpochHarvest:
             (id(blocks[i].module), site) for i in self.input_factors for site in blocks[i].sites
         }
         param = blocks[0].param
-        self.loss = torch.zeros((), dtype=param.dtype, device=param.device)
-        self.n_data, self.n_outputs = 0, 0
-        self._G: dict[tuple[int, str], torch.Tensor] = {}  # per recorded map, as the refit
-        self._A: dict[tuple[int, str], torch.Tensor] = {}
-        self._diags: dict[int, torch.Tensor] = {}
-        self._means: dict[int, torch.Tensor] = {}  # Σ_n E[a] per weight, as the refit
+        self.sums = PassSums(loss=torch.zeros((), dtype=param.dtype, device=param.device))
         self._recorder: _Recorder | None = None
         self._stash = _RowStash(self._sum_rows, self._stash_needs, self._stash_mean)
         self._output_grads: list[torch.Tensor | None] = []  # EF: this step's, by call
@@ -150,9 +144,7 @@ class EpochHarvest:
         if self.curvature_type == "ef":
             self._accumulate(calls, self._output_grads, grad_scale)
             self._output_grads = []
-        self.loss += batch_loss.detach()
-        self.n_data += f.shape[0]
-        self.n_outputs = f.shape[1]
+        self.sums.count(f, batch_loss.detach())
         self._recorder.clear()
 
     def _accumulate(self, calls, grads, scale: float) -> None:
@@ -170,12 +162,12 @@ class EpochHarvest:
                 self._stash.add(key, rec.module, own, a, g, scale)
                 continue
             g = (g * scale if scale != 1.0 else g).unsqueeze(0)
-            parts = (self._G, self._A, self._diags, key not in self._given_A)
+            parts = (self.sums.G, self.sums.A, self.sums.diags, key not in self._given_A)
             if isinstance(rec.module, CONVS):
                 _accumulate_conv(key, rec.module, a, g, own, *parts)
             else:
                 _accumulate_linear(key, a, g, positions, own, *parts)
-            _accumulate_mean(rec.module, a, positions, own, self._means)
+            _accumulate_mean(rec.module, a, positions, own, self.sums.means)
 
     def _stash_needs(self, key, own) -> tuple[bool, bool]:
         """(G summed, A summed) for a plain Linear map: A not where it is given."""
@@ -183,40 +175,24 @@ class EpochHarvest:
         return need_G, need_A and key not in self._given_A
 
     def _stash_mean(self, module: nn.Module, own, a: torch.Tensor) -> None:
-        _accumulate_mean(module, a, None, own, self._means)
+        _accumulate_mean(module, a, None, own, self.sums.means)
 
     def _sum_rows(self, key, module: nn.Module, own, a, g, alpha) -> None:
         """Add stacked rows of one plain Linear map (Kronecker blocks only): inputs to its A
         and input mean, output gradients (scaled by ``alpha``) to its G."""
+        sums = self.sums
         if g is not None:
-            self._G[key] = gram_upper(g, self._G.get(key), alpha)
+            sums.G[key] = gram_upper(g, sums.G.get(key), alpha)
         if a is not None:
-            self._A[key] = gram_upper(a, self._A.get(key))
-            _accumulate_mean(module, a, None, own, self._means)
+            sums.A[key] = gram_upper(a, sums.A.get(key))
+            _accumulate_mean(module, a, None, own, sums.means)
 
     def curvature(self) -> Curvature:
         """The harvested blocks, laid out and scaled like :func:`accumulate_curvature`'s."""
-        if self.n_data == 0:
+        if self.sums.n_data == 0:
             raise ValueError("the harvested epoch saw no samples")
         self._stash.flush()
-        mirror_sums(self._G, self._A)  # summed on the upper triangle only
-        factors: dict[int, list[torch.Tensor]] = {}
-        diags: dict[int, torch.Tensor] = {}
-        for index, block in enumerate(self.blocks):
-            if block.kind == "kron":
-                given = self.input_factors.get(index)
-                factors[index] = _kron_factors(block, self._G, self._A, self.n_data, given)
-            else:
-                diag = self._diags.get(index)
-                diags[index] = (torch.zeros_like(block.param) if diag is None else diag).reshape(
-                    block.shape
-                )
-        means = {index: total / self.n_data for index, total in self._means.items()}
-        result = Curvature(
-            self.blocks, self.loss, self.n_data, self.n_outputs, factors, diags, means
-        )
-        check_finite(result, checked=self.input_factors.values())
-        return result
+        return assemble_curvature(self.blocks, self.sums, self.input_factors)
 
 
 def _keep(store: list, index: int, grad: torch.Tensor) -> None:
