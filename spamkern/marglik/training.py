@@ -193,11 +193,7 @@ def marglik_train(
     mc_gen = torch.Generator(device=device).manual_seed(seed + 1 + rank())
     batches = as_batches(train_data, batch_size, shuffle=True, generator=batch_gen, device=device)
     check_tensor_data(batches, blocks[0].param.dtype, likelihood)
-    size = epoch_size(batches, dict_key_y)  # this rank's samples and steps per epoch
-    n_data, n_steps = size.n_data, size.n_batches
-    if is_distributed():  # each rank holds a shard: the prior term needs the global N
-        n_data = int(all_reduce_sum(float(n_data)))
-        check_same_on_all_ranks(n_steps, "optimiser steps per epoch")
+    n_data, n_steps = _global_size(batches, dict_key_y)
     settings = RunSettings(
         likelihood,
         structure,
@@ -218,11 +214,7 @@ def marglik_train(
     state = TrainingState(
         model=model,
         optimizer=opt,
-        scheduler=(
-            torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=n_epochs * n_steps)
-            if scheduler == "cosine"
-            else None
-        ),
+        scheduler=_lr_scheduler(opt, scheduler, n_epochs * n_steps),
         prior=prior_module,
         log_sigma=log_sigma,
         hyper=make_hyper_optimizer(
@@ -257,6 +249,33 @@ def marglik_train(
         lambda epoch: is_marglik_epoch(epoch, n_epochs_burnin, marglik_frequency),
         online_pruning,
     )
+    _run_epochs(loop, state, n_epochs, progress, checkpoint_path, on_epoch_end)
+    return _result(state, settings, loop.fit_batches, mc_gen, fit_final_posterior)
+
+
+def _global_size(batches, dict_key_y: str) -> tuple[int, int]:
+    """(N over all ranks, this rank's optimiser steps per epoch): under torch.distributed
+    each rank holds a shard, and the prior term needs the global N."""
+    size = epoch_size(batches, dict_key_y)
+    n_data, n_steps = size.n_data, size.n_batches
+    if is_distributed():
+        n_data = int(all_reduce_sum(float(n_data)))
+        check_same_on_all_ranks(n_steps, "optimiser steps per epoch")
+    return n_data, n_steps
+
+
+def _lr_scheduler(optimizer: torch.optim.Optimizer, scheduler: str | None, total_steps: int):
+    """Cosine decay over every optimiser step of the run, or none."""
+    if scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    return None
+
+
+def _run_epochs(
+    loop, state: TrainingState, n_epochs: int, progress: bool, checkpoint_path, on_epoch_end
+) -> None:
+    """The remaining epochs (all, or those after a resumed checkpoint), each followed by
+    its checkpoint and the caller's callback."""
     epochs = range(state.epoch + 1, n_epochs + 1)
     bar = progress_bar(
         epochs, desc="marglik_train", enabled=progress, initial=state.epoch, total=n_epochs
@@ -271,7 +290,6 @@ def marglik_train(
             save_checkpoint(checkpoint_path, state.checkpoint())
         if on_epoch_end is not None:
             on_epoch_end(record)
-    return _result(state, settings, loop.fit_batches, mc_gen, fit_final_posterior)
 
 
 class _EpochLoop:
