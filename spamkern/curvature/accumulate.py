@@ -409,7 +409,7 @@ class _RefitPass:
     backward of the pseudo-gradients to the recorded layer outputs, the sums of each."""
 
     def __init__(self, model, blocks, likelihood, curvature, generator, input_factors, labels):
-        self.model, self.blocks, self.generator = model, blocks, generator
+        self.model, self.generator = model, generator
         self.likelihood, self.curvature = likelihood, curvature
         self.recorder = _Recorder(blocks)
         self.generic = [(i, b) for i, b in enumerate(blocks) if not b.via_hooks]
