@@ -41,7 +41,8 @@ def _setting(run: dict) -> dict | None:
     return None if setting is None else {"model": "mlp"} | setting
 
 
-def _check_same_setting(result: dict, others: list[dict]) -> None:
+def check_same_setting(result: dict, others: list[dict]) -> None:
+    """Refuse runs of another setting (network, N, epochs...): their ratios do not compare."""
     for index, other in enumerate(others, start=1):
         if _setting(other) != _setting(result):
             raise ValueError(
@@ -116,7 +117,7 @@ def plot_training(result: dict, path: Path, others: list[dict] | None = None):
     from matplotlib.patches import Patch
 
     others = [other for other in others or [] if other != result]  # the headline once
-    _check_same_setting(result, others)
+    check_same_setting(result, others)
     runs = [result, *others]
     ratios = result["ratios"]
     relative = result.get("relative", {})

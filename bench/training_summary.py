@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import markdown_table  # noqa: E402
-from training_plot import _check_same_setting  # noqa: E402
+from training_plot import check_same_setting  # noqa: E402
 
 
 def pair_median(run: dict, target: str) -> float | None:
@@ -35,7 +35,7 @@ def summarise(runs: list[dict]) -> list[dict]:
     """One row per target that any run checked, in the order the runs list them."""
     if not runs:
         raise ValueError("no runs to summarise")
-    _check_same_setting(runs[0], runs[1:])
+    check_same_setting(runs[0], runs[1:])
     names = list(dict.fromkeys(name for run in runs for name in run.get("targets", {})))
     rows = []
     for name in names:
